@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -92,3 +93,133 @@ def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             continue
         (overrides if "=" in arg else yamls).append(arg)
     return yamls, overrides
+
+
+# --------------------------------------------------------------------------------------------
+# Run-level schema. A stage schema subclasses `TrainConfig` and adds its own `model` and `data`
+# sections (e.g. `class VAEStageConfig(TrainConfig): model: VAEConfig = field(...)`), so every
+# stage shares these sections and their YAML keys (`optim.lr=...`, `batch.global_cells=...`).
+# --------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class RunConfig:
+    """Identity and length of a run."""
+
+    name: str = "debug"  # run folder name under `root`; one folder per run
+    root: str = "runs"  # parent folder of run folders (relative or absolute; from the CLI)
+    seed: int = 0  # base seed; per-step generators are seeded by (seed, step, rank)
+    max_steps: int = 1000  # optimiser steps to train in total (the LR schedule spans these)
+    eval_every: int = 0  # optimiser steps between evaluations; 0 = never
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and learning-rate schedule (model.md §3.8 and §4.6)."""
+
+    lr: float = 1e-3  # peak learning rate; explicit, never rescaled by world size
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # decoupled weight decay; matrices only (not norms/biases/embeddings)
+    schedule: Literal["wsd", "cosine"] = "wsd"  # warmup-stable-decay or warmup-cosine
+    warmup_frac: float = 0.1  # share of max_steps warming up linearly from lr / 100 to lr
+    decay_frac: float = 0.1  # WSD only: share of max_steps at the end with sqrt-decay
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    grad_clip: float = 10.0  # global gradient-norm clip (L2); 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_frac <= 1.0 or not 0.0 <= self.decay_frac <= 1.0:
+            raise ConfigError("optim.warmup_frac and optim.decay_frac must lie in [0, 1]")
+        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1.0:
+            raise ConfigError(
+                f"optim.warmup_frac + optim.decay_frac = {self.warmup_frac + self.decay_frac} "
+                "> 1; shorten the warmup or the decay"
+            )
+
+
+@dataclass
+class BatchConfig:
+    """Batch sizes in cells; gradient accumulation is derived, never configured."""
+
+    global_cells: int = 1024  # cells per optimiser step over all ranks
+    micro_cells: int = 128  # cells per forward/backward on one rank
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision of the engine."""
+
+    dtype: Precision = "bf16"  # parameter/activation dtype; fp32 master weights for bf16/fp16
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO partitioning."""
+
+    stage: int = 2  # ZeRO stage 0-3; 1/2 keep parameters replicated, 3 partitions them
+    offload_optimizer: Literal["none", "cpu"] = "none"  # where optimiser states live
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero.stage = {self.stage} is not one of 0, 1, 2, 3")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (fp32 copy)."""
+
+    enabled: bool = False  # keep an EMA copy (the DiT uses one; the VAE does not)
+    decay: float = 0.9999  # per-update decay
+    every: int = 10  # optimiser steps between EMA updates
+    start_step: int = 10_000  # before this step the EMA just copies the weights
+
+
+@dataclass
+class CheckpointConfig:
+    """Tagged checkpoints and auto-resume."""
+
+    every_steps: int = 1000  # optimiser steps between checkpoints; 0 = only at the end
+    keep_last_k: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # "auto" (continue from `latest` if present), "never", or a tag
+
+
+@dataclass
+class LoggingConfig:
+    """Metric logging."""
+
+    every_steps: int = 50  # optimiser steps between metric lines / W&B logs
+    wandb_project: str = "atlasldm"  # W&B project name
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # WANDB_MODE wins if set
+    progress_bar: bool = True  # tqdm bar with cells/s on rank 0
+
+
+@dataclass
+class TrainConfig:
+    """All run-level sections; stage schemas subclass this and add `model` and `data`."""
+
+    run: RunConfig = field(default_factory=RunConfig)  # identity, seed, length
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser and schedule
+    batch: BatchConfig = field(default_factory=BatchConfig)  # batch sizes in cells
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # engine dtype
+    zero: ZeroConfig = field(default_factory=ZeroConfig)  # ZeRO partitioning
+    ema: EMAConfig = field(default_factory=EMAConfig)  # weight EMA
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saves, resume
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics, W&B
+
+
+def accumulation_steps(batch: BatchConfig, world: int) -> int:
+    """Return the gradient-accumulation steps so that global = micro x accumulation x world.
+
+    Raises:
+        ConfigError: the global batch is not a multiple of micro_cells x world.
+    """
+    per_step = batch.micro_cells * world
+    if batch.micro_cells <= 0 or batch.global_cells <= 0 or batch.global_cells % per_step:
+        raise ConfigError(
+            f"batch.global_cells = {batch.global_cells} must be a positive multiple of "
+            f"batch.micro_cells ({batch.micro_cells}) x data-parallel world size ({world}) "
+            f"= {per_step}; change global_cells or micro_cells"
+        )
+    return batch.global_cells // per_step

@@ -1,0 +1,416 @@
+"""Training-copy builder: a globally permuted, training-tiled SOMA experiment (contracts.md §1).
+
+Three steps, safe to split across processes:
+
+1. `plan_copy` (worker 0 only): validate the query, draw the permutation, fix the label
+   vocabularies, create the empty copy experiment, then write `.progress/plan.json` last. Other
+   workers wait for plan.json, so the schema is created exactly once.
+2. `write_block` (any worker): output rows [b*B, (b+1)*B) = source rows order[b*B:(b+1)*B], read
+   by sorted joinid, reordered, validated and written as one X and one obs fragment; then
+   `.progress/block_<b>.npz` (side values) and `.progress/block_<b>.done`. Rewriting a block
+   writes the same coordinates, so a rerun after a crash is idempotent. Memory: one block
+   (about 40 bytes per stored count of the block plus its obs rows).
+3. `finalize` (any worker, once all blocks are done): side/*.npy, genes.tsv, labels.json and,
+   last and atomically, manifest.json. Without manifest.json the copy is refused by readers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import tiledbsoma
+
+from data import soma
+from data.validate import IngestError, check_counts, check_feature_ids, check_obs_columns
+from data.vocab import GeneVocab, _atomic_write_text, encode_labels, save_labels
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CENSUS_OBS_COLUMNS = (
+    "dataset_id",
+    "cell_type",
+    "tissue",
+    "assay",
+    "donor_id",
+    "is_primary_data",
+)
+DEFAULT_CONDITIONS = ("cell_type", "dataset_id")
+PERMUTATION_RECIPE = (
+    "order = sorted query obs soma_joinids [numpy.random.default_rng(seed).permutation(n_cells)];"
+    " copy row k = source row order[k]"
+)
+
+
+@dataclass
+class CopyOptions:
+    """What to copy and how; everything here is recorded in plan.json and manifest.json."""
+
+    obs_filter: str | None = None  # SOMA value_filter on obs; None = all cells
+    obs_columns: list[str] = field(default_factory=list)  # extra obs columns to keep
+    conditions: list[str] | None = None  # label columns; None = DEFAULT_CONDITIONS
+    genes: list[str] | None = None  # restrict var to these feature ids; None = all genes
+    seed: int = 0  # permutation seed
+    block_cells: int = 32768  # output rows per block (one fragment per block)
+    cell_tile: int = 256  # X tile extent along cells
+    round_counts: bool = False  # round counts and clip negatives instead of failing
+    measurement: str = "RNA"
+    layer: str = "raw"
+
+
+def progress_dir(out: Path) -> Path:
+    """Folder of plan, per-block side values and done markers."""
+    return Path(out) / ".progress"
+
+
+def copy_x_platform_config(cell_tile: int, n_genes: int) -> dict[str, Any]:
+    """Training layout of X: cell tile x all genes, capacity 131072, zstd 3 + byte shuffle."""
+    return {
+        "tiledb": {
+            "create": {
+                "capacity": 131072,
+                "cell_order": "row-major",
+                "tile_order": "row-major",
+                "dims": {"soma_dim_0": {"tile": cell_tile}, "soma_dim_1": {"tile": n_genes}},
+                "attrs": {
+                    "soma_data": {
+                        "filters": ["ByteShuffleFilter", {"_type": "ZstdFilter", "level": 3}]
+                    }
+                },
+            }
+        }
+    }
+
+
+def _value_type(t: pa.DataType) -> pa.DataType:
+    """Stored type of an obs column in the copy: categories decoded, strings as large_string."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.large_string()
+    return t
+
+
+def _obs_plan(src_schema: pa.Schema, opts: CopyOptions) -> tuple[list[dict], list[str]]:
+    """Output obs columns [{name, type, fill}] and the condition columns; validates requests."""
+    available = [n for n in src_schema.names if n != "soma_joinid"]
+    conditions = list(opts.conditions) if opts.conditions is not None else list(DEFAULT_CONDITIONS)
+    requested = list(opts.obs_columns) + (list(opts.conditions or []))
+    check_obs_columns(requested, available, "source obs")
+    names = list(dict.fromkeys([*CENSUS_OBS_COLUMNS, *opts.obs_columns, *conditions]))
+    cols = []
+    for name in names:
+        if name in available:
+            cols.append({"name": name, "type": str(_value_type(src_schema.field(name).type))})
+            continue
+        fill: Any = True if name == "is_primary_data" else "unknown"
+        logger.warning("obs column %r absent in the source: filled with %r", name, fill)
+        cols.append(
+            {"name": name, "type": "bool" if fill is True else "large_string", "fill": fill}
+        )
+    return cols, conditions
+
+
+def _labels(tbl: pa.Table, conditions: list[str]) -> dict[str, list[str]]:
+    """Sorted label vocabularies of the condition columns (nulls excluded)."""
+    labels = {}
+    for col in conditions:
+        if col not in tbl.column_names:
+            labels[col] = ["unknown"]
+            continue
+        arr = tbl.column(col)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(arr.type.value_type)
+        uniq = pc.unique(arr.drop_null()).to_pylist()
+        labels[col] = sorted({str(v) for v in uniq})
+    return labels
+
+
+def _select_genes(var: pa.Table, genes: list[str] | None) -> pa.Table:
+    """Validated var rows to keep (source order); errors name bad or unknown ids."""
+    if "feature_id" not in var.column_names:
+        raise IngestError(
+            f"source var has no feature_id column (columns: {var.column_names}); "
+            "store unique gene ids (Ensembl) in var['feature_id']"
+        )
+    if genes is not None:
+        ids = [str(x) for x in var.column("feature_id").to_pylist()]
+        wanted = set(genes)
+        unknown = sorted(wanted - set(ids))
+        if unknown:
+            raise IngestError(
+                f"{len(unknown)} ids of the gene list are not in the source var, e.g. "
+                f"{unknown[:5]}; fix the --genes file"
+            )
+        var = var.filter(pa.array([x in wanted for x in ids]))
+    check_feature_ids(var.column("feature_id").to_pylist(), "source var")
+    return var
+
+
+def plan_copy(exp: tiledbsoma.Experiment, out: Path, opts: CopyOptions, source: dict) -> dict:
+    """Validate, permute, fix vocabularies, create the copy experiment and write plan.json."""
+    out, prog = Path(out), progress_dir(out)
+    obs_cols, conditions = _obs_plan(exp.obs.schema, opts)
+    src_var = soma.var_table(exp, opts.measurement)
+    var = _select_genes(src_var, opts.genes)
+    present = [c for c in conditions if c in exp.obs.schema.names]
+    try:
+        tbl = soma.query_obs(exp, opts.obs_filter, present)
+    except Exception as err:  # tiledbsoma raises several types for a bad filter
+        raise IngestError(f"obs filter {opts.obs_filter!r} failed: {err}") from err
+    if tbl.num_rows == 0:
+        raise IngestError(
+            f"obs filter {opts.obs_filter!r} matches no cells; check the column names and values"
+        )
+    ids = tbl.column("soma_joinid").to_numpy()
+    order = ids[np.random.default_rng(opts.seed).permutation(ids.size)]
+    prog.mkdir(parents=True, exist_ok=True)
+    np.save(prog / "order.npy", order)
+    np.save(prog / "var_all.npy", src_var.column("soma_joinid").to_numpy())
+    np.save(prog / "var_keep.npy", var.column("soma_joinid").to_numpy())
+    n_genes = var.num_rows
+    _create_copy(out / "experiment", obs_cols, ids.size, var, opts.cell_tile)
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "options": asdict(opts),
+        "n_cells": int(ids.size),
+        "n_genes": int(n_genes),
+        "n_blocks": int(-(-ids.size // opts.block_cells)),
+        "obs_columns": obs_cols,
+        "conditions": conditions,
+        "labels": _labels(tbl, conditions),
+    }
+    _atomic_write_text(prog / "plan.json", json.dumps(plan, indent=1))
+    logger.info("planned copy: %d cells x %d genes, %d blocks", ids.size, n_genes, plan["n_blocks"])
+    return plan
+
+
+def load_plan(out: Path) -> dict | None:
+    """The plan of an ingest in progress, or None if planning has not finished."""
+    path = progress_dir(out) / "plan.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _create_copy(uri: Path, obs_cols: list[dict], n_cells: int, var: pa.Table, tile: int) -> None:
+    """Create the empty copy experiment (obs, ms/RNA/var written, X/raw with training tiles)."""
+    import shutil
+
+    if uri.exists():  # a crash before plan.json: nothing in it is trusted
+        shutil.rmtree(uri)
+    fields = [pa.field("soma_joinid", pa.int64()), pa.field("source_joinid", pa.int64())]
+    fields += [pa.field(c["name"], _parse_type(c["type"])) for c in obs_cols]
+    fields += [pa.field("library_size", pa.float32()), pa.field("nnz", pa.int32())]
+    n_genes = var.num_rows
+    ids = [str(x) for x in var.column("feature_id").to_pylist()]
+    has_name = "feature_name" in var.column_names
+    names = [str(x) for x in var.column("feature_name").to_pylist()] if has_name else ids
+    var_tbl = pa.table(
+        {
+            "soma_joinid": pa.array(np.arange(n_genes, dtype=np.int64)),
+            "feature_id": pa.array(ids, pa.large_string()),
+            "feature_name": pa.array(names, pa.large_string()),
+        }
+    )
+    with tiledbsoma.Experiment.create(str(uri)) as exp:
+        exp.add_new_dataframe("obs", schema=pa.schema(fields), domain=[(0, n_cells - 1)])
+        rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
+        rna.add_new_dataframe("var", schema=var_tbl.schema, domain=[(0, n_genes - 1)])
+        rna["var"].write(var_tbl)
+        rna.add_new_collection("X").add_new_sparse_ndarray(
+            "raw",
+            type=pa.float32(),
+            shape=(n_cells, n_genes),
+            platform_config=copy_x_platform_config(tile, n_genes),
+        )
+
+
+def _parse_type(name: str) -> pa.DataType:
+    """Arrow type from its str() form (only the primitive types obs columns use)."""
+    aliases = {"float": pa.float32(), "double": pa.float64(), "string": pa.large_string()}
+    return aliases.get(name) or pa.type_for_alias(name)
+
+
+def block_range(plan: dict, b: int) -> tuple[int, int]:
+    """Output rows [lo, hi) of block b."""
+    bs = plan["options"]["block_cells"]
+    return b * bs, min((b + 1) * bs, plan["n_cells"])
+
+
+def block_done(out: Path, b: int) -> bool:
+    """Whether block b has been fully written."""
+    return (progress_dir(out) / f"block_{b:06d}.done").is_file()
+
+
+def write_block(exp: tiledbsoma.Experiment, out: Path, plan: dict, b: int) -> int:
+    """Write output block b from the source experiment; returns the number of cells written."""
+    out, prog, opts = Path(out), progress_dir(out), plan["options"]
+    lo, hi = block_range(plan, b)
+    ids = np.load(prog / "order.npy", mmap_mode="r")[lo:hi].astype(np.int64)
+    srt = np.argsort(ids, kind="stable")
+    sorted_ids = ids[srt]
+    inv = np.empty_like(srt)
+    inv[srt] = np.arange(srt.size)  # output row k sits at sorted position inv[k]
+    var_all = np.load(prog / "var_all.npy")
+    X = soma.read_csr(exp.ms[opts["measurement"]].X[opts["layer"]], sorted_ids, var_all)
+    X, changed = check_counts(X, sorted_ids, opts["round_counts"])
+    if changed:
+        logger.warning("block %d: rounded/clipped %d count values (--round-counts)", b, changed)
+    library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()[inv].astype(np.float32)
+    keep = np.searchsorted(var_all, np.load(prog / "var_keep.npy"))
+    if keep.size != var_all.size:
+        X = X[:, keep]
+    X = X[inv].tocoo()
+    nnz = np.bincount(X.row, minlength=ids.size).astype(np.int32)
+    copy_uri = str(out / "experiment")
+    with tiledbsoma.SparseNDArray.open(f"{copy_uri}/ms/RNA/X/raw", mode="w") as arr:
+        arr.write(
+            pa.table(
+                {
+                    "soma_dim_0": X.row.astype(np.int64) + lo,
+                    "soma_dim_1": X.col.astype(np.int64),
+                    "soma_data": X.data.astype(np.float32),
+                }
+            )
+        )
+    obs, codes = _block_obs(exp, plan, sorted_ids, inv, lo)
+    obs = obs.append_column("library_size", pa.array(library)).append_column("nnz", pa.array(nnz))
+    with tiledbsoma.DataFrame.open(f"{copy_uri}/obs", mode="w") as df:
+        df.write(obs.select(df.schema.names).cast(df.schema))
+    tmp = prog / f".block_{b:06d}.{os.getpid()}.npz"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, library_size=library, nnz=nnz, source_joinid=ids, **codes)
+    os.replace(tmp, prog / f"block_{b:06d}.npz")
+    (prog / f"block_{b:06d}.done").touch()
+    return int(ids.size)
+
+
+def _block_obs(
+    exp: tiledbsoma.Experiment, plan: dict, sorted_ids: np.ndarray, inv: np.ndarray, lo: int
+) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """Obs rows of a block in output order, and the condition codes (null -> len(labels))."""
+    cols = [c for c in plan["obs_columns"] if "fill" not in c]
+    src = soma.read_obs(exp, sorted_ids, [c["name"] for c in cols]).take(pa.array(inv))
+    n = inv.size
+    out: dict[str, Any] = {
+        "soma_joinid": pa.array(np.arange(lo, lo + n, dtype=np.int64)),
+        "source_joinid": src.column("soma_joinid"),
+    }
+    for c in plan["obs_columns"]:
+        typ = _parse_type(c["type"])
+        if "fill" in c:
+            out[c["name"]] = pa.array([c["fill"]] * n, typ)
+            continue
+        arr = src.column(c["name"])
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(arr.type.value_type)
+        out[c["name"]] = arr.cast(typ)
+    codes = {}
+    for col in plan["conditions"]:
+        vocab = plan["labels"][col]
+        arr = out[col]
+        valid = np.array(pc.is_valid(arr).to_pylist(), dtype=bool)
+        vals = [str(v) for v in arr.to_pylist()]
+        code = np.full(n, len(vocab), dtype=np.int32)
+        if valid.any():
+            code[valid] = encode_labels([v for v, ok in zip(vals, valid, strict=True) if ok], vocab)
+        codes[f"codes_{col}"] = code
+    return pa.table(out), codes
+
+
+def finalize(out: Path) -> dict:
+    """Write side/*.npy, genes.tsv, labels.json and finally manifest.json; returns the manifest."""
+    out, prog = Path(out), progress_dir(out)
+    plan = load_plan(out)
+    if plan is None:
+        raise IngestError(f"{out}: no ingest plan found; run the ingest first")
+    missing = [b for b in range(plan["n_blocks"]) if not block_done(out, b)]
+    if missing:
+        raise IngestError(
+            f"{out}: {len(missing)} blocks not written yet (e.g. {missing[:5]}); "
+            "rerun ingest with --resume"
+        )
+    names = ["library_size", "nnz", "source_joinid", *[f"codes_{c}" for c in plan["conditions"]]]
+    side, digest = out / "side", hashlib.sha256()
+    side.mkdir(exist_ok=True)
+    tmp_paths = {k: side / f".{k}.{os.getpid()}.npy" for k in names}
+    arrays = {}
+    for b in range(plan["n_blocks"]):
+        lo, hi = block_range(plan, b)
+        with np.load(prog / f"block_{b:06d}.npz") as part:
+            for k in names:
+                if k not in arrays:
+                    dtype = part[k].dtype
+                    arrays[k] = np.lib.format.open_memmap(
+                        tmp_paths[k], mode="w+", dtype=dtype, shape=(plan["n_cells"],)
+                    )
+                arrays[k][lo:hi] = part[k]
+                digest.update(part[k].tobytes())
+    for k in names:
+        arrays[k].flush()
+        del arrays[k]
+        os.replace(tmp_paths[k], side / f"{k}.npy")
+    vocab = _copy_vocab(out)
+    vocab.save(out / "genes.tsv")
+    save_labels(out / "labels.json", {c: plan["labels"][c] for c in plan["conditions"]})
+    digest.update(vocab.fingerprint().encode())
+    digest.update(json.dumps(plan, sort_keys=True).encode())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "n_cells": plan["n_cells"],
+        "n_genes": plan["n_genes"],
+        "seed": plan["options"]["seed"],
+        "permutation": PERMUTATION_RECIPE,
+        "source": plan["source"],
+        "obs_filter": plan["options"]["obs_filter"],
+        "obs_columns": [c["name"] for c in plan["obs_columns"]],
+        "filled_obs_columns": [c["name"] for c in plan["obs_columns"] if "fill" in c],
+        "condition_columns": plan["conditions"],
+        "round_counts": plan["options"]["round_counts"],
+        "block_cells": plan["options"]["block_cells"],
+        "x_tiling": {
+            "cell_tile": plan["options"]["cell_tile"],
+            "gene_tile": plan["n_genes"],
+            "capacity": 131072,
+            "compression": "zstd-3+byteshuffle",
+        },
+        "gene_fingerprint": vocab.fingerprint(),
+        "fingerprint": digest.hexdigest(),
+    }
+    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    logger.info("training copy complete: %s (%d cells)", out, plan["n_cells"])
+    return manifest
+
+
+def _copy_vocab(out: Path) -> GeneVocab:
+    """Gene vocabulary from the copy's var (token = soma_joinid + 1)."""
+    with tiledbsoma.Experiment.open(str(out / "experiment")) as exp:
+        var = soma.var_table(exp)
+    return GeneVocab(var.column("feature_id").to_pylist(), var.column("feature_name").to_pylist())
+
+
+def open_copy_manifest(path: str | os.PathLike) -> dict:
+    """Manifest of a complete training copy; raises IngestError if the copy is incomplete."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise IngestError(
+            f"{path} is not a complete training copy: manifest.json is missing (the ingest failed "
+            "or is still running); rerun ingest with --resume"
+        )
+    data = json.loads(manifest.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise IngestError(
+            f"{path}: training copy format_version {data.get('format_version')} is not "
+            f"{FORMAT_VERSION}; rebuild the copy with this version's ingest"
+        )
+    return data

@@ -1,0 +1,185 @@
+"""Thread pipeline and vectorized CSR kernels of the stream (loader.md §3.1, §3.6).
+
+Each rank runs reader threads (TileDB and numpy release the GIL) plus one assembler thread.
+Rounds are submitted `prefetch_rounds` ahead but yielded strictly in plan order, so the output
+never depends on timing. With `reader_threads=0` everything runs synchronously in the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from data.split import splitmix64
+
+log = logging.getLogger(__name__)
+P = TypeVar("P")
+R = TypeVar("R")
+
+# Bytes held per nnz while a read is in flight (Arrow int64 row, int64 col, float32 value)
+# plus the CSR result (int32 token, float32 count) and one gathered copy (loader.md §3.6).
+BYTES_PER_NNZ = 28
+
+
+@dataclass
+class Csr:
+    """Host CSR block: row i is `indices[indptr[i]:indptr[i+1]]` (int64 indptr)."""
+
+    indptr: np.ndarray  # int64 (n+1,)
+    indices: np.ndarray  # int32 (nnz,), vocabulary tokens
+    data: np.ndarray  # float32 (nnz,)
+
+
+def csr_from_sorted_coo(rows: np.ndarray, n_rows: int, cols: np.ndarray, vals: np.ndarray) -> Csr:
+    """Return the CSR of COO entries with local row ids 0..n_rows-1 (sorted when row-major)."""
+    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+        order = np.lexsort((cols, rows))  # unordered reads: restore row-major, genes ascending
+        rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return Csr(indptr, cols.astype(np.int32, copy=False), vals.astype(np.float32, copy=False))
+
+
+def gather_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (entry positions of rows given by starts/lengths, concatenated; new indptr)."""
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    positions = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1], dtype=np.int64)
+    return positions, indptr
+
+
+def gather_rows(csr: Csr, rows: np.ndarray) -> Csr:
+    """Return the CSR of `rows` of `csr`, in that order (one vectorized gather)."""
+    starts = csr.indptr[rows]
+    positions, indptr = gather_positions(starts, csr.indptr[rows + 1] - starts)
+    return Csr(indptr, csr.indices[positions], csr.data[positions])
+
+
+def truncate_rows(
+    csr: Csr, joinids: np.ndarray, max_genes: int, seed: int
+) -> tuple[Csr, np.ndarray]:
+    """Keep at most `max_genes` entries per row; return (CSR, bool mask of truncated rows).
+
+    The kept genes are those with the smallest hash of (seed, joinid, token), so a cell keeps the
+    same genes every epoch and on every rank; kept genes stay in ascending token order.
+    """
+    lengths = np.diff(csr.indptr)
+    long_rows = np.flatnonzero(lengths > max_genes)
+    truncated = np.zeros(len(lengths), dtype=bool)
+    if len(long_rows) == 0:
+        return csr, truncated
+    truncated[long_rows] = True
+    positions, sub_indptr = gather_positions(csr.indptr[long_rows], lengths[long_rows])
+    local_row = np.repeat(np.arange(len(long_rows)), lengths[long_rows])
+    cell_key = splitmix64(joinids[long_rows].astype(np.uint64) ^ splitmix64(np.uint64(seed)))
+    score = splitmix64(cell_key[local_row] ^ csr.indices[positions].astype(np.uint64))
+    order = np.lexsort((score, local_row))  # rows stay grouped, best scores first
+    rank_in_row = np.empty(len(order), dtype=np.int64)
+    rank_in_row[order] = np.arange(len(order)) - sub_indptr[local_row[order]]
+    keep = np.ones(len(csr.indices), dtype=bool)
+    keep[positions[rank_in_row >= max_genes]] = False
+    new_lengths = np.minimum(lengths, max_genes)
+    indptr = np.zeros_like(csr.indptr)
+    np.cumsum(new_lengths, out=indptr[1:])
+    return Csr(indptr, csr.indices[keep], csr.data[keep]), truncated
+
+
+def chunks_per_rank_from_budget(
+    mean_nnz: float, chunk_cells: int, micro_batch: int, budget_gb: float, prefetch_rounds: int
+) -> int:
+    """Return K so that the rounds in flight fit half the per-rank memory budget.
+
+    In flight: the round being emitted, one being assembled and `prefetch_rounds` being read.
+    The other half of the budget is left for side arrays, Python and torch. K is a multiple of
+    micro_batch / gcd(micro_batch, C), so K*C is a multiple of the micro-batch.
+    """
+    bytes_per_chunk = BYTES_PER_NNZ * max(mean_nnz, 1.0) * chunk_cells + 64 * chunk_cells
+    k = int(0.5 * budget_gb * 1e9 / ((prefetch_rounds + 2) * bytes_per_chunk))
+    step = micro_batch // math.gcd(micro_batch, chunk_cells)
+    return max(step, k // step * step)
+
+
+class Metrics:
+    """Thread-safe counters and timers; `snapshot()` returns a plain dict."""
+
+    def __init__(self, **static: Any):
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] = dict(static)
+
+    def add(self, **deltas: float) -> None:
+        """Add each value to its counter (creating it at 0)."""
+        with self._lock:
+            for key, value in deltas.items():
+                self._values[key] = self._values.get(key, 0) + value
+
+    def set(self, **values: Any) -> None:
+        """Overwrite values."""
+        with self._lock:
+            self._values.update(values)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return a copy of all counters."""
+        with self._lock:
+            return dict(self._values)
+
+
+class RoundPipeline:
+    """Runs each round's read jobs on reader threads and its assembly on one assembler thread."""
+
+    def __init__(self, reader_threads: int, prefetch_rounds: int):
+        self.reader_threads = reader_threads
+        self.prefetch_rounds = prefetch_rounds
+        self._io: ThreadPoolExecutor | None = None
+        self._asm: ThreadPoolExecutor | None = None
+
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        if self._io is None or self._asm is None:
+            self._io = ThreadPoolExecutor(self.reader_threads, thread_name_prefix="soma-read")
+            self._asm = ThreadPoolExecutor(1, thread_name_prefix="csr-assemble")
+        return self._io, self._asm
+
+    def map_rounds(
+        self,
+        plans: Iterable[P],
+        jobs: Callable[[P], list[Callable[[], Any]]],
+        assemble: Callable[[P, list[Any]], R],
+    ) -> Iterator[R]:
+        """Yield `assemble(plan, [job() for job in jobs(plan)])` for each plan, in order."""
+        if self.reader_threads == 0:
+            for plan in plans:
+                yield assemble(plan, [job() for job in jobs(plan)])
+            return
+        io, asm = self._pools()
+
+        def launch(plan: P) -> Future:
+            futures = [io.submit(job) for job in jobs(plan)]
+            # The assembler only waits on reader futures already queued: no pool deadlock.
+            return asm.submit(lambda: assemble(plan, [f.result() for f in futures]))
+
+        pending: deque[Future] = deque()
+        source = iter(plans)
+        try:
+            for plan in source:
+                pending.append(launch(plan))
+                if len(pending) > self.prefetch_rounds:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # abandoned iteration: drop rounds not yet started
+                future.cancel()
+
+    def close(self) -> None:
+        """Stop the threads (queued work is cancelled)."""
+        for pool in (self._io, self._asm):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._io = self._asm = None

@@ -1,0 +1,256 @@
+"""Cell sources of the stream: a training copy (contracts.md §1) or a direct SOMA query.
+
+A source fixes the candidate cells once (sorted joinids after `obs_filter` and `min_genes`),
+exposes per-cell metadata aligned with them, and reads sorted joinid lists into CSR pieces whose
+gene ids are already vocabulary tokens. Reads run on reader threads; each thread opens its own
+handle on the stream's single TileDB context.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import tiledbsoma
+
+from data.config import DataConfig
+from data.materialize import open_copy_manifest
+from data.pipeline import Csr, csr_from_sorted_coo
+from data.split import hash_coded_strings, hash_int_keys, hash_strings
+from data.vocab import GeneVocab, load_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Piece:
+    """CSR rows of the sorted joinids `joinids`, tokens already mapped."""
+
+    joinids: np.ndarray  # int64 (n,), sorted
+    csr: Csr  # n rows
+    library_size: np.ndarray | None  # float32 (n,), all source genes (direct mode), else None
+    dropped_nnz: int  # entries of genes outside the vocabulary (direct mode, unknown=drop)
+
+
+def read_coo(X: tiledbsoma.SparseNDArray, coords: slice | np.ndarray) -> tuple[np.ndarray, ...]:
+    """Return (dim0 int64, dim1 int64, data float32) of X rows `coords`, row-major."""
+    parts = [
+        tbl for tbl in X.read(coords=(coords,), result_order="row-major").tables() if tbl.num_rows
+    ]
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float32)
+    tbl = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return tuple(  # type: ignore[return-value]
+        tbl.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+        for name in ("soma_dim_0", "soma_dim_1", "soma_data")
+    )
+
+
+def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
+    """Return the row index in sorted `joinids` of each entry's joinid (dense range: offset)."""
+    if len(joinids) and joinids[-1] - joinids[0] + 1 == len(joinids):
+        return dim0 - joinids[0]
+    return np.searchsorted(joinids, dim0)
+
+
+class _Source:
+    """Shared parts: candidate joinids, aligned metadata, thread-local X handles."""
+
+    def __init__(self, cfg: DataConfig, context: tiledbsoma.SOMATileDBContext, uri: str):
+        self.cfg, self.context, self.uri = cfg, context, uri
+        self.condition_names = tuple(cfg.condition_columns)
+        self._local = threading.local()
+        self.joinids = np.zeros(0, dtype=np.int64)  # sorted candidates, set by subclasses
+
+    def _x(self) -> tiledbsoma.SparseNDArray:
+        if getattr(self._local, "x", None) is None:
+            exp = tiledbsoma.Experiment.open(self.uri, context=self.context)
+            self._local.exp, self._local.x = exp, exp.ms[self.cfg.measurement].X[self.cfg.layer]
+        return self._local.x
+
+    def _obs_table(self, columns: list[str]) -> pa.Table:
+        with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
+            names = set(exp.obs.schema.names)
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise KeyError(
+                    f"obs of {self.uri} has no column(s) {missing}; have {sorted(names)}"
+                )
+            flt = self.cfg.obs_filter or None
+            cols = ["soma_joinid", *[c for c in columns if c != "soma_joinid"]]
+            return exp.obs.read(value_filter=flt, column_names=cols).concat().sort_by("soma_joinid")
+
+
+class CopySource(_Source):
+    """A training copy: X rows are contiguous joinids; metadata come from memory-mapped side/."""
+
+    def __init__(self, cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
+        root = Path(cfg.source)
+        self.manifest = open_copy_manifest(root)  # refuses a folder without manifest.json
+        super().__init__(cfg, context, str(root / "experiment"))
+        side = root / "side"
+        self.labels = load_labels(root / "labels.json")
+        self.vocab_size = len(GeneVocab.load(root / "genes.tsv"))
+        self._library = np.load(side / "library_size.npy", mmap_mode="r")
+        self._nnz = np.load(side / "nnz.npy", mmap_mode="r")
+        self._codes = [self._side_codes(side, c) for c in self.condition_names]
+        if cfg.obs_filter:
+            self.joinids = self._obs_table([])["soma_joinid"].to_numpy().astype(np.int64)
+        else:
+            self.joinids = np.arange(int(self.manifest["n_cells"]), dtype=np.int64)
+        self.nnz = np.asarray(self._nnz[self.joinids])
+        self.dropped_genes = 0
+
+    def _side_codes(self, side: Path, column: str) -> np.ndarray:
+        path = side / f"codes_{column}.npy"
+        if not path.is_file() or column not in self.labels:
+            have = sorted(p.stem.removeprefix("codes_") for p in side.glob("codes_*.npy"))
+            raise KeyError(
+                f"condition column {column!r} is not in this training copy (have {have}); "
+                "rematerialize with it or remove it from condition_columns"
+            )
+        return np.load(path, mmap_mode="r")
+
+    def fingerprint_parts(self) -> dict:
+        """Identity of the data: the copy's own fingerprint."""
+        return {"copy": self.manifest.get("fingerprint", ""), "n_cells": self.manifest["n_cells"]}
+
+    def split_hashes(self, key: str) -> np.ndarray:
+        """uint64 hash per candidate of the split key (source joinid for soma_joinid)."""
+        root = Path(self.cfg.source)
+        if key == "soma_joinid":
+            source = np.load(root / "side" / "source_joinid.npy", mmap_mode="r")
+            return hash_int_keys(np.asarray(source[self.joinids]))
+        path = root / "side" / f"codes_{key}.npy"
+        if path.is_file() and key in self.labels:
+            codes = np.load(path, mmap_mode="r")[self.joinids]
+            return hash_coded_strings(codes, self.labels[key])
+        values = self._obs_table([key])[key].to_pylist()
+        return hash_strings([("" if v is None else v) for v in values])
+
+    def restrict(self, mask: np.ndarray) -> None:
+        """Keep only the candidates where `mask` is True."""
+        self.joinids, self.nnz = self.joinids[mask], self.nnz[mask]
+
+    def read_piece(self, joinids: np.ndarray) -> Piece:
+        """Read sorted joinids: one contiguous slice (inclusive) unless the rows are sparse."""
+        lo, hi = int(joinids[0]), int(joinids[-1])
+        dense = len(joinids) * 2 >= hi - lo + 1
+        dim0, dim1, data = read_coo(self._x(), slice(lo, hi) if dense else joinids)
+        if dense and len(joinids) != hi - lo + 1:
+            wanted = np.zeros(hi - lo + 1, dtype=bool)
+            wanted[joinids - lo] = True
+            keep = wanted[dim0 - lo]  # drop rows of other splits read by the slice
+            dim0, dim1, data = dim0[keep], dim1[keep], data[keep]
+        rows = local_rows(dim0, joinids)
+        csr = csr_from_sorted_coo(rows, len(joinids), (dim1 + 1).astype(np.int32), data)
+        return Piece(joinids, csr, None, 0)
+
+    def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (library_size float32 (n,), conditions int64 (n, A)) of selection positions."""
+        ids = self.joinids[positions]
+        cond = np.zeros((len(ids), len(self._codes)), dtype=np.int64)
+        for a, codes in enumerate(self._codes):
+            cond[:, a] = codes[ids]
+        return np.asarray(self._library[ids], dtype=np.float32), cond
+
+
+def encode_with_null(values: list, vocabulary: list[str]) -> np.ndarray:
+    """Return int64 codes of values in `vocabulary`; unseen or null values get len(vocabulary)."""
+    index = {v: i for i, v in enumerate(vocabulary)}
+    null = len(vocabulary)
+    return np.fromiter((index.get(v, null) for v in values), dtype=np.int64, count=len(values))
+
+
+class DirectSource(_Source):
+    """Any SOMA experiment: cells from a value_filter, genes mapped by var feature_id."""
+
+    def __init__(self, cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
+        if not cfg.vocab_path:
+            raise ValueError("direct mode needs vocab_path, a genes.tsv defining the tokens")
+        super().__init__(cfg, context, cfg.source)
+        vocab = GeneVocab.load(cfg.vocab_path)
+        self.vocab_size, self.vocab_fingerprint = len(vocab), vocab.fingerprint()
+        with tiledbsoma.Experiment.open(self.uri, context=context) as exp:
+            var = exp.ms[cfg.measurement].var.read(column_names=["soma_joinid", "feature_id"])
+            var = var.concat()
+            has_nnz = "nnz" in exp.obs.schema.names
+        try:
+            tokens, self.dropped_genes = vocab.token_lookup(
+                var["feature_id"].to_pylist(), cfg.unknown_genes
+            )
+        except ValueError as err:
+            raise ValueError(f"{self.uri}: {err} (config key unknown_genes=drop)") from err
+        var_ids = var["soma_joinid"].to_numpy()
+        self.var_tokens = np.zeros(int(var_ids.max()) + 1 if len(var_ids) else 0, dtype=np.int32)
+        self.var_tokens[var_ids] = tokens
+        extra = [] if cfg.split_key == "soma_joinid" else [cfg.split_key]
+        obs = self._obs_table([*self.condition_names, *extra, *(["nnz"] if has_nnz else [])])
+        self.joinids = obs["soma_joinid"].to_numpy().astype(np.int64)
+        # obs.nnz counts all measured genes, not only vocabulary genes (documented deviation).
+        self.nnz = obs["nnz"].to_numpy() if has_nnz else None
+        columns = {c: obs[c].to_pylist() for c in self.condition_names}
+        if cfg.labels_path:
+            self.labels = load_labels(cfg.labels_path)
+        else:  # derived from the selection: deterministic for a fixed query
+            self.labels = {
+                c: sorted({v for v in vals if v is not None}) for c, vals in columns.items()
+            }
+        self._cond = np.zeros((len(self.joinids), len(columns)), dtype=np.int64)
+        for a, (c, vals) in enumerate(columns.items()):
+            self._cond[:, a] = encode_with_null(vals, self.labels.get(c, []))
+        self._split_values = {k: obs[k].to_pylist() for k in extra}
+
+    def fingerprint_parts(self) -> dict:
+        """Identity of the data: URI, query, vocabulary and labels."""
+        return {
+            "uri": self.uri,
+            "obs_filter": self.cfg.obs_filter,
+            "vocab": self.vocab_fingerprint,
+            "unknown_genes": self.cfg.unknown_genes,
+            "labels": self.labels,
+        }
+
+    def split_hashes(self, key: str) -> np.ndarray:
+        """uint64 hash per candidate of the split key."""
+        if key == "soma_joinid":
+            return hash_int_keys(self.joinids)
+        return hash_strings([("" if v is None else v) for v in self._split_values[key]])
+
+    def restrict(self, mask: np.ndarray) -> None:
+        """Keep only the candidates where `mask` is True."""
+        self.joinids, self._cond = self.joinids[mask], self._cond[mask]
+        self.nnz = None if self.nnz is None else self.nnz[mask]
+        self._split_values = {}
+
+    def read_piece(self, joinids: np.ndarray) -> Piece:
+        """Read sorted joinids over all genes; library size before vocabulary mapping."""
+        dim0, dim1, data = read_coo(self._x(), joinids)
+        rows = local_rows(dim0, joinids)
+        library = np.bincount(rows, weights=data, minlength=len(joinids)).astype(np.float32)
+        tokens = self.var_tokens[dim1]
+        keep = tokens > 0
+        dropped = int(len(keep) - np.count_nonzero(keep))
+        if dropped:
+            rows, tokens, data = rows[keep], tokens[keep], data[keep]
+        return Piece(
+            joinids, csr_from_sorted_coo(rows, len(joinids), tokens, data), library, dropped
+        )
+
+    def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Return (None: library size comes from the read, conditions int64 (n, A))."""
+        return None, self._cond[positions]
+
+
+def open_source(
+    cfg: DataConfig, context: tiledbsoma.SOMATileDBContext
+) -> CopySource | DirectSource:
+    """Return the source for `cfg.mode`."""
+    if not cfg.source:
+        raise ValueError("DataConfig.source is empty; pass a training-copy folder or SOMA URI")
+    return CopySource(cfg, context) if cfg.mode == "copy" else DirectSource(cfg, context)

@@ -1,0 +1,333 @@
+"""CellStream: the lockstep, exactly resumable stream of CsrBatch (loader.md §3).
+
+Usage per rank: `stream = CellStream(cfg, split="train", rank=r, world_size=W)`, then
+`for epoch in ...: stream.set_epoch(epoch); for batch in stream: ...`. `state_dict()` is the
+same on every rank, so it can live in DeepSpeed's rank-0 `client_state`.
+
+Selection: candidates (obs_filter) minus cells with fewer than `min_genes` expressed genes
+(filtered once from side/nnz.npy, or obs `nnz` in direct mode) minus the other split. The
+selection is fixed at construction, so "every cell exactly once per epoch" is well defined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import tiledbsoma
+import torch
+
+from data.batch import CsrBatch
+from data.config import DataConfig
+from data.pipeline import (
+    Csr,
+    Metrics,
+    RoundPipeline,
+    chunks_per_rank_from_budget,
+    gather_positions,
+    truncate_rows,
+)
+from data.reader import Piece, open_source
+from data.sampler import LockstepSampler, RoundPlan, elastic_restart, eval_rounds
+from data.split import Split, split_mask
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+_ASSUMED_NNZ = 2000.0  # per cell, for the memory budget when obs has no nnz column
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Return (rank, world size) from the arguments, else from RANK / WORLD_SIZE.
+
+    LOCAL_RANK is never used: it repeats on every node, so it would duplicate shards.
+    """
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None:
+        if "RANK" in os.environ:
+            rank = int(os.environ["RANK"])
+        elif world_size > 1:
+            raise RuntimeError(
+                f"WORLD_SIZE={world_size} but RANK is not set; pass rank= explicitly or launch "
+                "with torchrun/deepspeed (LOCAL_RANK is per node and is never used as the rank)"
+            )
+        else:
+            rank = 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    return rank, world_size
+
+
+def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+
+@dataclass
+class RoundData:
+    """One assembled round of one rank, rows in emission order."""
+
+    plan: RoundPlan
+    csr: Csr
+    library_size: np.ndarray  # float32 (n,)
+    conditions: np.ndarray  # int64 (n, A)
+    joinids: np.ndarray  # int64 (n,)
+
+
+class CellStream(torch.utils.data.IterableDataset):
+    """Iterable of CsrBatch for one rank; every rank yields `len(stream)` batches per epoch."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        split: Split = "train",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        self.config, self.split = config, split
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        # One TileDB context per stream, shared by all reader threads.
+        self.context = tiledbsoma.SOMATileDBContext(tiledb_config=dict(config.tiledb_config))
+        self.source = open_source(config, self.context)
+        self._select()
+        C = config.effective_chunk_cells
+        nnz = self.source.nnz
+        mean_nnz = float(np.mean(nnz)) if nnz is not None and len(nnz) else _ASSUMED_NNZ
+        K = config.chunks_per_rank_round or chunks_per_rank_from_budget(
+            mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds
+        )
+        self.sampler = LockstepSampler(
+            self.num_cells, C, K, config.micro_batch, self.world_size, self.rank, config.seed,
+            config.drop_last,
+        )  # fmt: skip
+        self.fingerprint = self._fingerprint()
+        self._metrics = Metrics(
+            chunk_cells=C, chunks_per_rank_round=K, prefetch_rounds=config.prefetch_rounds,
+            reader_threads=config.reader_threads, selected_cells=self.num_cells,
+            dropped_unknown_genes=self.source.dropped_genes, replayed_cells=0, skipped_cells=0,
+        )  # fmt: skip
+        self._pipeline = RoundPipeline(config.reader_threads, config.prefetch_rounds)
+        self._epoch = self._start = self._batch = 0
+        log.info(
+            "stream rank %d/%d: %d cells (%s), C=%d K=%d prefetch=%d threads=%d, mean nnz %.0f, "
+            "%d batches/epoch", self.rank, self.world_size, self.num_cells, split, C, K,
+            config.prefetch_rounds, config.reader_threads, mean_nnz, len(self),
+        )  # fmt: skip
+
+    @property
+    def num_cells(self) -> int:
+        """Number of selected cells N (all ranks together)."""
+        return len(self.source.joinids)
+
+    def _select(self) -> None:
+        cfg, src = self.config, self.source
+        mask = np.ones(len(src.joinids), dtype=bool)
+        if src.nnz is not None and cfg.min_genes > 0:
+            mask &= np.asarray(src.nnz) >= cfg.min_genes
+        if self.split != "all":
+            mask &= split_mask(
+                src.split_hashes(cfg.split_key), cfg.seed, cfg.val_fraction, self.split
+            )
+        src.restrict(mask)
+        if self.num_cells == 0:
+            raise ValueError(
+                f"no cells selected from {cfg.source} (split={self.split!r}, "
+                f"val_fraction={cfg.val_fraction}, min_genes={cfg.min_genes}, "
+                f"obs_filter={cfg.obs_filter!r}); loosen the filter or the split"
+            )
+
+    def _fingerprint(self) -> str:
+        cfg = self.config
+        recipe = {
+            **self.source.fingerprint_parts(),
+            "split": self.split, "val_fraction": cfg.val_fraction, "split_key": cfg.split_key,
+            "obs_filter": cfg.obs_filter, "C": cfg.effective_chunk_cells,
+            "min_genes": cfg.min_genes, "max_genes": cfg.max_genes,
+            "conditions": list(cfg.condition_columns),
+        }  # fmt: skip
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+        digest.update(np.ascontiguousarray(self.source.joinids).tobytes())
+        return digest.hexdigest()
+
+    def __len__(self) -> int:
+        """Batches per epoch per rank (identical on every rank)."""
+        return self.sampler.num_batches(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of `epoch`; a no-op when already in it (keeps a resumed position)."""
+        if epoch != self._epoch:
+            self._epoch, self._start, self._batch = epoch, 0, 0
+
+    def __iter__(self) -> Iterator[CsrBatch]:
+        """Yield this rank's remaining batches of the current epoch, then advance the epoch."""
+        epoch, start, first = self._epoch, self._start, self._batch
+        plans = (
+            _trim(p, first - p.first_batch)
+            for p in self.sampler.rounds(epoch, start, first)
+            if p.first_batch + len(p.batch_sizes) > first
+        )
+        for data in self._pipeline.map_rounds(plans, self._jobs, self._assemble):
+            for i, batch in enumerate(self._batches(data)):
+                self._batch = data.plan.first_batch + i + 1
+                yield batch
+        if (self._epoch, self._start) == (epoch, start):
+            self._epoch, self._start, self._batch = epoch + 1, 0, 0
+
+    def iter_eval(self) -> Iterator[CsrBatch]:
+        """Yield every selected cell once, unshuffled; ranks disjoint with equal batch counts."""
+        rows_per_round = self.sampler.K * self.sampler.C
+        plans = eval_rounds(
+            self.num_cells, self.world_size, self.rank, self.config.micro_batch, rows_per_round
+        )
+        for data in self._pipeline.map_rounds(plans, self._jobs, self._assemble):
+            yield from self._batches(data)
+
+    def _jobs(self, plan: RoundPlan) -> list[Callable[[], Piece]]:
+        """Split the round's rows into read jobs of sorted, contiguous selection runs."""
+        positions = np.unique(plan.rows)
+        if len(positions) == 0:
+            return []
+        runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+        n_jobs = max(1, 2 * self.config.reader_threads)
+        starts = np.cumsum([0] + [len(r) for r in runs[:-1]])
+        group = (starts * n_jobs) // len(positions)  # contiguous groups of ~equal rows
+        return [
+            partial(self._read, [runs[i] for i in np.flatnonzero(group == g)])
+            for g in np.unique(group)
+        ]
+
+    def _read(self, runs: list[np.ndarray]) -> list[Piece]:
+        t0 = time.perf_counter()
+        pieces = [self.source.read_piece(self.source.joinids[run]) for run in runs]
+        self._metrics.add(read_s=time.perf_counter() - t0)
+        return pieces
+
+    def _assemble(self, plan: RoundPlan, groups: list[list[Piece]]) -> RoundData:
+        t0 = time.perf_counter()
+        pieces = [p for group in groups for p in group]  # ascending joinids
+        joinids_all = _cat([p.joinids for p in pieces], np.int64)
+        wanted = self.source.joinids[plan.rows]
+        rows = np.searchsorted(joinids_all, wanted)
+        offsets = np.cumsum([0] + [len(p.csr.indices) for p in pieces])
+        starts = _cat(
+            [p.csr.indptr[:-1] + o for p, o in zip(pieces, offsets, strict=False)], np.int64
+        )
+        lengths = _cat([np.diff(p.csr.indptr) for p in pieces], np.int64)
+        positions, indptr = gather_positions(starts[rows], lengths[rows])
+        csr = Csr(
+            indptr,
+            _cat([p.csr.indices for p in pieces], np.int32)[positions],
+            _cat([p.csr.data for p in pieces], np.float32)[positions],
+        )
+        library, conditions = self.source.cell_meta(plan.rows)
+        if library is None:
+            library = _cat([p.library_size for p in pieces], np.float32)[rows]
+        csr, truncated = truncate_rows(csr, wanted, self.config.max_genes, self.config.seed)
+        self._metrics.add(
+            assemble_s=time.perf_counter() - t0,
+            truncated_cells=int(truncated.sum()),
+            dropped_unknown_nnz=sum(p.dropped_nnz for p in pieces),
+        )
+        return RoundData(plan, csr, library, conditions, wanted)
+
+    def _batches(self, data: RoundData) -> Iterator[CsrBatch]:
+        bounds = np.concatenate([[0], np.cumsum(data.plan.batch_sizes)])
+        ip, names = data.csr.indptr, self.source.condition_names
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            batch = CsrBatch.from_numpy(
+                data.csr.indices[ip[s] : ip[e]], data.csr.data[ip[s] : ip[e]], ip[s : e + 1],
+                data.library_size[s:e], data.conditions[s:e], names, data.joinids[s:e],
+            )  # fmt: skip
+            self._metrics.add(cells=int(e - s), nnz=int(ip[e] - ip[s]), batches=1)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the position; identical on every rank (safe for rank-0 client_state)."""
+        s = self.sampler
+        round_index, micro = s.locate(self._start, self._batch)
+        return {
+            "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+            "seed": self.config.seed, "epoch": self._epoch, "start_chunk": self._start,
+            "batch_in_epoch": self._batch, "round": round_index, "microbatch_in_round": micro,
+            "world_size": s.W, "K": s.K, "C": s.C, "micro_batch": s.b, "drop_last": s.drop_last,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Seek to a saved position (O(1)); with another W/K/b, restart the interrupted round."""
+        self._check_state(state)
+        s = self.sampler
+        same = (state["world_size"], state["K"], state["micro_batch"], state["drop_last"]) == (
+            s.W,
+            s.K,
+            s.b,
+            s.drop_last,
+        )
+        if same:
+            self._epoch, self._start, self._batch = (
+                state["epoch"],
+                state["start_chunk"],
+                state["batch_in_epoch"],
+            )
+            return
+        old = LockstepSampler(
+            self.num_cells, s.C, state["K"], state["micro_batch"], state["world_size"], 0,
+            state["seed"], state["drop_last"],
+        )  # fmt: skip
+        start, replayed, skipped = elastic_restart(
+            old, state["start_chunk"], state["batch_in_epoch"], self.config.elastic
+        )
+        epoch = state["epoch"] if start is not None else state["epoch"] + 1
+        self._epoch, self._start, self._batch = epoch, start or 0, 0
+        self._metrics.add(replayed_cells=replayed, skipped_cells=skipped)
+        log.warning(
+            "elastic resume W=%d K=%d -> W=%d K=%d (%s): epoch %d from chunk %d, %d cells replayed, "
+            "%d skipped", state["world_size"], state["K"], s.W, s.K, self.config.elastic, epoch,
+            self._start, replayed, skipped,
+        )  # fmt: skip
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"loader state format_version={state.get('format_version')} is not "
+                f"{FORMAT_VERSION}; this checkpoint was written by another loader version"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"loader state belongs to other data (fingerprint {state['fingerprint'][:12]} != "
+                f"{self.fingerprint[:12]}): the copy, query, split, min/max_genes or chunk_cells "
+                "changed; resume with the original data config or start a new run"
+            )
+        if state["seed"] != self.config.seed or state["C"] != self.sampler.C:
+            raise ValueError(
+                f"loader state has seed={state['seed']}, C={state['C']} but the config has "
+                f"seed={self.config.seed}, C={self.sampler.C}; restore the original values"
+            )
+
+    def metrics(self) -> dict[str, Any]:
+        """Return counters: cells, nnz, batches, read_s, assemble_s, truncated/dropped/replayed."""
+        return self._metrics.snapshot()
+
+    def close(self) -> None:
+        """Stop reader threads."""
+        self._pipeline.close()
+
+
+def _trim(plan: RoundPlan, skip_batches: int) -> RoundPlan:
+    """Return the plan without its first `skip_batches` batches (resume inside a round)."""
+    if skip_batches <= 0:
+        return plan
+    skip_rows = int(plan.batch_sizes[:skip_batches].sum())
+    return RoundPlan(
+        plan.index, plan.first_chunk, plan.first_batch + skip_batches,
+        plan.rows[skip_rows:], plan.batch_sizes[skip_batches:],
+    )  # fmt: skip

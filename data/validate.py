@@ -1,0 +1,93 @@
+"""Input validation for ingest: gene ids, obs columns and count values.
+
+Every failure raises `IngestError` (a ValueError) whose message names the problem, an example and
+the fix, so a user can act on it without reading the code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+
+class IngestError(ValueError):
+    """An input cannot be turned into a training copy; the message says why and how to fix it."""
+
+
+def check_feature_ids(feature_ids: Sequence[object], where: str) -> list[str]:
+    """Return feature ids as strings; raise IngestError on missing/empty or duplicate ids."""
+    ids = ["" if x is None else str(x) for x in feature_ids]
+    missing = [i for i, x in enumerate(ids) if x.strip() == "" or x.lower() in ("nan", "none")]
+    if missing:
+        raise IngestError(
+            f"{where}: {len(missing)} genes have an empty or missing feature_id (e.g. var rows "
+            f"{missing[:5]}); give every gene a unique feature_id (Ensembl id) or drop those genes"
+        )
+    dups = [x for x, c in Counter(ids).items() if c > 1]
+    if dups:
+        raise IngestError(
+            f"{where}: {len(dups)} duplicate feature_id values, e.g. {dups[:5]}; feature_id "
+            "must be unique: aggregate or drop the duplicated genes before ingest"
+        )
+    return ids
+
+
+def check_obs_columns(requested: Sequence[str], available: Sequence[str], where: str) -> None:
+    """Raise IngestError if a requested obs column is not in the source, listing what exists."""
+    missing = [c for c in requested if c not in available]
+    if missing:
+        raise IngestError(
+            f"{where}: requested obs column(s) {missing} not found; available columns: "
+            f"{sorted(available)}. Fix --obs-columns/--conditions"
+        )
+
+
+def check_counts(
+    X: sp.csr_matrix, source_joinids: np.ndarray, round_counts: bool
+) -> tuple[sp.csr_matrix, int]:
+    """Validate raw counts of one block; optionally round them.
+
+    Args:
+        X: float32 CSR block (cells x genes), rows aligned with source_joinids.
+        source_joinids: source soma_joinid of each row, used to name an example cell.
+        round_counts: round to the nearest integer and clip negatives to 0 instead of failing.
+
+    Returns:
+        (CSR without explicit zeros, number of stored values changed by rounding).
+    """
+    data = X.data
+    nan = np.isnan(data) | np.isinf(data)
+    if nan.any():
+        cell = _example_cell(X, np.flatnonzero(nan)[0], source_joinids)
+        raise IngestError(
+            f"{int(nan.sum())} count values are NaN or infinite (e.g. in source cell soma_joinid="
+            f"{cell}); raw counts must be finite: fix the source matrix (--round-counts cannot)"
+        )
+    bad = (data < 0) | (data != np.round(data))
+    n_bad = int(bad.sum())
+    if n_bad and not round_counts:
+        first = np.flatnonzero(bad)[0]
+        cell = _example_cell(X, first, source_joinids)
+        kind = "negative" if data[first] < 0 else "non-integer"
+        raise IngestError(
+            f"{n_bad} count values are negative or non-integer (e.g. {kind} value "
+            f"{float(data[first])!r} in source cell soma_joinid={cell}); the model needs raw "
+            "integer UMI counts: point the source at raw counts (e.g. .raw.X or --layer) or pass "
+            "--round-counts to round to the nearest integer and clip negatives to 0"
+        )
+    if n_bad:
+        X.data = np.clip(np.round(data), 0, None).astype(np.float32)
+    X.eliminate_zeros()
+    return X, n_bad
+
+
+def _example_cell(X: sp.csr_matrix, value_index: int, source_joinids: np.ndarray) -> int:
+    """Source joinid of the row holding stored value number value_index."""
+    row = int(np.searchsorted(X.indptr, value_index, side="right") - 1)
+    return int(source_joinids[row])

@@ -1,0 +1,243 @@
+"""Orchestration of evaluation.md: P0-P3, Block A and Block B per seed, floor, known-bad sets.
+
+Every evaluated set (the real-vs-real floor, the known-bad generators and each generated
+model) goes through the identical pipeline against the real test set; every Block B number
+carries n per side, representation and estimator. Shape legend: N cells, G genes, P PCs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import anndata as ad
+import numpy as np
+
+from evaluation.blockb import block_b
+from evaluation.compat import cfgen_metrics, scdiffusion_metrics
+from evaluation.conditional import celltypist_available, fit_label_classifier
+from evaluation.distances import median_bandwidth
+from evaluation.fixtures import gene_shuffled_counts, poisson_mean_counts
+from evaluation.preprocess import Representation, fit_representation, log1p_cp10k, to_dense
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run; all are written into report.json."""
+
+    label_key: str = "cell_type"  # obs column holding the conditioning label
+    n_top_genes: int = 2000  # seurat_v3 HVGs on reference counts (capped at the gene count)
+    n_pcs: int = 30  # PCA components for Block B and CFGen-style metrics
+    mmd_n_global: int = 2000  # fixed n per side for global unbiased MMD² and energy
+    mmd_n_class: int = 500  # per-class cap of that fixed n
+    min_class_cells: int = 20  # classes with fewer cells on either side are skipped
+    max_class_cells: int = 3000  # CFGen-style per-class subsample cap
+    seed: int = 0  # seed of HVG ties, PCA, subsampling and classifier splits
+    rf_trees: int = 1000  # scDiffusion RF AUC forest size
+    block_a: bool = True  # also compute the paper-compatible recipes
+    known_bad: bool = True  # add Poisson-mean and gene-shuffled references
+    known_bad_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the known-bad generators
+
+
+@dataclass
+class EvalSet:
+    """One evaluated set of cells at one seed, in log1p-CP10k over the aligned genes."""
+
+    log: np.ndarray  # (N, G) log1p-CP10k
+    labels: np.ndarray  # (N,) conditioning labels as strings
+    libsize: np.ndarray | None = None  # (N,) raw library sizes; None for normalised input
+    interp_alpha: np.ndarray | None = None  # (N,) interpolation position, when generated so
+
+
+@dataclass
+class Context:
+    """Everything fitted once on the reference and the test set, shared by all sets."""
+
+    config: EvalConfig
+    rep: Representation
+    test: EvalSet
+    test_pcs: np.ndarray  # (N_test, P) centred reference-PCA coordinates
+    bandwidth: float  # median pairwise distance among reference cells in PC space
+    classifier: object  # label classifier trained on reference PCs
+    settings: dict = field(default_factory=dict)
+
+
+def make_set(adata: ad.AnnData, label_key: str, is_normalized: bool = False) -> EvalSet:
+    """Return an EvalSet from counts (or already log1p-CP10k values when ``is_normalized``)."""
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    alpha = adata.obs["interp_alpha"].to_numpy(float) if "interp_alpha" in adata.obs else None
+    if is_normalized:
+        return EvalSet(to_dense(adata.X), labels, None, alpha)
+    counts = to_dense(adata.X)
+    return EvalSet(log1p_cp10k(counts), labels, counts.sum(1), alpha)
+
+
+def align_genes(reference: ad.AnnData, others: dict[str, ad.AnnData]) -> tuple[list, dict]:
+    """Return genes shared by all sets (reference order) and the genes each set lacks."""
+    common = set(reference.var_names)
+    for a in others.values():
+        common &= set(a.var_names)
+    genes = [g for g in reference.var_names if g in common]
+    missing = {
+        name: sorted(set(reference.var_names) - set(a.var_names)) for name, a in others.items()
+    }
+    missing["reference"] = sorted(
+        set().union(*(set(a.var_names) for a in others.values())) - common
+    )
+    return genes, missing
+
+
+def build_context(reference: ad.AnnData, test: ad.AnnData, config: EvalConfig) -> Context:
+    """Return the Context: HVGs, PCA, bandwidth and classifier fitted on reference cells (P0-P3)."""
+    ref_counts = to_dense(reference.X)
+    rep = fit_representation(ref_counts, config.n_top_genes, config.n_pcs, config.seed)
+    ref_pcs = rep.pcs(log1p_cp10k(ref_counts))
+    ref_labels = reference.obs[config.label_key].astype(str).to_numpy()
+    test_set = make_set(test, config.label_key)
+    settings = {
+        "n_reference": reference.n_obs,
+        "n_test": test.n_obs,
+        "n_genes": reference.n_vars,
+        "n_hvg": len(rep.hvg_idx),
+        "hvg_genes": [str(g) for g in reference.var_names[rep.hvg_idx]],
+        "hvg_flavor": "seurat_v3 (reimplemented loess, reference counts)",
+        "classifier": "logistic regression on reference PCs",
+        "celltypist_available": celltypist_available(),
+    }
+    return Context(
+        config=config,
+        rep=rep,
+        test=test_set,
+        test_pcs=rep.pcs(test_set.log),
+        bandwidth=median_bandwidth(ref_pcs, config.mmd_n_global, config.seed),
+        classifier=fit_label_classifier(ref_pcs, ref_labels),
+        settings=settings,
+    )
+
+
+def evaluate_set(ctx: Context, gen: EvalSet) -> dict:
+    """Return Block B (and Block A when configured) metrics of one set at one seed."""
+    out = {"block_b": block_b(ctx, gen)}
+    if ctx.config.block_a:
+        hvg = ctx.rep.hvg_idx
+        out["block_a"] = {
+            "scdiffusion": scdiffusion_metrics(ctx.test.log, gen.log, ctx.config.rf_trees),
+            "cfgen": cfgen_metrics(
+                ctx.test.log[:, hvg],
+                gen.log[:, hvg],
+                ctx.test.labels,
+                gen.labels,
+                ctx.config.n_pcs,
+                ctx.config.min_class_cells,
+                ctx.config.max_class_cells,
+                ctx.config.seed,
+            ),
+        }
+    return out
+
+
+def known_bad_sets(
+    reference: ad.AnnData, test: ad.AnnData, floor: ad.AnnData, config: EvalConfig
+) -> dict[str, dict[int, EvalSet]]:
+    """Return the Poisson-mean and gene-shuffled sets per seed (evaluation.md §6).
+
+    Poisson-mean: reference class profiles × the test cells' library sizes and labels.
+    Gene-shuffled: the floor cells with every gene column permuted.
+    """
+    key = config.label_key
+    test_counts = to_dense(test.X)
+    out: dict[str, dict[int, EvalSet]] = {"poisson_mean": {}, "gene_shuffled": {}}
+    for s in config.known_bad_seeds:
+        ref_labels = reference.obs[key].astype(str).to_numpy()
+        test_labels = test.obs[key].astype(str).to_numpy()
+        pois = poisson_mean_counts(reference.X, ref_labels, test_labels, test_counts.sum(1), s)
+        shuf = gene_shuffled_counts(floor.X, seed=s)
+        for name, counts, obs in (
+            ("poisson_mean", pois, test.obs),
+            ("gene_shuffled", shuf, floor.obs),
+        ):
+            out[name][s] = make_set(ad.AnnData(counts, obs=obs[[key]].copy()), key)
+    return out
+
+
+def split_seeds(adata: ad.AnnData, label_key: str, is_normalized: bool) -> dict[int, EvalSet]:
+    """Return one EvalSet per value of obs ``seed`` (a single seed 0 when the column is absent)."""
+    if "seed" not in adata.obs:
+        return {0: make_set(adata, label_key, is_normalized)}
+    seeds = adata.obs["seed"].to_numpy()
+    return {int(s): make_set(adata[seeds == s], label_key, is_normalized) for s in np.unique(seeds)}
+
+
+def prepare(
+    reference: ad.AnnData,
+    test: ad.AnnData,
+    floor: ad.AnnData,
+    generated: dict[str, ad.AnnData],
+    config: EvalConfig | None = None,
+    normalized: frozenset[str] = frozenset(),
+) -> tuple[Context, dict[str, tuple[str, dict[int, EvalSet]]]]:
+    """Return the fitted Context and every set to evaluate as ``name -> (kind, seed -> set)``.
+
+    Args:
+        reference: training cells left after carving out the floor (raw counts); all fitting
+            (HVGs, PCA, bandwidth, classifier) uses only these.
+        test: held-out real test cells (raw counts).
+        floor: real cells with the test's size and composition, never fitted on (P0).
+        generated: name -> AnnData of generated cells; obs ``seed`` splits seeds.
+        config: settings; defaults to ``EvalConfig()``.
+        normalized: names whose X is already log1p-CP10k (``generated_is_normalized``).
+    """
+    config = config or EvalConfig()
+    genes, missing = align_genes(reference, {"test": test, "floor": floor, **generated})
+    reference, test, floor = reference[:, genes], test[:, genes], floor[:, genes]
+    ctx = build_context(reference, test, config)
+    ctx.settings["missing_genes"] = missing
+    sets: dict[str, tuple[str, dict[int, EvalSet]]] = {
+        "real_floor": ("floor", {0: make_set(floor, config.label_key)})
+    }
+    if config.known_bad:
+        bad = known_bad_sets(reference, test, floor, config)
+        sets.update({k: ("known_bad", v) for k, v in bad.items()})
+    for name, a in generated.items():
+        sets[name] = ("generated", split_seeds(a[:, genes], config.label_key, name in normalized))
+    return ctx, sets
+
+
+def run(ctx: Context, sets: dict[str, tuple[str, dict[int, EvalSet]]]) -> dict:
+    """Return ``{settings, sets}``: per set its kind, seeds, per-seed metrics and summary."""
+    results = {}
+    for name, (kind, per_seed) in sets.items():
+        metrics = {s: evaluate_set(ctx, es) for s, es in per_seed.items()}
+        results[name] = {
+            "kind": kind,
+            "seeds": sorted(per_seed),
+            "per_seed": metrics,
+            "summary": summarize(metrics),
+        }
+    settings = {**asdict(ctx.config), **ctx.settings, "bandwidth_h": ctx.bandwidth}
+    return {"settings": settings, "sets": results}
+
+
+def evaluate(
+    reference: ad.AnnData,
+    test: ad.AnnData,
+    floor: ad.AnnData,
+    generated: dict[str, ad.AnnData],
+    config: EvalConfig | None = None,
+    normalized: frozenset[str] = frozenset(),
+) -> dict:
+    """Return ``run(*prepare(...))``; see ``prepare`` for the arguments."""
+    return run(*prepare(reference, test, floor, generated, config, normalized))
+
+
+def summarize(per_seed: dict[int, dict]) -> dict:
+    """Return mean ± SEM over seeds of every Block B value (SEM = sample std / √seeds)."""
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]["block_b"]["global"]
+    out = {}
+    for key, meta in first.items():
+        vals = np.array(
+            [per_seed[s]["block_b"]["global"][key]["value"] for s in seeds], dtype=float
+        )
+        sem = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
+        out[key] = {**meta, "value": float(np.mean(vals)), "sem": sem, "n_seeds": len(vals)}
+    return out

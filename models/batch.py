@@ -1,0 +1,223 @@
+"""CellBatch: the VAE's input, packed (varlen) or padded, built on the tensors' device.
+
+Shape legend:
+    B   cells                  T   packed tokens (expressed genes of all cells)
+    S   padded length          G   decoded genes (or a chunk of them)
+    A   condition attributes   V   vocabulary size (tokens 1..V, 0 = PAD)
+
+Packed: ``gene_ids`` (T,), ``counts`` (T,), ``cu_seqlens`` (B+1,) int32.
+Padded: ``gene_ids`` (B, S), ``counts`` (B, S), ``mask`` (B, S) bool True = real gene.
+Dense likelihood targets are scattered chunk by chunk on the batch's device, never as a full
+(B, V) matrix on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.attention import pad_packed, seq_index
+
+
+def _cu_from_lengths(lengths: Tensor) -> Tensor:
+    return F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)  # (B+1,)
+
+
+@dataclass
+class CellBatch:
+    """Cells for the VAE. Build with :meth:`from_packed` or :meth:`from_padded`.
+
+    Attributes:
+        gene_ids: int64 tokens, (T,) packed or (B, S) padded; 0 = PAD.
+        counts: float32 counts, same shape as ``gene_ids``.
+        library_size: (B,) float32 ℓ.
+        cu_seqlens: (B+1,) int32 (packed form) else None.
+        mask: (B, S) bool True = real gene (padded form) else None.
+        max_seqlen: longest cell (python int).
+        labels: optional (B, A) int64 condition codes.
+        stats: counters from construction (``dropped_unknown``, ``subsampled_cells``).
+    """
+
+    gene_ids: Tensor
+    counts: Tensor
+    library_size: Tensor
+    cu_seqlens: Tensor | None = None
+    mask: Tensor | None = None
+    max_seqlen: int = 0
+    labels: Tensor | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_packed(self) -> bool:
+        """True for the packed (varlen) form."""
+        return self.cu_seqlens is not None
+
+    @property
+    def num_cells(self) -> int:
+        """B."""
+        return int(self.library_size.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self.gene_ids.device
+
+    @classmethod
+    def from_packed(
+        cls,
+        gene_ids: Tensor,
+        counts: Tensor,
+        cu_seqlens: Tensor,
+        library_size: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+        num_genes: int | None = None,
+        max_genes: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CellBatch:
+        """Wrap packed CSR tensors (e.g. ``CsrBatch`` fields moved to the device).
+
+        Args:
+            gene_ids: (T,) tokens 1..V.
+            counts: (T,) counts.
+            cu_seqlens: (B+1,) cumulative lengths.
+            library_size: (B,) ℓ; default: the sum of each cell's counts.
+            labels: optional (B, A) condition codes.
+            num_genes: V; tokens outside 1..V are dropped and counted (OURS).
+            max_genes: cells with more tokens keep a random subset of this size, counted.
+            generator: RNG for the subsample.
+        """
+        gene_ids, counts = gene_ids.long(), counts.float()
+        cu = cu_seqlens.to(device=gene_ids.device, dtype=torch.int64)
+        seq, _ = seq_index(cu, gene_ids.shape[0])  # (T,)
+        n = cu.shape[0] - 1
+        if library_size is None:
+            library_size = torch.zeros(n, device=counts.device).index_add_(0, seq, counts)
+        keep = torch.ones_like(gene_ids, dtype=torch.bool)  # (T,)
+        stats = {"dropped_unknown": 0, "subsampled_cells": 0}
+        if num_genes is not None:
+            keep = (gene_ids >= 1) & (gene_ids <= num_genes)
+            stats["dropped_unknown"] = int((~keep).sum())
+        if max_genes is not None:
+            keep, stats["subsampled_cells"] = _subsample(keep, seq, n, max_genes, generator)
+        if not bool(keep.all()):
+            lengths = torch.zeros(n, dtype=torch.int64, device=cu.device)
+            lengths.index_add_(0, seq[keep], torch.ones_like(seq[keep]))
+            gene_ids, counts, cu = gene_ids[keep], counts[keep], _cu_from_lengths(lengths)
+        lengths = cu[1:] - cu[:-1]
+        return cls(
+            gene_ids=gene_ids,
+            counts=counts,
+            library_size=library_size.float(),
+            cu_seqlens=cu.to(torch.int32),
+            max_seqlen=int(lengths.max()) if n else 0,
+            labels=labels,
+            stats=stats,
+        )
+
+    @classmethod
+    def from_padded(
+        cls,
+        gene_ids: Tensor,
+        counts: Tensor,
+        mask: Tensor | None = None,
+        library_size: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+    ) -> CellBatch:
+        """Wrap a padded view; ``mask`` defaults to ``gene_ids != 0``."""
+        mask = (gene_ids != 0) if mask is None else mask.to(torch.bool)
+        counts = torch.where(mask, counts.float(), torch.zeros((), device=counts.device))
+        gene_ids = torch.where(mask, gene_ids.long(), torch.zeros_like(gene_ids.long()))
+        if library_size is None:
+            library_size = counts.sum(dim=1)  # (B,)
+        return cls(
+            gene_ids=gene_ids,
+            counts=counts,
+            library_size=library_size.float(),
+            mask=mask,
+            max_seqlen=int(mask.sum(dim=1).max()) if mask.numel() else 0,
+            labels=labels,
+        )
+
+    def padded(self, max_len: int | None = None) -> CellBatch:
+        """The padded form (B, S) with S = ``max_len`` or the longest cell."""
+        if not self.is_packed:
+            return self
+        length = max(max_len or 0, self.max_seqlen)
+        ids, mask = pad_packed(self.gene_ids, self.cu_seqlens, length)  # (B, S)
+        counts, _ = pad_packed(self.counts, self.cu_seqlens, length)  # (B, S)
+        return replace(self, gene_ids=ids, counts=counts, mask=mask, cu_seqlens=None)
+
+    def packed(self) -> CellBatch:
+        """The packed form (T,) with ``cu_seqlens``."""
+        if self.is_packed:
+            return self
+        cu = _cu_from_lengths(self.mask.sum(dim=1))  # (B+1,)
+        ids, counts = self.gene_ids[self.mask], self.counts[self.mask]  # (T,)
+        return replace(self, gene_ids=ids, counts=counts, cu_seqlens=cu, mask=None)
+
+    def to(self, device: torch.device | str) -> CellBatch:
+        """Move every tensor to ``device``."""
+
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(
+            self,
+            gene_ids=mv(self.gene_ids),
+            counts=mv(self.counts),
+            library_size=mv(self.library_size),
+            cu_seqlens=mv(self.cu_seqlens),
+            mask=mv(self.mask),
+            labels=mv(self.labels),
+        )
+
+    def _rows_tokens_counts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Row index, token and count of every real entry, each (T,)."""
+        if self.is_packed:
+            seq, _ = seq_index(self.cu_seqlens, self.gene_ids.shape[0])
+            return seq, self.gene_ids, self.counts
+        rows = torch.nonzero(self.mask, as_tuple=True)[0]  # (T,)
+        return rows, self.gene_ids[self.mask], self.counts[self.mask]
+
+    def dense_target_chunk(self, gene_start: int, gene_end: int) -> Tensor:
+        """Counts of tokens ``gene_start .. gene_end - 1`` as (B, gene_end - gene_start)."""
+        rows, tok, cnt = self._rows_tokens_counts()
+        col = tok - gene_start  # (T,)
+        sel = (col >= 0) & (col < gene_end - gene_start)
+        out = torch.zeros(self.num_cells, gene_end - gene_start, device=self.device)
+        out[rows[sel], col[sel]] = cnt[sel]
+        return out
+
+    def dense_target(self, gene_ids: Tensor) -> Tensor:
+        """Counts of an arbitrary gene list (G,) (distinct tokens) as (B, G)."""
+        rows, tok, cnt = self._rows_tokens_counts()
+        size = int(max(int(gene_ids.max()), int(tok.max()) if tok.numel() else 0)) + 1
+        lookup = torch.full((size,), -1, dtype=torch.int64, device=self.device)  # (V+1,)
+        lookup[gene_ids.long()] = torch.arange(gene_ids.shape[0], device=self.device)
+        col = lookup[tok]  # (T,)
+        sel = col >= 0
+        out = torch.zeros(self.num_cells, gene_ids.shape[0], device=self.device)
+        out[rows[sel], col[sel]] = cnt[sel]
+        return out
+
+
+def _subsample(
+    keep: Tensor, seq: Tensor, n: int, max_genes: int, generator: torch.Generator | None
+) -> tuple[Tensor, int]:
+    """Keep at most ``max_genes`` random kept tokens per cell (loop-free). -> (keep, #cells)."""
+    r = torch.rand(keep.shape[0], generator=generator, device=keep.device)  # (T,)
+    key = seq.double() * 2.0 + torch.where(keep, r.double(), torch.full_like(r.double(), 1.5))
+    order = torch.argsort(key)  # kept tokens first within each cell, random order
+    kept_per = torch.zeros(n, dtype=torch.int64, device=keep.device)
+    kept_per.index_add_(0, seq[keep], torch.ones_like(seq[keep]))
+    start = F.pad(torch.cumsum(torch.bincount(seq, minlength=n), 0), (1, 0))[:-1]  # (B,)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=keep.device)
+    rank = rank - start[seq]  # position within its cell in the random order
+    new_keep = keep & (rank < max_genes)
+    return new_keep, int((kept_per > max_genes).sum())

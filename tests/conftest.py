@@ -1,0 +1,56 @@
+"""Shared fixtures: small training copies built once per test session in a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiledbsoma
+
+from data import soma
+from data.ingest import main as ingest_main
+from data.materialize import open_copy_manifest
+
+SMALL_SYNTHETIC = "synthetic:cells=3000,genes=300,datasets=5,cell_types=6,seed=0"
+
+
+def build_copy(out: Path, source: str, *extra: str) -> Path:
+    """Run the ingest command in-process and return the copy folder."""
+    argv = ["--source", source, "--out", str(out), "--log-level", "WARNING", *extra]
+    assert ingest_main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def pbmc_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Training copy of builtin:pbmc68k (700 cells x 765 genes, seed 0)."""
+    return build_copy(tmp_path_factory.mktemp("pbmc") / "copy", "builtin:pbmc68k")
+
+
+@pytest.fixture(scope="session")
+def small_synthetic_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Training copy of 3,000 synthetic cells x 300 genes, 5 dataset_id blocks, seed 0.
+
+    Condition columns: cell_type, dataset_id. Written in 1,024-cell blocks (3 X fragments).
+    """
+    out = tmp_path_factory.mktemp("synthetic") / "copy"
+    return build_copy(out, SMALL_SYNTHETIC, "--block-cells", "1024")
+
+
+def read_training_copy(out: Path) -> tuple:
+    """(X CSR, obs DataFrame, var DataFrame, side arrays dict, manifest) of a training copy."""
+    manifest = open_copy_manifest(out)
+    with tiledbsoma.Experiment.open(str(Path(out) / "experiment")) as exp:
+        n, g = manifest["n_cells"], manifest["n_genes"]
+        X = soma.read_csr(exp.ms["RNA"].X["raw"], np.arange(n), np.arange(g))
+        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+        var = exp.ms["RNA"].var.read().concat().to_pandas().sort_values("soma_joinid")
+    side = {p.stem: np.load(p) for p in (Path(out) / "side").glob("*.npy")}
+    return X, obs.reset_index(drop=True), var.reset_index(drop=True), side, manifest
+
+
+@pytest.fixture(scope="session")
+def read_copy():
+    """The `read_training_copy` function, for tests that inspect copies."""
+    return read_training_copy

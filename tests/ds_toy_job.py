@@ -1,0 +1,160 @@
+"""Toy DeepSpeed job launched by tests/test_checkpoint_ds.py (not collected by pytest).
+
+A tiny MLP regresses a deterministic function of the sample index. The data stream's whole state
+is its integer position, so resume is exact. Rank 0 appends one JSON line per optimiser step to
+`--loss-log` and writes the consolidated fp32 weights as an export at the end.
+
+Usage: torchrun --standalone --nproc_per_node 2 tests/ds_toy_job.py --run-dir D --stage 2 ...
+       python tests/ds_toy_job.py ...   (a world of one)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.checkpoint import load_checkpoint, prepare_resume, save_checkpoint, tag_for
+from train.config import (
+    BatchConfig,
+    CheckpointConfig,
+    EMAConfig,
+    OptimConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+    ZeroConfig,
+    accumulation_steps,
+)
+from train.distributed import (
+    all_reduce_mean,
+    build_engine,
+    consolidated_state_dict,
+    deepspeed_config,
+    gathered_params,
+    init_distributed,
+    is_main,
+    rank,
+    save_deepspeed_config,
+    world_size,
+)
+from train.export import write_export
+from train.optim import EMA, build_optimizer, lr_at, set_lr
+
+
+class ToyStream:
+    """Deterministic samples: x = N(0, 1) seeded by the sample index, y = sum(sin(x))."""
+
+    def __init__(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def next_global(self, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = []
+        for idx in range(self.position, self.position + cells):
+            gen = torch.Generator().manual_seed(1000 + idx)
+            xs.append(torch.randn(4, generator=gen))
+        self.position += cells
+        x = torch.stack(xs)
+        return x, torch.sin(x).sum(dim=1, keepdim=True)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+
+def make_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        run=RunConfig(name=Path(args.run_dir).name, max_steps=args.total_steps),
+        optim=OptimConfig(lr=1e-2, weight_decay=0.1, warmup_frac=0.25, decay_frac=0.25, grad_clip=1.0),
+        batch=BatchConfig(global_cells=8, micro_cells=2),
+        precision=PrecisionConfig(dtype="fp32"),
+        zero=ZeroConfig(stage=args.stage),
+        ema=EMAConfig(enabled=True, decay=0.9, every=1, start_step=2),
+        checkpoint=CheckpointConfig(every_steps=2, keep_last_k=args.keep, resume="auto"),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--total-steps", type=int, default=8)
+    parser.add_argument("--stop-at", type=int, default=8)
+    parser.add_argument("--keep", type=int, default=4)
+    parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--loss-log", required=True)
+    args, _ = parser.parse_known_args(argv)  # ignores the deepspeed launcher's --local_rank
+    init_distributed()
+    cfg, world, run_dir = make_config(args), world_size(), Path(args.run_dir)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
+    point = prepare_resume(run_dir, cfg.checkpoint.resume, world)
+    ds_cfg = deepspeed_config(cfg, world, load_universal=bool(point and point.universal))
+    save_deepspeed_config(ds_cfg, run_dir)
+    engine = build_engine(model, build_optimizer(model, cfg.optim), ds_cfg)
+    with gathered_params(engine):
+        ema = EMA(engine.module.named_parameters(), cfg.ema)
+    step, data_state = 0, {"position": 0}
+    if point is not None:
+        client, ema_state = load_checkpoint(engine, point)
+        step, data_state = client["step"], client["data"]
+        ema.load_state_dict(ema_state)
+    train(engine, ema, cfg, args, ToyStream(data_state), step)
+    final = consolidated_state_dict(engine)
+    if is_main():
+        ema_json = json.dumps({k: v.tolist() for k, v in ema.state_dict().items()})
+        write_export(run_dir / "export", final, {"kind": "toy"}, {"ema.json": ema_json})
+
+
+def train(engine, ema: EMA, cfg: TrainConfig, args, data: ToyStream, step: int) -> None:
+    world, micro = world_size(), cfg.batch.micro_cells
+    accum = accumulation_steps(cfg.batch, world)
+    loss_fn = nn.MSELoss()
+    while step < args.stop_at:
+        set_lr(engine.optimizer.param_groups, lr_at(step, cfg.optim, cfg.run.max_steps))
+        x, y = data.next_global(cfg.batch.global_cells)
+        losses = []
+        for k in range(accum):
+            chunk = slice((k * world + rank()) * micro, (k * world + rank() + 1) * micro)
+            loss = loss_fn(engine(x[chunk]), y[chunk])
+            engine.backward(loss)
+            engine.step()  # applies the update only at the accumulation boundary
+            losses.append(loss.item())
+        step += 1
+        if ema.due(step):
+            with gathered_params(engine):
+                ema.update(engine.module.named_parameters(), step)
+        probe = torch.rand(()).item()  # global RNG: checks RNG restore on same-world resume
+        mean = all_reduce_mean({"loss": sum(losses) / len(losses)})
+        if is_main():
+            with open(args.loss_log, "a") as fh:
+                fh.write(json.dumps({"step": step, "loss": mean["loss"], "rng": probe}) + "\n")
+        if step % cfg.checkpoint.every_steps == 0 or step == args.stop_at:
+            state = {"data": data.state_dict(), "config": dataclasses.asdict(cfg)}
+            save_checkpoint(
+                engine,
+                Path(args.run_dir),
+                step,
+                state,
+                ema.state_dict() if is_main() else None,
+                cfg.checkpoint.keep_last_k,
+                before_commit=_kill_hook(args.kill_at),
+            )
+
+
+def _kill_hook(kill_at: int):
+    def hook(tag: str) -> None:
+        # Rank 0 commits `latest`; dying here is the worst moment: every shard is on disk.
+        if tag == tag_for(kill_at) and rank() == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The census source against a local folder with the Census structure (no network)."""
+
+import cellxgene_census
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from data import soma
+from data.ingest import main as ingest_main
+from data.synthetic import write_census_folder
+from data.validate import IngestError
+
+
+@pytest.fixture(scope="module")
+def census_root(tmp_path_factory):
+    spec = "cells=600,genes=40,datasets=3,cell_types=3,seed=4"
+    return write_census_folder(tmp_path_factory.mktemp("census") / "soma", spec)
+
+
+@pytest.fixture(scope="module")
+def census_source(census_root):
+    """Obs and X of census_data/homo_sapiens, read through cellxgene_census.open_soma(uri=...)."""
+    with cellxgene_census.open_soma(uri=census_root) as census:
+        exp = census["census_data"]["homo_sapiens"]
+        obs = exp.obs.read().concat().to_pandas().set_index("soma_joinid").sort_index()
+        n, g = exp.obs.count, exp.ms["RNA"].var.count
+        X = soma.read_csr(exp.ms["RNA"].X["raw"], np.arange(n), np.arange(g))
+    return obs, X
+
+
+def _ingest(read_copy, root, out, *extra):
+    argv = ["--source", "census", "--census-uri", root, "--out", str(out)]
+    ingest_main([*argv, "--block-cells", "100", "--log-level", "WARNING", *extra])
+    return read_copy(out)
+
+
+def test_census_ingest_with_filter(census_root, census_source, tmp_path, read_copy):
+    obs, X_src = census_source
+    expr = "is_primary_data == True and dataset_id == 'dataset_001'"
+    X, copy_obs, _, side, manifest = _ingest(
+        read_copy, census_root, tmp_path / "c", "--obs-filter", expr
+    )
+    want = obs.index[obs["is_primary_data"] & (obs["dataset_id"] == "dataset_001")]
+    assert 0 < manifest["n_cells"] == len(want) < len(obs)
+    assert sorted(side["source_joinid"].tolist()) == sorted(want.tolist())
+    assert manifest["obs_filter"] == expr and manifest["source"]["kind"] == "census"
+    assert abs(X - sp.csr_matrix(X_src)[side["source_joinid"]]).sum() == 0
+    assert set(copy_obs["dataset_id"]) == {"dataset_001"}
+
+
+def test_census_default_filter_and_gene_subset(census_root, census_source, tmp_path, read_copy):
+    obs, X_src = census_source
+    genes = tmp_path / "genes.txt"
+    genes.write_text("ENSG00000000005\nENSG00000000031\n")
+    X, _, var, side, manifest = _ingest(
+        read_copy, census_root, tmp_path / "c", "--genes", str(genes)
+    )
+    assert manifest["obs_filter"] == "is_primary_data == True"
+    assert manifest["n_cells"] == int(obs["is_primary_data"].sum())
+    assert var["feature_id"].tolist() == ["ENSG00000000005", "ENSG00000000031"]
+    src = side["source_joinid"]
+    assert abs(X - sp.csr_matrix(X_src)[src][:, [5, 31]]).sum() == 0
+    # library size is over ALL source genes, not only the kept ones
+    np.testing.assert_array_equal(side["library_size"], obs["raw_sum"].to_numpy()[src])
+
+
+def test_census_unknown_organism(census_root, tmp_path, read_copy):
+    with pytest.raises(IngestError, match="mus_musculus.*homo_sapiens"):
+        _ingest(read_copy, census_root, tmp_path / "c", "--organism", "mus_musculus")

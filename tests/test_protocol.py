@@ -1,0 +1,104 @@
+"""evaluation.md §6 orderings on the pbmc68k fixture: floor < Poisson-mean < gene-shuffled.
+
+Split: stratified thirds (test / floor / reference). A 50/50 test split leaves no reference
+cells once a test-sized floor is carved out of the training half (P0), so the training two
+thirds are halved into a floor with the test's composition and the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.fixtures import PBMC_LABEL_KEY, load_pbmc68k, pbmc68k_splits
+from evaluation.protocol import EvalConfig, evaluate, summarize
+
+HEADLINE = ("w2", "mmd2_u", "energy", "c2st_knn_auc")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    s = pbmc68k_splits(test_frac=1 / 3, seed=0)
+    # 100 trees instead of 1,000 keeps the RF AUC cheap; one known-bad seed keeps this fast.
+    config = EvalConfig(label_key=PBMC_LABEL_KEY, rf_trees=100, known_bad_seeds=(0,))
+    return evaluate(s["reference"], s["test"], s["floor"], {}, config)
+
+
+def _v(results: dict, name: str, key: str) -> float:
+    return results["sets"][name]["summary"][key]["value"]
+
+
+def test_fixture_counts_are_integers_with_documented_shape() -> None:
+    a = load_pbmc68k()
+    x = a.X.toarray()
+    assert a.shape == (700, 765) and np.array_equal(x, np.round(x)) and x.min() >= 0
+    assert a.obs[PBMC_LABEL_KEY].nunique() == 10
+
+
+@pytest.mark.parametrize("key", HEADLINE)
+def test_headline_orderings(results: dict, key: str) -> None:
+    floor, pois, shuf = (_v(results, n, key) for n in ("real_floor", "poisson_mean", "gene_shuffled"))
+    assert floor < pois < shuf
+
+
+def test_logistic_c2st_separates_known_bad_from_floor(results: dict) -> None:
+    # A linear classifier sees mostly mean shifts; gene shuffling keeps every gene's mean,
+    # so the shuffled set's PC means match the test's and LR AUC stays low (≈0.55 here),
+    # below Poisson-mean. Only "floor below both known-bad sets" is a robust ordering.
+    floor = _v(results, "real_floor", "c2st_logreg_auc")
+    assert floor < 0.6
+    assert floor < _v(results, "poisson_mean", "c2st_logreg_auc")
+    assert floor < _v(results, "gene_shuffled", "c2st_logreg_auc")
+
+
+def test_floor_is_near_zero_for_unbiased_estimators(results: dict) -> None:
+    assert abs(_v(results, "real_floor", "mmd2_u")) < 0.1 * _v(results, "poisson_mean", "mmd2_u")
+    assert abs(_v(results, "real_floor", "c2st_knn_auc") - 0.5) < 0.1
+
+
+def test_documented_pitfalls_hold(results: dict) -> None:
+    sets = results["sets"]
+    a = {n: sets[n]["per_seed"][0]["block_a"] for n in sets}
+    # Pitfall 5: gene-mean correlation cannot see destroyed structure.
+    assert a["gene_shuffled"]["scdiffusion"]["pcc"] > 0.98
+    # Pitfall 6: a prototype sampler beats real cells on classifier accuracy; shuffling does not.
+    acc = {n: _v(results, n, "cond_accuracy") for n in sets}
+    assert acc["poisson_mean"] > acc["real_floor"] > acc["gene_shuffled"]
+    # Pitfall 1: the uncentred projection inflates W2 for every set.
+    for n in sets:
+        cm = a[n]["cfgen"]["class_mean"]
+        assert cm["w2_uncentered_published"]["mean"] > cm["w2_centred"]["mean"]
+
+
+def test_block_a_orderings_of_the_design_table(results: dict) -> None:
+    names = ("real_floor", "poisson_mean", "gene_shuffled")
+    sd = [results["sets"][n]["per_seed"][0]["block_a"]["scdiffusion"] for n in names]
+    assert sd[0]["mmd_5kernel"] < sd[1]["mmd_5kernel"] < sd[2]["mmd_5kernel"]
+    assert sd[0]["rf_auc"] < sd[1]["rf_auc"] < sd[2]["rf_auc"]
+
+
+def test_small_classes_are_skipped_with_reasons(results: dict) -> None:
+    floor = results["sets"]["real_floor"]["per_seed"][0]
+    skipped = floor["block_b"]["skipped"]
+    assert "CD34+" in skipped and "< 20" in skipped["CD34+"]
+    assert "Dendritic" in floor["block_b"]["per_class"]
+    assert set(floor["block_a"]["cfgen"]["skipped"]) == set(skipped)
+
+
+def test_every_number_carries_n_and_representation(results: dict) -> None:
+    for r in results["sets"].values():
+        for key, entry in r["summary"].items():
+            assert {"n_real", "n_gen", "representation", "estimator", "sem"} <= set(entry), key
+    assert results["settings"]["n_hvg"] == 765 and len(results["settings"]["hvg_genes"]) == 765
+
+
+def test_summarize_is_mean_and_sem_over_seeds() -> None:
+    meta = {"n_real": 3, "n_gen": 3, "representation": "r", "estimator": "e"}
+    per_seed = {
+        s: {"block_b": {"global": {"w2": {**meta, "value": v}}}}
+        for s, v in zip((0, 1, 2), (1.0, 2.0, 4.0), strict=True)
+    }
+    out = summarize(per_seed)["w2"]
+    assert out["value"] == pytest.approx(7 / 3)
+    assert out["sem"] == pytest.approx(np.std([1, 2, 4], ddof=1) / np.sqrt(3))
+    assert out["n_seeds"] == 3 and out["n_real"] == 3

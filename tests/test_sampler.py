@@ -1,0 +1,137 @@
+"""Lockstep sampler: coverage, balance, reshuffle and elastic restart (pure numpy, no IO)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.sampler import LockstepSampler, elastic_restart, eval_rounds
+
+
+def epoch_batches(n, C, K, b, W, seed=0, epoch=0, drop_last=False, start=0):
+    """Return per rank the list of row arrays, batch by batch."""
+    out = []
+    for r in range(W):
+        s = LockstepSampler(n, C, K, b, W, r, seed, drop_last)
+        batches = []
+        for plan in s.rounds(epoch, start):
+            bounds = np.concatenate([[0], np.cumsum(plan.batch_sizes)])
+            batches += [plan.rows[a:e] for a, e in zip(bounds[:-1], bounds[1:], strict=True)]
+        assert len(batches) == s.num_batches(start)
+        out.append(batches)
+    return out
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize(
+    ("n", "C", "K", "b"), [(1000, 16, 2, 8), (1001, 16, 3, 12), (997, 7, 4, 14), (50, 8, 2, 16)]
+)
+def test_exactly_once_disjoint_equal_counts(n, C, K, b, W):
+    per_rank = epoch_batches(n, C, K, b, W, seed=3, epoch=1)
+    counts = {len(batches) for batches in per_rank}
+    assert len(counts) == 1, f"ranks emit different batch counts {counts}"
+    rows = np.concatenate([np.concatenate(batches) for batches in per_rank])
+    assert len(rows) == n and np.array_equal(np.sort(rows), np.arange(n))
+    assert max(len(x) for batches in per_rank for x in batches) <= b
+    # All but the tail batches are full size.
+    s = LockstepSampler(n, C, K, b, W, 0, 3)
+    rounds, _, _ = s.layout()
+    assert all(len(x) == b for batches in per_rank for x in batches[: rounds * s.per_round])
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+def test_drop_last_fixed_size_bounded_loss_varying_tail(W):
+    n, C, K, b = 1003, 16, 2, 8
+    dropped = []
+    for epoch in range(3):
+        per_rank = epoch_batches(n, C, K, b, W, epoch=epoch, drop_last=True)
+        assert len({len(x) for x in per_rank}) == 1
+        rows = np.concatenate([np.concatenate(x) for x in per_rank])
+        assert all(len(x) == b for batches in per_rank for x in batches)
+        assert len(np.unique(rows)) == len(rows)
+        assert 0 <= n - len(rows) < W * b
+        assert len(rows) // (W * b) == n // (W * b)  # steps = floor(N / (W*b))
+        dropped.append(frozenset(np.setdiff1d(np.arange(n), rows).tolist()))
+    assert len(set(dropped)) > 1, "the same cells are dropped every epoch"
+
+
+def test_reshuffle_per_epoch_and_seed():
+    first = np.concatenate(epoch_batches(4096, 16, 4, 32, 2, seed=0, epoch=0)[0])
+    again = np.concatenate(epoch_batches(4096, 16, 4, 32, 2, seed=0, epoch=0)[0])
+    second = np.concatenate(epoch_batches(4096, 16, 4, 32, 2, seed=0, epoch=1)[0])
+    other_seed = np.concatenate(epoch_batches(4096, 16, 4, 32, 2, seed=1, epoch=0)[0])
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first, other_seed)
+    # A rank's rows change every epoch, not only their order (no fixed 1/W shard).
+    assert len(np.intersect1d(first, second)) < 0.75 * len(first)
+
+
+def test_ranks_draw_from_whole_range():
+    """Each rank's epoch covers all 8 contiguous blocks of the sorted selection."""
+    per_rank = epoch_batches(8192, 64, 2, 64, 4)
+    for batches in per_rank:
+        blocks = np.unique(np.concatenate(batches) // 1024)
+        assert len(blocks) == 8
+
+
+def test_locate_matches_round_plans():
+    s = LockstepSampler(1000, 16, 3, 12, 2, 1, 0)
+    index = 0
+    for plan in s.rounds(0):
+        for micro in range(len(plan.batch_sizes)):
+            assert s.locate(0, index) == (plan.index, micro)
+            assert plan.first_batch + micro == index
+            index += 1
+    # Starting from a later batch yields the rounds from the one holding it.
+    plans = list(s.rounds(0, 0, from_batch=s.per_round + 1))
+    assert plans[0].index == 1
+
+
+def test_bad_k_c_b_rejected():
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        LockstepSampler(100, 10, 3, 7, 1, 0, 0)
+    with pytest.raises(ValueError, match="rank"):
+        LockstepSampler(100, 10, 1, 5, 2, 2, 0)
+
+
+@pytest.mark.parametrize(("old_w", "new_w"), [(2, 3), (3, 2), (2, 4)])
+@pytest.mark.parametrize("stop_frac", [0.0, 0.3, 0.55, 0.97])
+def test_elastic_restart_loses_nothing(old_w, new_w, stop_frac):
+    n, C, K, b = 1001, 16, 3, 12
+    old = epoch_batches(n, C, K, b, old_w, epoch=2)
+    total = len(old[0])
+    stop = int(stop_frac * total)
+    consumed = np.concatenate([np.concatenate(x[:stop] or [np.zeros(0, np.int64)]) for x in old])
+    sampler = LockstepSampler(n, C, K, b, old_w, 0, 0)
+    start, replayed, skipped = elastic_restart(sampler, 0, stop, "restart_round")
+    assert skipped == 0
+    rest = epoch_batches(n, C, K, b, new_w, epoch=2, start=start)
+    rest_rows = np.concatenate([np.concatenate(x) for x in rest])
+    assert len({len(x) for x in rest}) == 1
+    union = np.union1d(consumed, rest_rows)
+    assert np.array_equal(union, np.arange(n)), "a cell of the epoch was lost"
+    duplicates = len(consumed) + len(rest_rows) - n
+    assert duplicates == replayed
+    assert replayed <= old_w * K * C, "replay exceeds one round"
+
+
+def test_elastic_skip_round_and_epoch_end():
+    s = LockstepSampler(1000, 16, 2, 8, 2, 0, 0)
+    start, replayed, skipped = elastic_restart(s, 0, 1, "skip_round")
+    assert (start, replayed, skipped) == (4, 0, 2 * 2 * 16 - 2 * 8)
+    assert elastic_restart(s, 0, s.num_batches(), "restart_round") == (None, 0, 0)
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+def test_eval_rounds_cover_once(W):
+    n, b = 1001, 32
+    per_rank = []
+    for r in range(W):
+        sizes = [p.batch_sizes for p in eval_rounds(n, W, r, b, rows_per_round=128)]
+        rows = [p.rows for p in eval_rounds(n, W, r, b, rows_per_round=128)]
+        per_rank.append((np.concatenate(sizes), np.concatenate(rows)))
+    assert len({len(sizes) for sizes, _ in per_rank}) == 1
+    all_rows = np.concatenate([rows for _, rows in per_rank])
+    assert np.array_equal(all_rows, np.arange(n))  # unshuffled, disjoint, complete
+    assert max(int(sizes.max()) for sizes, _ in per_rank) <= b

@@ -1,0 +1,320 @@
+"""Tagged DeepSpeed checkpoints, our `latest` pointer, auto-resume and world-size changes.
+
+Layout (conventions.md §7): `runs/<name>/checkpoints/step_0000012/` holds the engine shards
+(written by all ranks), `client_state` (rank-identical data, persisted by DeepSpeed from rank 0),
+`ema.pt` (rank 0), `rng_rank<r>.pt` (per rank) and a `COMPLETE` marker (rank 0, last). The
+`latest` file names the newest complete tag; resume reads only it. DeepSpeed's own `latest` is
+never written (`save_latest=False`): it would appear before the other ranks finish.
+
+A world-size change is detected from the saved world size and handled with DeepSpeed universal
+checkpointing: rank 0 converts the tag with `deepspeed.checkpoint.ds_to_universal` into
+`checkpoints/universal/<tag>/` and the engine, built with `checkpoint.load_universal`, loads it.
+Checked on DeepSpeed 0.19.8 (CPU, gloo) for ZeRO-2 and ZeRO-3, 2 -> 1 and 1 -> 2 ranks.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.distributed import all_reduce_min, barrier, is_main, rank, world_size
+
+FORMAT_VERSION = 1
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_TAG_RE = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or loaded; the message names the tag and the fix."""
+
+
+def tag_for(step: int) -> str:
+    """Return the tag of optimiser step `step`, e.g. `step_0000012`."""
+    return f"step_{step:07d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    """Return `run_dir/checkpoints`."""
+    return Path(run_dir) / "checkpoints"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via tmp file + fsync + os.replace, so readers see old or new."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_latest(ckpt_dir: str | Path) -> str | None:
+    """Return the tag in `ckpt_dir/latest`, or None when there is none."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def write_latest(ckpt_dir: str | Path, tag: str) -> None:
+    """Point `ckpt_dir/latest` at `tag` atomically."""
+    atomic_write_bytes(Path(ckpt_dir) / LATEST, tag.encode())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save_error(exc: BaseException, tag: str, ckpt_dir: Path, last_good: str | None) -> str:
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "no space left" in str(exc).lower()
+    free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else float("nan")
+    what = "the disk is full" if full else f"{type(exc).__name__}: {exc}"
+    return (
+        f"saving checkpoint {tag} in {ckpt_dir} failed: {what} ({free:.0f} MiB free). "
+        f"'latest' still points at the last good checkpoint ({last_good}); free disk space or "
+        "lower checkpoint.keep_last_k, then resume"
+    )
+
+
+def save_checkpoint(
+    engine: Any,
+    run_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
+    keep_last_k: int = 3,
+    before_commit: Callable[[str], None] | None = None,
+) -> str:
+    """Save a complete checkpoint of optimiser step `step` on ALL ranks; return its tag.
+
+    `client_state` must be identical on every rank (DeepSpeed keeps rank 0's). `before_commit`
+    runs on every rank after all files are written and before `COMPLETE`/`latest` (tests use it
+    to kill a rank mid-save).
+
+    Raises:
+        CheckpointError: a rank failed to write (e.g. disk full); `latest` is left untouched.
+    """
+    ckpt_dir, tag = checkpoints_dir(run_dir), tag_for(step)
+    folder = ckpt_dir / tag
+    state = dict(client_state, step=step, format_version=FORMAT_VERSION, world_size=world_size())
+    state["zero_stage"] = engine.zero_optimization_stage()
+    error: BaseException | None = None
+    try:
+        if is_main() and (folder / COMPLETE).exists():
+            (folder / COMPLETE).unlink()  # re-saving a tag: it is incomplete until we finish
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        _atomic_torch_save(_rng_state(), folder / f"rng_rank{rank()}.pt")
+        if is_main() and ema_state is not None:
+            _atomic_torch_save(ema_state, folder / "ema.pt")
+    except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError
+        error = exc
+    # Every rank learns whether any rank failed; a plain barrier would leave them guessing.
+    if all_reduce_min(1 if error is None else 0) == 0:
+        last_good = read_latest(ckpt_dir)
+        reason = error or RuntimeError("another rank failed to write its shard")
+        raise CheckpointError(_save_error(reason, tag, ckpt_dir, last_good)) from error
+    if before_commit is not None:
+        before_commit(tag)
+    if is_main():
+        meta = {"step": step, "world_size": world_size(), "zero_stage": state["zero_stage"]}
+        atomic_write_bytes(folder / COMPLETE, json.dumps(meta).encode())
+        write_latest(ckpt_dir, tag)
+        prune(ckpt_dir, keep_last_k)
+    barrier()  # nobody moves on (or exits) before `latest` names this tag
+    return tag
+
+
+def _complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    tags = []
+    for path in ckpt_dir.glob("step_*"):
+        match = _TAG_RE.match(path.name)
+        if match and (path / COMPLETE).is_file():
+            tags.append((int(match.group(1)), path.name))
+    return sorted(tags)
+
+
+def prune(ckpt_dir: str | Path, keep_last_k: int) -> list[str]:
+    """Delete all but the newest `keep_last_k` complete tags (never `latest`); return deleted."""
+    ckpt_dir = Path(ckpt_dir)
+    complete = _complete_tags(ckpt_dir)
+    if keep_last_k <= 0 or len(complete) <= keep_last_k:
+        return []
+    oldest_kept = complete[-keep_last_k][0]
+    latest = read_latest(ckpt_dir)
+    deleted = []
+    for path in ckpt_dir.glob("step_*"):
+        match = _TAG_RE.match(path.name)
+        # Incomplete tags older than the kept ones are debris from crashed saves.
+        if match and int(match.group(1)) < oldest_kept and path.name != latest:
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / "universal" / path.name, ignore_errors=True)
+            deleted.append(path.name)
+    return sorted(deleted)
+
+
+@dataclass
+class ResumePoint:
+    """Where and how to resume."""
+
+    tag: str  # checkpoint tag, e.g. step_0000012
+    folder: Path  # the original tag folder (ema.pt, rng_rank<r>.pt, COMPLETE)
+    load_dir: Path  # folder given to engine.load_checkpoint (checkpoints/ or .../universal/)
+    saved_world: int  # world size that wrote the checkpoint
+    universal: bool  # True when the world size changed: load the universal conversion
+
+
+def find_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | None:
+    """Return the checkpoint to resume from per `resume` ("auto", "never" or a tag), or None.
+
+    Raises:
+        CheckpointError: an explicit or `latest` tag is missing or incomplete.
+    """
+    ckpt_dir = checkpoints_dir(run_dir)
+    if resume == "never":
+        return None
+    tag = read_latest(ckpt_dir) if resume == "auto" else resume
+    if tag is None:
+        return None
+    folder = ckpt_dir / tag
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        known = [t for _, t in _complete_tags(ckpt_dir)]
+        raise CheckpointError(
+            f"checkpoint {tag} in {ckpt_dir} is missing or incomplete (no {COMPLETE} marker); "
+            f"complete tags: {known or 'none'}. Set checkpoint.resume to one of them, or "
+            "checkpoint.resume=never to start afresh"
+        )
+    saved_world = int(json.loads(marker.read_text())["world_size"])
+    universal = saved_world != world
+    load_dir = ckpt_dir / "universal" if universal else ckpt_dir
+    return ResumePoint(tag, folder, load_dir, saved_world, universal)
+
+
+def _convert_to_universal(point: ResumePoint) -> None:
+    out = point.load_dir / point.tag
+    if (out / COMPLETE).is_file():
+        return
+    tmp = point.load_dir / f".tmp-{point.tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+    cmd += ["--input_folder", str(point.folder), "--output_folder", str(tmp / point.tag)]
+    # --inject_missing_state adds the universal_checkpoint_info our plain models do not carry.
+    cmd += ["--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(
+            f"converting checkpoint {point.tag} (world size {point.saved_world}) to a universal "
+            f"checkpoint failed:\n{proc.stderr[-2000:]}\nResume with the original world size "
+            f"({point.saved_world} ranks) instead"
+        )
+    atomic_write_bytes(tmp / point.tag / COMPLETE, b"{}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp / point.tag, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | None:
+    """Find the resume point; on a world-size change convert it to universal form (rank 0).
+
+    Call on all ranks before building the engine; build it with
+    `deepspeed_config(..., load_universal=point.universal)`.
+    """
+    point = find_resume(run_dir, resume, world)
+    if point is None or not point.universal:
+        return point
+    error: CheckpointError | None = None
+    if is_main():
+        try:
+            _convert_to_universal(point)
+        except (CheckpointError, OSError) as exc:
+            error = exc if isinstance(exc, CheckpointError) else CheckpointError(str(exc))
+    if all_reduce_min(0 if error else 1) == 0:
+        raise error or CheckpointError(f"rank 0 failed to convert checkpoint {point.tag}")
+    return point
+
+
+def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], dict | None]:
+    """Load engine, optimizer and RNG state from `point`; return (client_state, ema_state).
+
+    RNG states are restored only at the same world size (ranks no longer correspond otherwise).
+
+    Raises:
+        CheckpointError: the tag cannot be read (corrupt, other model or format).
+    """
+    try:
+        path, client = engine.load_checkpoint(
+            str(point.load_dir), tag=point.tag, load_lr_scheduler_states=False
+        )
+    except Exception as exc:  # DeepSpeed raises many types for unreadable shards
+        raise CheckpointError(
+            f"checkpoint {point.tag} in {point.folder} cannot be loaded ({type(exc).__name__}: "
+            f"{exc}). It is corrupt or from another model; resume from an older tag with "
+            "checkpoint.resume=<tag> or start afresh with checkpoint.resume=never"
+        ) from exc
+    if path is None or client is None:
+        raise CheckpointError(f"checkpoint {point.tag} in {point.load_dir} has no model states")
+    if client.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {point.tag} has format version {client.get('format_version')}, this "
+            f"code reads {FORMAT_VERSION}; resume with the code version that wrote it"
+        )
+    rng_file = point.folder / f"rng_rank{rank()}.pt"
+    if not point.universal and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    ema_file = point.folder / "ema.pt"
+    ema = torch.load(ema_file, map_location="cpu", weights_only=True) if ema_file.is_file() else None
+    return client, ema
+
+
+def install_sigterm_handler() -> Callable[[], bool]:
+    """Install a SIGTERM handler that only sets a flag; return a function reading the flag.
+
+    The loop checks it once per step, agrees across ranks (`distributed.any_rank`), then saves
+    and exits; saving inside the handler could interrupt a collective.
+    """
+    flag = threading.Event()
+
+    def _handler(signum: int, frame: Any) -> None:
+        flag.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    return flag.is_set

@@ -1,0 +1,212 @@
+"""Process group, rank queries, the generated DeepSpeed config and the engine.
+
+With `train/checkpoint.py`, the only module that imports `deepspeed` or `torch.distributed`
+(conventions.md §6). The deepspeed launcher, torchrun and `accelerate launch` all set RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `python script.py` gets a world of
+one with a local TCP store, so DeepSpeed (which needs a process group) still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.config import TrainConfig, accumulation_steps
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """Initialise the process group (nccl on CUDA, gloo on CPU) and return this rank's device.
+
+    Idempotent. Without launcher variables this process becomes rank 0 of a world of one.
+    """
+    if "RANK" not in os.environ:
+        # Single-process fallback: a world of one on a free local port.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"launcher variables {missing} are not set; start with deepspeed, torchrun or "
+            "accelerate launch, or set none of RANK/WORLD_SIZE for a single process"
+        )
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        # Select the device before the process group exists so NCCL binds to the right GPU.
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def world_size() -> int:
+    """Return the number of ranks (1 before the process group exists)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """Return this process's global rank (0 before the process group exists)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Return True on global rank 0."""
+    return rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """Print on rank 0 only (flushed, so lines from multi-process jobs are not lost)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(
+    value: torch.Tensor | Mapping[str, float | torch.Tensor],
+) -> torch.Tensor | dict[str, float]:
+    """Return the mean over ranks of a tensor, or of a dict of scalars (as floats).
+
+    A dict is packed into one tensor so all keys cost one collective; every rank must pass the
+    same keys in the same order.
+    """
+    if isinstance(value, torch.Tensor):
+        out = value.detach().clone().float()
+        if dist.is_initialized() and world_size() > 1:
+            out = out.to(_collective_device())
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            out = out.to(value.device) / world_size()
+        return out
+    keys = list(value)
+    packed = torch.tensor([float(value[k]) for k in keys], dtype=torch.float64)
+    mean = all_reduce_mean(packed)
+    return {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
+
+
+def all_reduce_min(flag: int) -> int:
+    """Return the minimum of an integer over ranks (used to agree on success or failure)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return flag
+    t = torch.tensor([flag], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Return True on every rank when `flag` is True on at least one (e.g. a SIGTERM arrived)."""
+    return all_reduce_min(0 if flag else 1) == 0
+
+
+def _collective_device() -> torch.device:
+    # NCCL only reduces CUDA tensors; gloo only CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False) -> dict:
+    """Return the DeepSpeed config generated from the typed config for `world` ranks.
+
+    No optimizer or scheduler sections: the engine gets our AdamW object and the loop sets the
+    learning rate each step. `load_universal` makes the engine read a universal checkpoint
+    (world-size change, see `train.checkpoint.prepare_resume`).
+
+    Raises:
+        ConfigError: the batch arithmetic does not divide (see `accumulation_steps`).
+    """
+    accum = accumulation_steps(cfg.batch, world)
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": cfg.zero.offload_optimizer, "pin_memory": True}
+    if cfg.zero.stage == 3:
+        # Gather the full 16-bit weights on save so export tools can read them without ZeRO.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.batch.global_cells,
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_cells,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision.dtype == "bf16"},
+        "fp16": {"enabled": cfg.precision.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # we print our own metric lines
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
+
+
+def save_deepspeed_config(ds_config: dict, run_dir: str | Path) -> Path:
+    """Write the generated DeepSpeed config to `run_dir/deepspeed.json` on rank 0; return path."""
+    path = Path(run_dir) / "deepspeed.json"
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(ds_config, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    return path
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> Any:
+    """Return the DeepSpeed engine wrapping `model` and our `optimizer` (no DeepSpeed scheduler)."""
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_params(engine: Any) -> Iterator[None]:
+    """Context in which `engine.module`'s parameters are full on every rank (ZeRO-3 gathers).
+
+    Collective under ZeRO-3: every rank must enter it. A no-op at stages 0-2.
+    """
+    if engine.zero_optimization_stage() == 3:
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """Return the full fp32 master weights by name on rank 0 (an empty dict on other ranks).
+
+    Reads the optimizer's fp32 master copy (not the 16-bit model weights) via
+    `deepspeed.utils.safe_get_full_fp32_param`; collective at every ZeRO stage, so all ranks must
+    call it. Buffers are taken from the module as they are.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # stage 0 fp32: the parameter is the master copy
+            full = param.detach()
+        if is_main():
+            state[name] = full.detach().float().cpu().clone()
+    for name, buf in engine.module.named_buffers():
+        if is_main():
+            state[name] = buf.detach().cpu().clone()
+    return state
