@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--organism", default="homo_sapiens", help="Census organism")
     p.add_argument("--census-uri", default=None, help="Census root (local folder or S3)")
     p.add_argument("--layer", default=None, help="h5ad layer with counts")
+    p.add_argument("--measurement", default="RNA", help="SOMA measurement to read")
+    p.add_argument("--x-layer", default="raw", help="SOMA X layer with raw counts")
     p.add_argument("--wait-timeout", type=float, default=3600.0, help="s to wait for worker 0")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -151,6 +153,8 @@ def _options(args: argparse.Namespace, source: Source) -> mat.CopyOptions:
         block_cells=args.block_cells,
         cell_tile=args.cell_tile,
         round_counts=args.round_counts,
+        measurement=args.measurement,
+        layer=args.x_layer,
     )
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import tiledbsoma
 
 from data import soma
 from data.validate import IngestError, check_counts, check_feature_ids, check_obs_columns
-from data.vocab import GeneVocab, _atomic_write_text, encode_labels, save_labels
+from data.vocab import GeneVocab, atomic_write_text, encode_labels, save_labels
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ CENSUS_OBS_COLUMNS = (
     "is_primary_data",
 )
 DEFAULT_CONDITIONS = ("cell_type", "dataset_id")
+RESERVED_OBS_COLUMNS = ("soma_joinid", "source_joinid", "library_size", "nnz")
 PERMUTATION_RECIPE = (
     "order = sorted query obs soma_joinids [numpy.random.default_rng(seed).permutation(n_cells)];"
     " copy row k = source row order[k]"
@@ -105,6 +107,12 @@ def _obs_plan(src_schema: pa.Schema, opts: CopyOptions) -> tuple[list[dict], lis
     available = [n for n in src_schema.names if n != "soma_joinid"]
     conditions = list(opts.conditions) if opts.conditions is not None else list(DEFAULT_CONDITIONS)
     requested = list(opts.obs_columns) + (list(opts.conditions or []))
+    reserved = sorted(set(requested) & set(RESERVED_OBS_COLUMNS))
+    if reserved:
+        raise IngestError(
+            f"obs column(s) {reserved} are computed by ingest and cannot be copied from the "
+            "source; remove them from --obs-columns/--conditions"
+        )
     check_obs_columns(requested, available, "source obs")
     names = list(dict.fromkeys([*CENSUS_OBS_COLUMNS, *opts.obs_columns, *conditions]))
     cols = []
@@ -159,6 +167,12 @@ def _select_genes(var: pa.Table, genes: list[str] | None) -> pa.Table:
 def plan_copy(exp: tiledbsoma.Experiment, out: Path, opts: CopyOptions, source: dict) -> dict:
     """Validate, permute, fix vocabularies, create the copy experiment and write plan.json."""
     out, prog = Path(out), progress_dir(out)
+    if opts.measurement not in exp.ms or opts.layer not in exp.ms[opts.measurement].X:
+        have = {m: sorted(exp.ms[m].X.keys()) for m in exp.ms if "X" in exp.ms[m]}
+        raise IngestError(
+            f"source has no X layer {opts.measurement}/{opts.layer}; available: {have}; "
+            "fix --measurement/--x-layer"
+        )
     obs_cols, conditions = _obs_plan(exp.obs.schema, opts)
     src_var = soma.var_table(exp, opts.measurement)
     var = _select_genes(src_var, opts.genes)
@@ -190,7 +204,7 @@ def plan_copy(exp: tiledbsoma.Experiment, out: Path, opts: CopyOptions, source: 
         "conditions": conditions,
         "labels": _labels(tbl, conditions),
     }
-    _atomic_write_text(prog / "plan.json", json.dumps(plan, indent=1))
+    atomic_write_text(prog / "plan.json", json.dumps(plan, indent=1))
     logger.info("planned copy: %d cells x %d genes, %d blocks", ids.size, n_genes, plan["n_blocks"])
     return plan
 
@@ -203,8 +217,6 @@ def load_plan(out: Path) -> dict | None:
 
 def _create_copy(uri: Path, obs_cols: list[dict], n_cells: int, var: pa.Table, tile: int) -> None:
     """Create the empty copy experiment (obs, ms/RNA/var written, X/raw with training tiles)."""
-    import shutil
-
     if uri.exists():  # a crash before plan.json: nothing in it is trusted
         shutil.rmtree(uri)
     fields = [pa.field("soma_joinid", pa.int64()), pa.field("source_joinid", pa.int64())]
@@ -329,7 +341,7 @@ def _block_obs(
 
 def finalize(out: Path) -> dict:
     """Write side/*.npy, genes.tsv, labels.json and finally manifest.json; returns the manifest."""
-    out, prog = Path(out), progress_dir(out)
+    out = Path(out)
     plan = load_plan(out)
     if plan is None:
         raise IngestError(f"{out}: no ingest plan found; run the ingest first")
@@ -339,19 +351,37 @@ def finalize(out: Path) -> dict:
             f"{out}: {len(missing)} blocks not written yet (e.g. {missing[:5]}); "
             "rerun ingest with --resume"
         )
-    names = ["library_size", "nnz", "source_joinid", *[f"codes_{c}" for c in plan["conditions"]]]
+    digest = _write_side(out, plan)
+    vocab = _copy_vocab(out)
+    vocab.save(out / "genes.tsv")
+    save_labels(out / "labels.json", {c: plan["labels"][c] for c in plan["conditions"]})
+    digest.update(vocab.fingerprint().encode())
+    digest.update(json.dumps(plan, sort_keys=True).encode())
+    manifest = _manifest(plan, vocab.fingerprint(), digest.hexdigest())
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    logger.info("training copy complete: %s (%d cells)", out, plan["n_cells"])
+    return manifest
+
+
+def _write_side(out: Path, plan: dict) -> Any:
+    """Concatenate per-block side values into side/*.npy (memory-mapped, block by block).
+
+    Returns:
+        A sha256 object updated with every side value in copy order.
+    """
     side, digest = out / "side", hashlib.sha256()
+    names = ["library_size", "nnz", "source_joinid", *[f"codes_{c}" for c in plan["conditions"]]]
     side.mkdir(exist_ok=True)
+    # Unique temporary names: two workers may finalize at once; os.replace keeps it atomic.
     tmp_paths = {k: side / f".{k}.{os.getpid()}.npy" for k in names}
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for b in range(plan["n_blocks"]):
         lo, hi = block_range(plan, b)
-        with np.load(prog / f"block_{b:06d}.npz") as part:
+        with np.load(progress_dir(out) / f"block_{b:06d}.npz") as part:
             for k in names:
                 if k not in arrays:
-                    dtype = part[k].dtype
                     arrays[k] = np.lib.format.open_memmap(
-                        tmp_paths[k], mode="w+", dtype=dtype, shape=(plan["n_cells"],)
+                        tmp_paths[k], mode="w+", dtype=part[k].dtype, shape=(plan["n_cells"],)
                     )
                 arrays[k][lo:hi] = part[k]
                 digest.update(part[k].tobytes())
@@ -359,36 +389,34 @@ def finalize(out: Path) -> dict:
         arrays[k].flush()
         del arrays[k]
         os.replace(tmp_paths[k], side / f"{k}.npy")
-    vocab = _copy_vocab(out)
-    vocab.save(out / "genes.tsv")
-    save_labels(out / "labels.json", {c: plan["labels"][c] for c in plan["conditions"]})
-    digest.update(vocab.fingerprint().encode())
-    digest.update(json.dumps(plan, sort_keys=True).encode())
-    manifest = {
+    return digest
+
+
+def _manifest(plan: dict, gene_fingerprint: str, fingerprint: str) -> dict:
+    """manifest.json content (contracts.md §1)."""
+    opts = plan["options"]
+    return {
         "format_version": FORMAT_VERSION,
         "n_cells": plan["n_cells"],
         "n_genes": plan["n_genes"],
-        "seed": plan["options"]["seed"],
+        "seed": opts["seed"],
         "permutation": PERMUTATION_RECIPE,
         "source": plan["source"],
-        "obs_filter": plan["options"]["obs_filter"],
+        "obs_filter": opts["obs_filter"],
         "obs_columns": [c["name"] for c in plan["obs_columns"]],
         "filled_obs_columns": [c["name"] for c in plan["obs_columns"] if "fill" in c],
         "condition_columns": plan["conditions"],
-        "round_counts": plan["options"]["round_counts"],
-        "block_cells": plan["options"]["block_cells"],
+        "round_counts": opts["round_counts"],
+        "block_cells": opts["block_cells"],
         "x_tiling": {
-            "cell_tile": plan["options"]["cell_tile"],
+            "cell_tile": opts["cell_tile"],
             "gene_tile": plan["n_genes"],
             "capacity": 131072,
             "compression": "zstd-3+byteshuffle",
         },
-        "gene_fingerprint": vocab.fingerprint(),
-        "fingerprint": digest.hexdigest(),
+        "gene_fingerprint": gene_fingerprint,
+        "fingerprint": fingerprint,
     }
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    logger.info("training copy complete: %s (%d cells)", out, plan["n_cells"])
-    return manifest
 
 
 def _copy_vocab(out: Path) -> GeneVocab:

@@ -81,8 +81,8 @@ def _read_bundled():
     for folder in (spec.submodule_search_locations or []) if spec else []:
         path = Path(folder) / "datasets" / "10x_pbmc68k_reduced.h5ad"
         if path.is_file():
-            with warnings.catch_warnings():  # the file predates .obsp; anndata warns on load
-                warnings.filterwarnings("ignore", category=FutureWarning, module="anndata")
+            with warnings.catch_warnings():  # an old-format file: anndata warns on load
+                warnings.filterwarnings("ignore", module="anndata")
                 return ad.read_h5ad(path)
     import scanpy as sc
 

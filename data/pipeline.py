@@ -27,6 +27,7 @@ R = TypeVar("R")
 # Bytes held per nnz while a read is in flight (Arrow int64 row, int64 col, float32 value)
 # plus the CSR result (int32 token, float32 count) and one gathered copy (loader.md §3.6).
 BYTES_PER_NNZ = 28
+MAX_ROUND_CELLS = 65536  # cells per rank per IO round at most, when K is derived
 
 
 @dataclass
@@ -98,11 +99,14 @@ def chunks_per_rank_from_budget(
     """Return K so that the rounds in flight fit half the per-rank memory budget.
 
     In flight: the round being emitted, one being assembled and `prefetch_rounds` being read.
-    The other half of the budget is left for side arrays, Python and torch. K is a multiple of
+    The other half of the budget is left for side arrays, Python and torch. A round is also
+    capped at MAX_ROUND_CELLS per rank: its first batch waits for the whole round to be read, so
+    this bounds the time to the first batch after a (re)start. K is a multiple of
     micro_batch / gcd(micro_batch, C), so K*C is a multiple of the micro-batch.
     """
     bytes_per_chunk = BYTES_PER_NNZ * max(mean_nnz, 1.0) * chunk_cells + 64 * chunk_cells
     k = int(0.5 * budget_gb * 1e9 / ((prefetch_rounds + 2) * bytes_per_chunk))
+    k = min(k, MAX_ROUND_CELLS // chunk_cells)
     step = micro_batch // math.gcd(micro_batch, chunk_cells)
     return max(step, k // step * step)
 

@@ -140,14 +140,19 @@ def generate_block(spec: SyntheticSpec, block: int, model: _Model | None = None)
     mu = np.stack([model.probs(d, t) for d, t in zip(ds, types, strict=True)])
     mu *= lib[:, None].astype(np.float32)
     r = model.r.astype(np.float32)
-    p0 = np.exp(r * np.log1p(-mu / (r + mu)))  # NB zero mass per entry
+    # NB zero mass per entry, (r / (r + mu))^r, computed in place to bound temporaries.
+    mu_over = r + mu
+    np.divide(mu, mu_over, out=mu_over)
+    np.negative(mu_over, out=mu_over)
+    np.log1p(mu_over, out=mu_over)
+    np.multiply(mu_over, r, out=mu_over)
+    p0 = np.exp(mu_over, out=mu_over)
     u = rng.random(mu.shape, dtype=np.float32)
     flat = np.flatnonzero(u > p0)
-    G = spec.genes
-    vals = _sample_nb(u.ravel()[flat], mu.ravel()[flat], np.broadcast_to(r, mu.shape).ravel()[flat])
-    rows, cols = flat // G, flat % G
+    rows, cols = np.divmod(flat, spec.genes)
+    vals = _sample_nb(u.ravel()[flat], mu.ravel()[flat], r[cols])
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=cells.size))])
-    X = sp.csr_matrix((vals, cols.astype(np.int32), indptr), shape=(cells.size, G))
+    X = sp.csr_matrix((vals, cols.astype(np.int32), indptr), shape=(cells.size, spec.genes))
     primary = rng.random(cells.size) < spec.primary_fraction
     obs = pd.DataFrame(
         {

@@ -20,8 +20,8 @@ import numpy as np
 _HEADER = "token\tfeature_id\tfeature_name"
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and os.replace."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path atomically (temporary file in the same folder, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -86,7 +86,7 @@ class GeneVocab:
             if "\t" in fid or "\n" in fid or "\t" in name or "\n" in name:
                 raise ValueError(f"GeneVocab.save: tab or newline in gene {fid!r}/{name!r}")
             lines.append(f"{i + 1}\t{fid}\t{name}")
-        _atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GeneVocab:
@@ -150,7 +150,7 @@ class GeneVocab:
 def save_labels(path: str | os.PathLike, labels: dict[str, list[str]]) -> None:
     """Atomically write labels.json: {column: [value_0, ...]}, code = index."""
     clean = {str(k): [str(v) for v in vals] for k, vals in labels.items()}
-    _atomic_write_text(path, json.dumps(clean, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(clean, indent=1, sort_keys=True) + "\n")
 
 
 def load_labels(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -1,9 +1,10 @@
 """Command line of the evaluation: h5ad files in, report folder out.
 
-Example::
+Examples::
 
     python launchers/evaluate.py --real-test test.h5ad --real-train train.h5ad \\
         --generated scldm=gen.h5ad --label-key cell_type --out runs/eval --seeds 0 1 2
+    python launchers/evaluate.py --fixture pbmc68k --out /tmp/pbmc68k_eval
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import anndata as ad
 import numpy as np
 
 from evaluation.figures import write_figures
-from evaluation.fixtures import carve_floor
+from evaluation.fixtures import PBMC_LABEL_KEY, carve_floor, pbmc68k_splits
 from evaluation.protocol import EvalConfig, prepare, run
 from evaluation.report import write_report
 
@@ -23,8 +24,14 @@ from evaluation.report import write_report
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Return the parsed command line."""
     p = argparse.ArgumentParser(description="Evaluate generated single-cell expression.")
-    p.add_argument("--real-test", required=True, type=Path, help="held-out real counts (h5ad)")
-    p.add_argument("--real-train", required=True, type=Path, help="training real counts (h5ad)")
+    p.add_argument("--real-test", type=Path, help="held-out real counts (h5ad)")
+    p.add_argument("--real-train", type=Path, help="training real counts (h5ad)")
+    p.add_argument(
+        "--fixture",
+        choices=["pbmc68k"],
+        default=None,
+        help="use the bundled pbmc68k fixture as real data instead of --real-test/--real-train",
+    )
     p.add_argument(
         "--generated",
         nargs="+",
@@ -47,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="generation seeds to keep (default: all); also the known-bad seeds",
+    )
+    p.add_argument(
+        "--known-bad-seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="seeds of the known-bad references (default: --seeds, else 0 1 2)",
     )
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--n-pcs", type=int, default=30)
@@ -72,35 +86,47 @@ def load_generated(specs: list[str], seeds: list[int] | None) -> dict[str, ad.An
     return out
 
 
+def load_real(args: argparse.Namespace) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData, str]:
+    """Return (reference, test, floor, label key): from the files, or the bundled fixture."""
+    if args.fixture == "pbmc68k":
+        # Stratified thirds: test, a floor with the test's composition, and the reference.
+        s = pbmc68k_splits(seed=args.seed)
+        return s["reference"], s["test"], s["floor"], PBMC_LABEL_KEY
+    if args.real_test is None or args.real_train is None:
+        raise SystemExit("--real-test and --real-train are required without --fixture")
+    test, train = ad.read_h5ad(args.real_test), ad.read_h5ad(args.real_train)
+    labels = [a.obs[args.label_key].astype(str).to_numpy() for a in (train, test)]
+    floor_idx, ref_idx = carve_floor(labels[0], labels[1], seed=args.seed)
+    return train[ref_idx].copy(), test, train[floor_idx].copy(), args.label_key
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Run the evaluation protocol and write the report folder; return its path."""
     args = parse_args(argv)
-    test = ad.read_h5ad(args.real_test)
-    train = ad.read_h5ad(args.real_train)
+    reference, test, floor, label_key = load_real(args)
     generated = load_generated(args.generated, args.seeds)
     normalized = set(args.normalized)
     normalized |= {n for n, a in generated.items() if a.uns.get("generated_is_normalized", False)}
-    labels = [a.obs[args.label_key].astype(str).to_numpy() for a in (train, test)]
-    floor_idx, ref_idx = carve_floor(labels[0], labels[1], seed=args.seed)
+    bad_seeds = args.known_bad_seeds or args.seeds or [0, 1, 2]
     config = EvalConfig(
-        label_key=args.label_key,
+        label_key=label_key,
         n_top_genes=args.n_top_genes,
         n_pcs=args.n_pcs,
         seed=args.seed,
         rf_trees=args.rf_trees,
         block_a=not args.no_block_a,
         known_bad=not args.no_known_bad,
-        known_bad_seeds=tuple(args.seeds) if args.seeds else (0, 1, 2),
+        known_bad_seeds=tuple(bad_seeds),
     )
-    reference, floor = train[ref_idx].copy(), train[floor_idx].copy()
     ctx, sets = prepare(reference, test, floor, generated, config, frozenset(normalized))
     results = run(ctx, sets)
     results["settings"]["inputs"] = {
+        "fixture": args.fixture,
         "real_test": str(args.real_test),
         "real_train": str(args.real_train),
         "generated": list(args.generated),
         "normalized": sorted(normalized),
-        "n_floor": len(floor_idx),
+        "n_floor": floor.n_obs,
     }
     write_report(results, args.out)
     figures = write_figures(ctx, sets, args.out, umap=args.umap)

@@ -15,7 +15,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from evaluation.distances import frechet_distance, mmd_scdiffusion, rbf_mmd2_biased, wasserstein
 from evaluation.genes import stat_agreement
 from evaluation.prdc import prdc
-from evaluation.preprocess import ProjectionMode, fit_projection
+from evaluation.preprocess import Projection, ProjectionMode, fit_projection
 from evaluation.twosample import knn_identity_f1, one_nn_accuracy, rf_auc
 
 MODES: tuple[ProjectionMode, ...] = ("centred", "uncentered_published")
@@ -41,7 +41,8 @@ def scdiffusion_metrics(
         "scc": means["mean_scc"],
         "pcc": means["mean_pcc"],
         "mmd_5kernel": mmd_scdiffusion(z[:n], z[n:]),
-        "rf_auc": rf_auc(r, g, n_estimators=rf_trees),
+        # The forest sees the same joint 50 PCs as the MMD (one PCA instead of two).
+        "rf_auc": rf_auc(z[:n], z[n:], n_components=None, n_estimators=rf_trees),
         "n": n,
     }
 
@@ -70,6 +71,7 @@ def cfgen_metrics(
     min_cells: int = 20,
     max_cells: int = 3000,
     seed: int = 0,
+    proj: Projection | None = None,
 ) -> dict:
     """Return CFGen-style per-class metrics on 30 PCs of a PCA fitted on the real test set.
 
@@ -77,12 +79,13 @@ def cfgen_metrics(
     ``uncentered_published`` (loadings applied without mean subtraction, camera-ready CFGen).
     Classes with < ``min_cells`` cells on either side are skipped with the reason; larger
     classes are capped at ``max_cells``. Aggregate = mean over classes ± std/√(classes).
+    ``proj`` passes that test-set PCA in when it was already fitted (it is shared by all sets).
     """
     real_labels, gen_labels = (
         np.asarray(real_labels).astype(str),
         np.asarray(gen_labels).astype(str),
     )
-    proj = fit_projection(real_hvg, n_pcs, seed)
+    proj = proj or fit_projection(real_hvg, n_pcs, seed)
     real_z = proj.project(real_hvg, "centred")
     gen_z = {m: proj.project(gen_hvg, m) for m in MODES}
     knn = KNeighborsClassifier(n_neighbors=10).fit(real_z, real_labels)

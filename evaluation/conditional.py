@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 
 def celltypist_available() -> bool:
@@ -19,12 +21,13 @@ def celltypist_available() -> bool:
     return True
 
 
-def fit_label_classifier(ref_pcs: np.ndarray, ref_labels: np.ndarray) -> LogisticRegression:
-    """Return a logistic regression fitted on (N, P) reference coordinates and labels."""
-    return LogisticRegression(max_iter=2000, random_state=0).fit(ref_pcs, np.asarray(ref_labels))
+def fit_label_classifier(ref_pcs: np.ndarray, ref_labels: np.ndarray) -> Pipeline:
+    """Return a standardised logistic regression fitted on (N, P) reference PCs and labels."""
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
+    return model.fit(ref_pcs, np.asarray(ref_labels).astype(str))
 
 
-def label_scores(model: LogisticRegression, pcs: np.ndarray, labels: np.ndarray) -> dict:
+def label_scores(model: Pipeline, pcs: np.ndarray, labels: np.ndarray) -> dict:
     """Return accuracy and macro-F1 overall and per class of predictions against ``labels``.
 
     Per-class accuracy is the share of cells of that conditioning label predicted as it
@@ -50,7 +53,7 @@ def label_scores(model: LogisticRegression, pcs: np.ndarray, labels: np.ndarray)
 
 
 def conditional_fidelity(
-    model: LogisticRegression,
+    model: Pipeline,
     gen_pcs: np.ndarray,
     gen_labels: np.ndarray,
     test_pcs: np.ndarray,

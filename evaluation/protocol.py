@@ -17,7 +17,14 @@ from evaluation.compat import cfgen_metrics, scdiffusion_metrics
 from evaluation.conditional import celltypist_available, fit_label_classifier
 from evaluation.distances import median_bandwidth
 from evaluation.fixtures import gene_shuffled_counts, poisson_mean_counts
-from evaluation.preprocess import Representation, fit_representation, log1p_cp10k, to_dense
+from evaluation.preprocess import (
+    Projection,
+    Representation,
+    fit_projection,
+    fit_representation,
+    log1p_cp10k,
+    to_dense,
+)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Context:
     test_pcs: np.ndarray  # (N_test, P) centred reference-PCA coordinates
     bandwidth: float  # median pairwise distance among reference cells in PC space
     classifier: object  # label classifier trained on reference PCs
+    test_projection: Projection | None  # CFGen-style PCA fitted on the real test HVGs
     settings: dict = field(default_factory=dict)
 
 
@@ -110,6 +118,11 @@ def build_context(reference: ad.AnnData, test: ad.AnnData, config: EvalConfig) -
         test_pcs=rep.pcs(test_set.log),
         bandwidth=median_bandwidth(ref_pcs, config.mmd_n_global, config.seed),
         classifier=fit_label_classifier(ref_pcs, ref_labels),
+        test_projection=(
+            fit_projection(test_set.log[:, rep.hvg_idx], config.n_pcs, config.seed)
+            if config.block_a
+            else None
+        ),
         settings=settings,
     )
 
@@ -130,6 +143,7 @@ def evaluate_set(ctx: Context, gen: EvalSet) -> dict:
                 ctx.config.min_class_cells,
                 ctx.config.max_class_cells,
                 ctx.config.seed,
+                ctx.test_projection,
             ),
         }
     return out

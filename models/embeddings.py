@@ -62,6 +62,9 @@ class ConditionEmbedder(nn.Module):
         self.vocab_sizes = [int(v) for v in vocab_sizes]
         self.dim = dim
         self.tables = nn.ModuleList(nn.Embedding(v + 1, dim) for v in self.vocab_sizes)
+        # Follows .to(device/dtype) even with no tables (A = 0), so the zero output lands on the
+        # model's device; not saved in state dicts.
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)
 
     @property
     def num_attributes(self) -> int:
@@ -71,18 +74,12 @@ class ConditionEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Return Σ_a Emb_a[labels[:, a]] as (B, W); labels None means every attribute null."""
         if labels is None:
-            labels = null_labels(self.vocab_sizes, batch_size, device=self._device())
+            labels = null_labels(self.vocab_sizes, batch_size, device=self.anchor.device)
         check_labels(labels, self.vocab_sizes)
-        out = torch.zeros(batch_size, self.dim, device=labels.device, dtype=self._dtype())
+        out = self.anchor.new_zeros(batch_size, self.dim)  # (B, W)
         for a, table in enumerate(self.tables):
             out = out + table(labels[:, a])  # (B, W)
         return out
-
-    def _device(self) -> torch.device:
-        return self.tables[0].weight.device if self.tables else torch.device("cpu")
-
-    def _dtype(self) -> torch.dtype:
-        return self.tables[0].weight.dtype if self.tables else torch.float32
 
 
 def null_labels(

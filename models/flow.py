@@ -15,6 +15,7 @@ Shape legend (model.md §1):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -231,6 +232,8 @@ def sample_dopri5(
         x_new = xi  # the 7th stage point is the 5th-order solution (FSAL)
         err = h * sum(e * k for e, k in zip(_E, ks, strict=True) if e != 0.0)
         ratio = _worst_cell_rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
+        if not math.isfinite(ratio):  # shrinking h cannot fix a NaN/inf velocity
+            raise FloatingPointError(f"dopri5: non-finite error estimate at t={t:.6f}")
         if ratio <= 1.0:
             x, t, k1 = x_new, t + h, ks[6]
             accepted += 1

@@ -69,8 +69,8 @@ def cfg_velocity(
     labels: torch.Tensor,
     weights: Sequence[float | None],
     vocab_sizes: Sequence[int],
-    mode: GuidanceMode = "joint",
-    scheme: CfgDropoutScheme | None = None,
+    mode: GuidanceMode,
+    scheme: CfgDropoutScheme,
 ) -> VelocityFn:
     """Return the classifier-free-guided velocity for labels (B, A) and per-attribute weights.
 
@@ -84,14 +84,14 @@ def cfg_velocity(
         weights: A guidance weights (REF default 1.0 each), None to leave an attribute out.
         vocab_sizes: per-attribute class counts (null code = vocab size).
         mode: `joint` or `additive`.
-        scheme: dropout scheme the model was trained with; checked against mode when given.
+        scheme: dropout scheme the model was trained with (from the export); a mode the model
+            was not trained for raises ValueError.
     """
     if len(weights) != len(vocab_sizes):
         raise ValueError(f"need one weight per attribute ({len(vocab_sizes)}), got {len(weights)}")
     if mode not in ("joint", "additive"):
         raise ValueError(f"unknown guidance mode {mode!r}; use 'joint' or 'additive'")
-    if scheme is not None:
-        check_guidance_mode(mode, scheme)
+    check_guidance_mode(mode, scheme)
     given = [a for a, w in enumerate(weights) if w is not None]
     null = null_labels(vocab_sizes, labels.shape[0], device=labels.device)  # (B, A)
     if mode == "joint" or not given:

@@ -75,6 +75,15 @@ def test_unconditional_dit_builds_runs_and_trains() -> None:
     assert model.input_proj.weight.grad is not None
 
 
+def test_unconditional_condition_follows_model_device_and_dtype() -> None:
+    # With A = 0 the label sum is built from nothing; it must follow .to(...) like the weights
+    # (checked through the dtype: CPU-only CI cannot move the model to CUDA).
+    model = DiT(small_config(vocab_sizes=[])).to(torch.float64)
+    zero = model.cond_embedder(None, 2)
+    assert zero.dtype == torch.float64 and zero.shape == (2, 32) and not zero.any()
+    assert model.condition(torch.zeros(2), None).dtype == torch.float64
+
+
 def test_labels_none_means_all_null_and_labels_matter() -> None:
     cfg = small_config()
     model = perturb(DiT(cfg))

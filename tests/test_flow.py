@@ -121,6 +121,8 @@ def test_dopri5_exact_on_linear_ode_and_tolerance_changes_cost() -> None:
     assert tight.nfe > loose.nfe
     with pytest.raises(RuntimeError, match="max_steps"):
         sample_dopri5(lambda x, t: x, x0, atol=1e-9, rtol=1e-9, max_steps=2)
+    with pytest.raises(FloatingPointError):
+        sample_dopri5(lambda x, t: x if t[0] < 0.5 else x * float("nan"), x0)
 
 
 def test_t_start_and_time_argument_reach_the_velocity() -> None:

@@ -56,18 +56,20 @@ def test_zero_weights_give_unconditional(model, batch) -> None:
     x, t, labels = batch
     v_null = model(x, t, None)
     for mode in ("joint", "additive"):
-        v = cfg_velocity(model, labels, [0.0, 0.0], VOCAB, mode)(x, t)
+        v = cfg_velocity(model, labels, [0.0, 0.0], VOCAB, mode, "independent")(x, t)
         torch.testing.assert_close(v, v_null, atol=1e-5, rtol=1e-5)
-    v = cfg_velocity(model, labels, [None, None], VOCAB, "joint")(x, t)  # nothing given
+    v = cfg_velocity(model, labels, [None, None], VOCAB, "joint", "independent")(
+        x, t
+    )  # nothing given
     torch.testing.assert_close(v, v_null, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
 def test_unit_weights_give_conditional(model, batch) -> None:
     x, t, labels = batch
-    v = cfg_velocity(model, labels, [1.0, 1.0], VOCAB, "joint")(x, t)
+    v = cfg_velocity(model, labels, [1.0, 1.0], VOCAB, "joint", "independent")(x, t)
     torch.testing.assert_close(v, model(x, t, labels), atol=1e-5, rtol=1e-5)
-    v = cfg_velocity(model, labels, [None, 1.0], VOCAB, "additive")(x, t)
+    v = cfg_velocity(model, labels, [None, 1.0], VOCAB, "additive", "independent")(x, t)
     torch.testing.assert_close(v, model(x, t, only(labels, [1])), atol=1e-5, rtol=1e-5)
 
 
@@ -82,9 +84,9 @@ def test_stacked_single_forward_equals_separate_forwards(model, batch) -> None:
 
     v0 = model(x, t, None)
     v_all, v_a, v_b = (model(x, t, only(labels, k)) for k in ([0, 1], [0], [1]))
-    joint = cfg_velocity(counting, labels, [2.0, 0.5], VOCAB, "joint")(x, t)
+    joint = cfg_velocity(counting, labels, [2.0, 0.5], VOCAB, "joint", "independent")(x, t)
     torch.testing.assert_close(joint, v0 + 1.25 * (v_all - v0), atol=1e-5, rtol=1e-5)
-    add = cfg_velocity(counting, labels, [2.0, 0.5], VOCAB, "additive")(x, t)
+    add = cfg_velocity(counting, labels, [2.0, 0.5], VOCAB, "additive", "independent")(x, t)
     expected = v0 + 2.0 * (v_a - v0) + 0.5 * (v_b - v0)
     torch.testing.assert_close(add, expected, atol=1e-5, rtol=1e-5)
     assert calls == [2 * 4, 3 * 4]  # one forward pass per step: 2 and A + 1 stacked copies
@@ -98,9 +100,9 @@ def test_guidance_mode_must_match_dropout_scheme(model, batch) -> None:
     with pytest.raises(ValueError, match="invalid for a model trained"):
         check_guidance_mode("additive", "joint")
     with pytest.raises(ValueError, match="invalid for a model trained"):
-        cfg_velocity(model, batch[2], [1.0, 1.0], VOCAB, "joint", scheme="per_batch_attribute")
+        cfg_velocity(model, batch[2], [1.0, 1.0], VOCAB, "joint", "per_batch_attribute")
     with pytest.raises(ValueError):
-        cfg_velocity(model, batch[2], [1.0], VOCAB, "joint")
+        cfg_velocity(model, batch[2], [1.0], VOCAB, "joint", "joint")
 
 
 @torch.no_grad()

@@ -180,6 +180,8 @@ def test_two_workers_equal_single_worker(reference_copy, tmp_path, read_copy):
     assert not (out / "manifest.json").exists()
     done = sorted(p.name for p in (out / ".progress").glob("*.done"))
     assert done == [f"block_{b:06d}.done" for b in (0, 2, 4)]
+    with pytest.raises(IngestError, match=r"3 blocks not written.*--resume"):
+        ingest(out, RESUME_SOURCE, "--finalize")
     ingest(out, RESUME_SOURCE, "--block-cells", "256", "--workers", "2", "--worker-index", "1")
     _same_copy(out, reference_copy, read_copy)
     assert json.loads((out / "manifest.json").read_text())["n_cells"] == 1500
@@ -203,3 +205,17 @@ def test_h5ad_folder_registers_and_appends(tmp_path, read_copy):
         want = np.zeros(len(var))
         want[[col[f] for f in src.var["feature_id"]]] = src[name].X.toarray().ravel()
         np.testing.assert_array_equal(X[k].toarray().ravel(), want)
+
+
+def test_soma_experiment_source(pbmc_copy, tmp_path, read_copy):
+    src = pbmc_copy / "experiment"  # any SOMA experiment path is read directly
+    with pytest.raises(IngestError, match="x-layer"):
+        ingest(tmp_path / "bad", src, "--x-layer", "counts")
+    with pytest.raises(IngestError, match="nnz"):
+        ingest(tmp_path / "bad2", src, "--obs-columns", "nnz")
+    X1, obs1, _, side1, _ = read_copy(pbmc_copy)
+    X2, obs2, _, side2, manifest = read_copy(ingest(tmp_path / "c", src, "--seed", "3"))
+    rows = side2["source_joinid"]
+    assert manifest["source"]["kind"] == "soma" and abs(X2 - X1[rows]).sum() == 0
+    np.testing.assert_array_equal(side2["library_size"], side1["library_size"][rows])
+    np.testing.assert_array_equal(obs2["cell_type"], obs1["cell_type"].to_numpy()[rows])

@@ -19,8 +19,8 @@ HEADLINE = ("w2", "mmd2_u", "energy", "c2st_knn_auc")
 @pytest.fixture(scope="module")
 def results() -> dict:
     s = pbmc68k_splits(test_frac=1 / 3, seed=0)
-    # 100 trees instead of 1,000 keeps the RF AUC cheap; one known-bad seed keeps this fast.
-    config = EvalConfig(label_key=PBMC_LABEL_KEY, rf_trees=100, known_bad_seeds=(0,))
+    # 50 trees instead of 1,000 keeps the RF AUC cheap; one known-bad seed keeps this fast.
+    config = EvalConfig(label_key=PBMC_LABEL_KEY, rf_trees=50, known_bad_seeds=(0,))
     return evaluate(s["reference"], s["test"], s["floor"], {}, config)
 
 
@@ -37,7 +37,9 @@ def test_fixture_counts_are_integers_with_documented_shape() -> None:
 
 @pytest.mark.parametrize("key", HEADLINE)
 def test_headline_orderings(results: dict, key: str) -> None:
-    floor, pois, shuf = (_v(results, n, key) for n in ("real_floor", "poisson_mean", "gene_shuffled"))
+    floor, pois, shuf = (
+        _v(results, n, key) for n in ("real_floor", "poisson_mean", "gene_shuffled")
+    )
     assert floor < pois < shuf
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data.pipeline import BYTES_PER_NNZ, chunks_per_rank_from_budget
 from data.sampler import LockstepSampler, elastic_restart, eval_rounds
 
 
@@ -135,3 +136,15 @@ def test_eval_rounds_cover_once(W):
     all_rows = np.concatenate([rows for _, rows in per_rank])
     assert np.array_equal(all_rows, np.arange(n))  # unshuffled, disjoint, complete
     assert max(int(sizes.max()) for sizes, _ in per_rank) <= b
+
+
+def test_chunks_per_rank_from_budget():
+    k = chunks_per_rank_from_budget(2000, 256, 1024, budget_gb=4.0, prefetch_rounds=1)
+    assert k % 4 == 0 and k >= 4  # K*C must be a multiple of the micro-batch
+    in_flight = 3 * k * 256 * 2000 * BYTES_PER_NNZ
+    assert in_flight <= 0.5 * 4e9
+    smaller = chunks_per_rank_from_budget(2000, 256, 1024, budget_gb=1.0, prefetch_rounds=1)
+    assert smaller < k
+    # A tiny budget still yields one valid round; tiny cells are capped by round size.
+    assert chunks_per_rank_from_budget(1e6, 256, 1024, 0.001, 1) == 4
+    assert chunks_per_rank_from_budget(1, 256, 256, 4.0, 1) * 256 <= 65536

@@ -112,8 +112,8 @@ def test_trained_classifier_learns_and_guides_sampling() -> None:
     torch.manual_seed(3)
     clf = tiny_classifier()
     opt = torch.optim.Adam(clf.parameters(), lr=2e-2)
-    for step in range(50):
-        z, y = two_clusters(256, step)
+    for step in range(30):
+        z, y = two_clusters(128, step)
         loss, _ = classifier_loss(clf, z, y, torch.Generator().manual_seed(10_000 + step))
         opt.zero_grad()
         loss.backward()
@@ -126,11 +126,11 @@ def test_trained_classifier_learns_and_guides_sampling() -> None:
     def still(x, t):  # zero velocity: any drift towards the class comes from the classifier
         return torch.zeros_like(x)
 
-    target = torch.ones(400, dtype=torch.long)  # class 1 = right cluster (x > 0)
-    x0 = torch.randn(400, 1, 2, generator=torch.Generator().manual_seed(4))
+    target = torch.ones(200, dtype=torch.long)  # class 1 = right cluster (x > 0)
+    x0 = torch.randn(200, 1, 2, generator=torch.Generator().manual_seed(4))
     clf.eval()
     guided = sample_euler(
-        classifier_guided_velocity(still, [ClassifierTerm(clf, target, 2.0)]), x0, 20
+        classifier_guided_velocity(still, [ClassifierTerm(clf, target, 2.0)]), x0, 10
     ).x
     before = (x0[:, 0, 0] > 0).float().mean().item()
     after = (guided[:, 0, 0] > 0).float().mean().item()

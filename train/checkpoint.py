@@ -280,6 +280,8 @@ def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], di
     Raises:
         CheckpointError: the tag cannot be read (corrupt, other model or format).
     """
+    # Group hyperparameters from the config, restored after a universal load (see below).
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     try:
         path, client = engine.load_checkpoint(
             str(point.load_dir), tag=point.tag, load_lr_scheduler_states=False
@@ -292,6 +294,8 @@ def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], di
         ) from exc
     if path is None or client is None:
         raise CheckpointError(f"checkpoint {point.tag} in {point.load_dir} has no model states")
+    if point.universal:
+        _repair_universal_load(engine, hyper)
     if client.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {point.tag} has format version {client.get('format_version')}, this "
@@ -303,6 +307,19 @@ def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], di
     ema_file = point.folder / "ema.pt"
     ema = torch.load(ema_file, map_location="cpu", weights_only=True) if ema_file.is_file() else None
     return client, ema
+
+
+def _repair_universal_load(engine: Any, hyper: list[dict]) -> None:
+    # Two DeepSpeed 0.19.8 ZeRO-3 universal-load defects, harmless to undo at other stages:
+    # (1) every group got group 0's hyperparameters; restore each group's own;
+    # (2) one `step` tensor object is shared by all groups' states, and torch's AdamW increments
+    #     it in place once per group, so bias correction would run ahead; give each its own copy.
+    for group, saved in zip(engine.optimizer.param_groups, hyper, strict=True):
+        group.update(saved)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def install_sigterm_handler() -> Callable[[], bool]:
