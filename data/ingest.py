@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", default=None, help="file with one feature_id per line")
     p.add_argument("--seed", type=int, default=0, help="permutation seed")
     p.add_argument("--cell-tile", type=int, default=256, help="X tile extent along cells")
-    p.add_argument("--block-cells", type=int, default=32768, help="cells per written block")
+    p.add_argument("--block-cells", type=int, default=16384, help="cells per written block")
     p.add_argument("--round-counts", action="store_true", help="round/clip non-integer counts")
     p.add_argument("--workers", type=int, default=1, help="number of ingest processes K")
     p.add_argument("--worker-index", type=int, default=0, help="this process, 0..K-1")
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="h5ad layer with counts")
     p.add_argument("--measurement", default="RNA", help="SOMA measurement to read")
     p.add_argument("--x-layer", default="raw", help="SOMA X layer with raw counts")
+    p.add_argument(
+        "--tiledb-config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TileDB options, e.g. vfs.s3.no_sign_request=true vfs.s3.region=us-west-2",
+    )
     p.add_argument("--wait-timeout", type=float, default=3600.0, help="s to wait for worker 0")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -195,14 +202,15 @@ def run(args: argparse.Namespace) -> dict | None:
             logger.info("%s is already a complete training copy", out)
             return mat.open_copy_manifest(out)
         raise IngestError(f"{out} already holds a complete training copy; choose another --out")
-    source = parse_source(args.source, args.organism, args.census_uri, args.layer)
+    tiledb_config = dict(kv.split("=", 1) for kv in args.tiledb_config)
+    source = parse_source(args.source, args.organism, args.census_uri, args.layer, tiledb_config)
     opts = _options(args, source)
     plan = _get_plan(args, source, opts, out)
     mine = range(args.worker_index, plan["n_blocks"], args.workers)
     todo = [b for b in mine if not mat.block_done(out, b)]
     if args.max_blocks is not None:
         todo = todo[: args.max_blocks]
-    cells = sum(np.subtract(*mat.block_range(plan, b)[::-1]) for b in todo)
+    cells = sum(hi - lo for lo, hi in (mat.block_range(plan, b) for b in todo))
     with (
         source.open(out) as exp,
         tqdm(
@@ -221,8 +229,8 @@ def run(args: argparse.Namespace) -> dict | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse argv, run, print a one-line summary; returns the exit code."""
+def run_ingest(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse argv and run one worker; raises IngestError on bad input (used by tests)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
     manifest = run(args)
@@ -230,4 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"training copy {args.out}: {manifest['n_cells']} cells x {manifest['n_genes']} genes"
         )
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command entry point: 0 on success, 2 with a one-line message on bad input."""
+    try:
+        run_ingest(argv)
+    except IngestError as err:
+        logger.error("ingest failed: %s", err)
+        return 2
     return 0

@@ -8,8 +8,9 @@ Three steps, safe to split across processes:
 2. `write_block` (any worker): output rows [b*B, (b+1)*B) = source rows order[b*B:(b+1)*B], read
    by sorted joinid, reordered, validated and written as one X and one obs fragment; then
    `.progress/block_<b>.npz` (side values) and `.progress/block_<b>.done`. Rewriting a block
-   writes the same coordinates, so a rerun after a crash is idempotent. Memory: one block
-   (about 40 bytes per stored count of the block plus its obs rows).
+   writes the same coordinates, so a rerun after a crash is idempotent. Memory: one block at a
+   time, about 60 bytes per stored count of the block plus its obs rows (16,384 cells x 2,000
+   counts per cell: about 2 GB).
 3. `finalize` (any worker, once all blocks are done): side/*.npy, genes.tsv, labels.json and,
    last and atomically, manifest.json. Without manifest.json the copy is refused by readers.
 """
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import tiledbsoma
 
 from data import soma
-from data.validate import IngestError, check_counts, check_feature_ids, check_obs_columns
+from data.validate import IngestError, check_counts, check_obs_columns, select_genes
 from data.vocab import GeneVocab, atomic_write_text, encode_labels, save_labels
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ CENSUS_OBS_COLUMNS = (
     "is_primary_data",
 )
 DEFAULT_CONDITIONS = ("cell_type", "dataset_id")
+# Our writes pass coordinates already in global order; TileDB's own sort is the costliest part.
+GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
 RESERVED_OBS_COLUMNS = ("soma_joinid", "source_joinid", "library_size", "nnz")
 PERMUTATION_RECIPE = (
     "order = sorted query obs soma_joinids [numpy.random.default_rng(seed).permutation(n_cells)];"
@@ -62,7 +65,7 @@ class CopyOptions:
     conditions: list[str] | None = None  # label columns; None = DEFAULT_CONDITIONS
     genes: list[str] | None = None  # restrict var to these feature ids; None = all genes
     seed: int = 0  # permutation seed
-    block_cells: int = 32768  # output rows per block (one fragment per block)
+    block_cells: int = 16384  # output rows per block (one fragment per block)
     cell_tile: int = 256  # X tile extent along cells
     round_counts: bool = False  # round counts and clip negatives instead of failing
     measurement: str = "RNA"
@@ -143,27 +146,6 @@ def _labels(tbl: pa.Table, conditions: list[str]) -> dict[str, list[str]]:
     return labels
 
 
-def _select_genes(var: pa.Table, genes: list[str] | None) -> pa.Table:
-    """Validated var rows to keep (source order); errors name bad or unknown ids."""
-    if "feature_id" not in var.column_names:
-        raise IngestError(
-            f"source var has no feature_id column (columns: {var.column_names}); "
-            "store unique gene ids (Ensembl) in var['feature_id']"
-        )
-    if genes is not None:
-        ids = [str(x) for x in var.column("feature_id").to_pylist()]
-        wanted = set(genes)
-        unknown = sorted(wanted - set(ids))
-        if unknown:
-            raise IngestError(
-                f"{len(unknown)} ids of the gene list are not in the source var, e.g. "
-                f"{unknown[:5]}; fix the --genes file"
-            )
-        var = var.filter(pa.array([x in wanted for x in ids]))
-    check_feature_ids(var.column("feature_id").to_pylist(), "source var")
-    return var
-
-
 def plan_copy(exp: tiledbsoma.Experiment, out: Path, opts: CopyOptions, source: dict) -> dict:
     """Validate, permute, fix vocabularies, create the copy experiment and write plan.json."""
     out, prog = Path(out), progress_dir(out)
@@ -175,7 +157,7 @@ def plan_copy(exp: tiledbsoma.Experiment, out: Path, opts: CopyOptions, source: 
         )
     obs_cols, conditions = _obs_plan(exp.obs.schema, opts)
     src_var = soma.var_table(exp, opts.measurement)
-    var = _select_genes(src_var, opts.genes)
+    var = select_genes(src_var, opts.genes)
     present = [c for c in conditions if c in exp.obs.schema.names]
     try:
         tbl = soma.query_obs(exp, opts.obs_filter, present)
@@ -281,23 +263,25 @@ def write_block(exp: tiledbsoma.Experiment, out: Path, plan: dict, b: int) -> in
     keep = np.searchsorted(var_all, np.load(prog / "var_keep.npy"))
     if keep.size != var_all.size:
         X = X[:, keep]
-    X = X[inv].tocoo()
+    X = X[inv]
+    X.sort_indices()
+    X = X.tocoo()  # row-major with sorted columns = global order (one tile spans all genes)
     nnz = np.bincount(X.row, minlength=ids.size).astype(np.int32)
     copy_uri = str(out / "experiment")
     with tiledbsoma.SparseNDArray.open(f"{copy_uri}/ms/RNA/X/raw", mode="w") as arr:
-        arr.write(
-            pa.table(
-                {
-                    "soma_dim_0": X.row.astype(np.int64) + lo,
-                    "soma_dim_1": X.col.astype(np.int64),
-                    "soma_data": X.data.astype(np.float32),
-                }
-            )
+        table = pa.table(
+            {
+                "soma_dim_0": X.row.astype(np.int64) + lo,
+                "soma_dim_1": X.col.astype(np.int64),
+                "soma_data": X.data.astype(np.float32),
+            }
         )
+        if table.num_rows:  # a block can hold no counts of the kept genes
+            arr.write(table, platform_config=GLOBAL_ORDER)
     obs, codes = _block_obs(exp, plan, sorted_ids, inv, lo)
     obs = obs.append_column("library_size", pa.array(library)).append_column("nnz", pa.array(nnz))
     with tiledbsoma.DataFrame.open(f"{copy_uri}/obs", mode="w") as df:
-        df.write(obs.select(df.schema.names).cast(df.schema))
+        df.write(obs.select(df.schema.names).cast(df.schema), platform_config=GLOBAL_ORDER)
     tmp = prog / f".block_{b:06d}.{os.getpid()}.npz"
     with open(tmp, "wb") as fh:
         np.savez(fh, library_size=library, nnz=nnz, source_joinid=ids, **codes)

@@ -40,10 +40,17 @@ class Csr:
 
 
 def csr_from_sorted_coo(rows: np.ndarray, n_rows: int, cols: np.ndarray, vals: np.ndarray) -> Csr:
-    """Return the CSR of COO entries with local row ids 0..n_rows-1 (sorted when row-major)."""
-    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
-        order = np.lexsort((cols, rows))  # unordered reads: restore row-major, genes ascending
-        rows, cols, vals = rows[order], cols[order], vals[order]
+    """Return the CSR of COO entries with local row ids 0..n_rows-1, genes ascending per row.
+
+    Entries are sorted (row, col) first unless already in that order, so the output never
+    depends on the order TileDB returned them in.
+    """
+    if len(rows) > 1:
+        col_down = np.diff(cols) <= 0  # allowed only where the row advances
+        ordered = np.all(rows[1:] >= rows[:-1]) and np.all(rows[1:][col_down] > rows[:-1][col_down])
+        if not ordered:
+            order = np.lexsort((cols, rows))
+            rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
     return Csr(indptr, cols.astype(np.int32, copy=False), vals.astype(np.float32, copy=False))

@@ -37,17 +37,21 @@ class Piece:
 
 
 def read_coo(X: tiledbsoma.SparseNDArray, coords: slice | np.ndarray) -> tuple[np.ndarray, ...]:
-    """Return (dim0 int64, dim1 int64, data float32) of X rows `coords`, row-major."""
-    parts = [
-        tbl for tbl in X.read(coords=(coords,), result_order="row-major").tables() if tbl.num_rows
-    ]
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
-    tbl = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    """Return (dim0 int64, dim1 int64, data float32) of X rows `coords`, in read order.
+
+    result_order stays "auto": asking TileDB for row-major made 256-row reads ~10x slower, and
+    csr_from_sorted_coo sorts only when needed. Arrow chunks are viewed zero-copy
+    (`combine_chunks` copied even a single chunk, at ~40 ms per 166k entries).
+    """
+    names = ("soma_dim_0", "soma_dim_1", "soma_data")
+    columns: list[list[np.ndarray]] = [[], [], []]
+    for tbl in X.read(coords=(coords,)).tables():
+        for out, name in zip(columns, names, strict=True):
+            out.extend(chunk.to_numpy() for chunk in tbl.column(name).chunks if len(chunk))
+    dtypes = (np.int64, np.int64, np.float32)
     return tuple(  # type: ignore[return-value]
-        tbl.column(name).combine_chunks().to_numpy(zero_copy_only=False)
-        for name in ("soma_dim_0", "soma_dim_1", "soma_data")
+        (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else np.zeros(0, dt)
+        for parts, dt in zip(columns, dtypes, strict=True)
     )
 
 
@@ -147,8 +151,9 @@ class CopySource(_Source):
             wanted[joinids - lo] = True
             keep = wanted[dim0 - lo]  # drop rows of other splits read by the slice
             dim0, dim1, data = dim0[keep], dim1[keep], data[keep]
-        rows = local_rows(dim0, joinids)
-        csr = csr_from_sorted_coo(rows, len(joinids), (dim1 + 1).astype(np.int32), data)
+        tokens = dim1.astype(np.int32)
+        tokens += 1  # copy var soma_joinid g is token g + 1
+        csr = csr_from_sorted_coo(local_rows(dim0, joinids), len(joinids), tokens, data)
         return Piece(joinids, csr, None, 0)
 
     def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

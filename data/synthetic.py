@@ -195,6 +195,29 @@ def var_frame(spec: SyntheticSpec) -> pd.DataFrame:
     )
 
 
+# Coordinates we pass are already in the array's global order: TileDB skips its sort, which
+# costs about 5x more CPU than the rest of the write.
+GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
+CENSUS_TILE = 2048
+
+
+def _global_order_table(X: sp.coo_matrix, row0: int, n_genes: int) -> pa.Table:
+    """COO table sorted in the global order of 2048 x 2048 row-major tiles."""
+    rows = X.row.astype(np.int64) + row0
+    cols = X.col.astype(np.int64)
+    n_col_tiles = -(-n_genes // CENSUS_TILE)
+    tile = (rows // CENSUS_TILE) * n_col_tiles + cols // CENSUS_TILE
+    key = (tile * CENSUS_TILE + rows % CENSUS_TILE) * CENSUS_TILE + cols % CENSUS_TILE
+    order = np.argsort(key, kind="stable")
+    return pa.table(
+        {
+            "soma_dim_0": rows[order],
+            "soma_dim_1": cols[order],
+            "soma_data": X.data.astype(np.float32)[order],
+        }
+    )
+
+
 def census_obs_schema() -> pa.Schema:
     """obs schema of the Census-layout experiment."""
     fields = [pa.field("soma_joinid", pa.int64())]
@@ -267,19 +290,12 @@ def write_synthetic_experiment(
             obs = pd.concat([p[1] for p in parts])
             row0 = first * GEN_BLOCK
             gene_nnz += np.bincount(X.col, minlength=spec.genes)
-            X_arr.write(
-                pa.table(
-                    {
-                        "soma_dim_0": X.row.astype(np.int64) + row0,
-                        "soma_dim_1": X.col.astype(np.int64),
-                        "soma_data": X.data.astype(np.float32),
-                    }
-                )
-            )
+            X_arr.write(_global_order_table(X, row0, spec.genes), platform_config=GLOBAL_ORDER)
             obs_df = obs.reset_index(drop=True)
             obs_df.insert(0, "soma_joinid", np.arange(row0, row0 + len(obs_df), dtype=np.int64))
             obs_arr.write(
-                pa.Table.from_pandas(obs_df, schema=census_obs_schema(), preserve_index=False)
+                pa.Table.from_pandas(obs_df, schema=census_obs_schema(), preserve_index=False),
+                platform_config=GLOBAL_ORDER,
             )
             logger.info("synthetic: wrote cells %d..%d", row0, row0 + len(obs_df) - 1)
         var = var_frame(spec).reset_index(drop=True)

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,27 @@ def check_feature_ids(feature_ids: Sequence[object], where: str) -> list[str]:
             "must be unique: aggregate or drop the duplicated genes before ingest"
         )
     return ids
+
+
+def select_genes(var: pa.Table, genes: list[str] | None) -> pa.Table:
+    """Validated var rows to keep (source order); errors name bad or unknown ids."""
+    if "feature_id" not in var.column_names:
+        raise IngestError(
+            f"source var has no feature_id column (columns: {var.column_names}); "
+            "store unique gene ids (Ensembl) in var['feature_id']"
+        )
+    if genes is not None:
+        ids = [str(x) for x in var.column("feature_id").to_pylist()]
+        wanted = set(genes)
+        unknown = sorted(wanted - set(ids))
+        if unknown:
+            raise IngestError(
+                f"{len(unknown)} ids of the gene list are not in the source var, e.g. "
+                f"{unknown[:5]}; fix the --genes file"
+            )
+        var = var.filter(pa.array([x in wanted for x in ids]))
+    check_feature_ids(var.column("feature_id").to_pylist(), "source var")
+    return var
 
 
 def check_obs_columns(requested: Sequence[str], available: Sequence[str], where: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import anndata as ad
 import numpy as np
+from sklearn.pipeline import Pipeline
 
 from evaluation.blockb import block_b
 from evaluation.compat import cfgen_metrics, scdiffusion_metrics
@@ -64,7 +65,7 @@ class Context:
     test: EvalSet
     test_pcs: np.ndarray  # (N_test, P) centred reference-PCA coordinates
     bandwidth: float  # median pairwise distance among reference cells in PC space
-    classifier: object  # label classifier trained on reference PCs
+    classifier: Pipeline  # label classifier trained on reference PCs
     test_projection: Projection | None  # CFGen-style PCA fitted on the real test HVGs
     settings: dict = field(default_factory=dict)
 
@@ -80,17 +81,17 @@ def make_set(adata: ad.AnnData, label_key: str, is_normalized: bool = False) -> 
 
 
 def align_genes(reference: ad.AnnData, others: dict[str, ad.AnnData]) -> tuple[list, dict]:
-    """Return genes shared by all sets (reference order) and the genes each set lacks."""
-    common = set(reference.var_names)
-    for a in others.values():
-        common &= set(a.var_names)
+    """Return the genes shared by all sets (reference order) and what each set loses.
+
+    ``missing[name]`` lists reference genes absent from that set; ``missing["dropped_extra"]``
+    lists genes of other sets that the reference lacks. Both are dropped everywhere.
+    """
+    ref_genes = set(reference.var_names)
+    common = ref_genes.intersection(*(set(a.var_names) for a in others.values()))
     genes = [g for g in reference.var_names if g in common]
-    missing = {
-        name: sorted(set(reference.var_names) - set(a.var_names)) for name, a in others.items()
-    }
-    missing["reference"] = sorted(
-        set().union(*(set(a.var_names) for a in others.values())) - common
-    )
+    missing = {name: sorted(ref_genes - set(a.var_names)) for name, a in others.items()}
+    extra = set().union(*(set(a.var_names) for a in others.values())) - ref_genes
+    missing["dropped_extra"] = sorted(extra)
     return genes, missing
 
 
@@ -133,7 +134,9 @@ def evaluate_set(ctx: Context, gen: EvalSet) -> dict:
     if ctx.config.block_a:
         hvg = ctx.rep.hvg_idx
         out["block_a"] = {
-            "scdiffusion": scdiffusion_metrics(ctx.test.log, gen.log, ctx.config.rf_trees),
+            "scdiffusion": scdiffusion_metrics(
+                ctx.test.log, gen.log, ctx.config.rf_trees, ctx.config.seed
+            ),
             "cfgen": cfgen_metrics(
                 ctx.test.log[:, hvg],
                 gen.log[:, hvg],
@@ -198,7 +201,8 @@ def prepare(
         floor: real cells with the test's size and composition, never fitted on (P0).
         generated: name -> AnnData of generated cells; obs ``seed`` splits seeds.
         config: settings; defaults to ``EvalConfig()``.
-        normalized: names whose X is already log1p-CP10k (``generated_is_normalized``).
+        normalized: names whose X is already log1p-CP10k; a set whose
+            ``uns["generated_is_normalized"]`` is true counts as listed.
     """
     config = config or EvalConfig()
     genes, missing = align_genes(reference, {"test": test, "floor": floor, **generated})
@@ -212,7 +216,8 @@ def prepare(
         bad = known_bad_sets(reference, test, floor, config)
         sets.update({k: ("known_bad", v) for k, v in bad.items()})
     for name, a in generated.items():
-        sets[name] = ("generated", split_seeds(a[:, genes], config.label_key, name in normalized))
+        is_norm = name in normalized or bool(a.uns.get("generated_is_normalized", False))
+        sets[name] = ("generated", split_seeds(a[:, genes], config.label_key, is_norm))
     return ctx, sets
 
 
@@ -226,6 +231,7 @@ def run(ctx: Context, sets: dict[str, tuple[str, dict[int, EvalSet]]]) -> dict:
             "seeds": sorted(per_seed),
             "per_seed": metrics,
             "summary": summarize(metrics),
+            "summary_per_class": summarize_classes(metrics),
         }
     settings = {**asdict(ctx.config), **ctx.settings, "bandwidth_h": ctx.bandwidth}
     return {"settings": settings, "sets": results}
@@ -243,15 +249,34 @@ def evaluate(
     return run(*prepare(reference, test, floor, generated, config, normalized))
 
 
+def _mean_sem(entries: list[dict]) -> dict:
+    """Return the first entry's metadata with value = mean and sem = std(ddof=1)/√k of values."""
+    vals = np.array([e["value"] for e in entries], dtype=float)
+    sem = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
+    return {**entries[0], "value": float(np.mean(vals)), "sem": sem, "n_seeds": len(vals)}
+
+
 def summarize(per_seed: dict[int, dict]) -> dict:
-    """Return mean ± SEM over seeds of every Block B value (SEM = sample std / √seeds)."""
-    seeds = sorted(per_seed)
-    first = per_seed[seeds[0]]["block_b"]["global"]
-    out = {}
-    for key, meta in first.items():
-        vals = np.array(
-            [per_seed[s]["block_b"]["global"][key]["value"] for s in seeds], dtype=float
-        )
-        sem = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
-        out[key] = {**meta, "value": float(np.mean(vals)), "sem": sem, "n_seeds": len(vals)}
-    return out
+    """Return mean ± SEM over seeds of every global Block B value (SEM = sample std / √seeds).
+
+    A key missing at some seed (e.g. a class mean when no class had enough cells) is
+    averaged over the seeds that have it; ``n_seeds`` says how many.
+    """
+    blocks = [per_seed[s]["block_b"]["global"] for s in sorted(per_seed)]
+    keys = dict.fromkeys(k for b in blocks for k in b)  # ordered union over seeds
+    return {k: _mean_sem([b[k] for b in blocks if k in b]) for k in keys}
+
+
+def summarize_classes(per_seed: dict[int, dict]) -> dict:
+    """Return per class: W2 / MMD² / energy and conditional accuracy / F1, mean ± SEM over seeds."""
+    rows: dict[str, dict[str, list]] = {}
+    for s in sorted(per_seed):
+        bb = per_seed[s]["block_b"]
+        for c, metrics in bb["per_class"].items():
+            for k, e in metrics.items():
+                rows.setdefault(c, {}).setdefault(k, []).append(e)
+        for c, sc in bb["conditional"]["generated"]["per_class"].items():
+            for k in ("accuracy", "f1"):
+                entry = {"value": sc[k], "n_gen": sc["n"], "estimator": "classifier"}
+                rows.setdefault(c, {}).setdefault(f"cond_{k}", []).append(entry)
+    return {c: {k: _mean_sem(v) for k, v in m.items()} for c, m in sorted(rows.items())}

@@ -1,6 +1,14 @@
 """Evaluate generated cells against real data: ``python launchers/evaluate.py --help``."""
 
-from evaluation.cli import main
+import sys
+
+from evaluation import cli
+
+
+def main() -> None:
+    """Run the evaluation command line on this process's arguments."""
+    cli.main(sys.argv[1:])
+
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,10 +71,12 @@ class ToyStream:
 def make_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         run=RunConfig(name=Path(args.run_dir).name, max_steps=args.total_steps),
-        optim=OptimConfig(lr=1e-2, weight_decay=0.1, warmup_frac=0.25, decay_frac=0.25, grad_clip=1.0),
+        optim=OptimConfig(
+            lr=1e-2, weight_decay=0.1, warmup_frac=0.25, decay_frac=0.25, grad_clip=1.0
+        ),
         batch=BatchConfig(global_cells=8, micro_cells=2),
-        precision=PrecisionConfig(dtype="fp32"),
-        zero=ZeroConfig(stage=args.stage),
+        precision=PrecisionConfig(dtype=args.dtype),
+        zero=ZeroConfig(stage=args.stage, offload_optimizer=args.offload),
         ema=EMAConfig(enabled=True, decay=0.9, every=1, start_step=2),
         checkpoint=CheckpointConfig(every_steps=2, keep_last_k=args.keep, resume="auto"),
     )
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-at", type=int, default=8)
     parser.add_argument("--keep", type=int, default=4)
     parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--offload", default="none")
     parser.add_argument("--loss-log", required=True)
     args, _ = parser.parse_known_args(argv)  # ignores the deepspeed launcher's --local_rank
     init_distributed()
@@ -111,17 +116,21 @@ def main(argv: list[str] | None = None) -> None:
         write_export(run_dir / "export", final, {"kind": "toy"}, {"ema.json": ema_json})
 
 
-def train(engine, ema: EMA, cfg: TrainConfig, args, data: ToyStream, step: int) -> None:
+def train(
+    engine: Any, ema: EMA, cfg: TrainConfig, args: argparse.Namespace, data: ToyStream, step: int
+) -> None:
     world, micro = world_size(), cfg.batch.micro_cells
     accum = accumulation_steps(cfg.batch, world)
     loss_fn = nn.MSELoss()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     while step < args.stop_at:
         set_lr(engine.optimizer.param_groups, lr_at(step, cfg.optim, cfg.run.max_steps))
         x, y = data.next_global(cfg.batch.global_cells)
         losses = []
         for k in range(accum):
             chunk = slice((k * world + rank()) * micro, (k * world + rank() + 1) * micro)
-            loss = loss_fn(engine(x[chunk]), y[chunk])
+            pred = engine(x[chunk].to(dtype)).float()  # bf16/fp16 engines hold 16-bit weights
+            loss = loss_fn(pred, y[chunk])
             engine.backward(loss)
             engine.step()  # applies the update only at the accumulation boundary
             losses.append(loss.item())
@@ -147,7 +156,7 @@ def train(engine, ema: EMA, cfg: TrainConfig, args, data: ToyStream, step: int) 
             )
 
 
-def _kill_hook(kill_at: int):
+def _kill_hook(kill_at: int) -> Any:
     def hook(tag: str) -> None:
         # Rank 0 commits `latest`; dying here is the worst moment: every shard is on disk.
         if tag == tag_for(kill_at) and rank() == 0:

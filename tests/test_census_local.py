@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from data import soma
-from data.ingest import main as ingest_main
+from data.ingest import run_ingest
 from data.synthetic import write_census_folder
 from data.validate import IngestError
 
@@ -30,7 +30,7 @@ def census_source(census_root):
 
 def _ingest(read_copy, root, out, *extra):
     argv = ["--source", "census", "--census-uri", root, "--out", str(out)]
-    ingest_main([*argv, "--block-cells", "100", "--log-level", "WARNING", *extra])
+    run_ingest([*argv, "--block-cells", "100", "--log-level", "WARNING", *extra])
     return read_copy(out)
 
 
@@ -64,6 +64,11 @@ def test_census_default_filter_and_gene_subset(census_root, census_source, tmp_p
     np.testing.assert_array_equal(side["library_size"], obs["raw_sum"].to_numpy()[src])
 
 
-def test_census_unknown_organism(census_root, tmp_path, read_copy):
+def test_census_bad_organism_and_gene_list(census_root, tmp_path, read_copy):
     with pytest.raises(IngestError, match="mus_musculus.*homo_sapiens"):
         _ingest(read_copy, census_root, tmp_path / "c", "--organism", "mus_musculus")
+    genes = tmp_path / "genes.txt"
+    genes.write_text("ENSG00000000005\nENSG_NOT_THERE\n")
+    with pytest.raises(IngestError, match="ENSG_NOT_THERE.*--genes"):
+        _ingest(read_copy, census_root, tmp_path / "d", "--genes", str(genes))
+    assert not (tmp_path / "d" / "manifest.json").exists()

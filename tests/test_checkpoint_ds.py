@@ -11,9 +11,11 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +23,10 @@ import torch
 from train.checkpoint import (
     COMPLETE,
     CheckpointError,
+    ResumePoint,
     find_resume,
+    install_sigterm_handler,
+    load_checkpoint,
     prune,
     read_latest,
     save_checkpoint,
@@ -191,3 +196,30 @@ def test_prune_keeps_last_k_complete(tmp_path):
     write_latest(ckpt, "step_0000008")
     assert prune(ckpt, 2) == ["step_0000002", "step_0000003", "step_0000004"]
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000006", "step_0000008"]
+
+
+def test_sigterm_sets_flag_only(tmp_path):
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_requested = install_sigterm_handler()
+        assert not stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # the process survives; the loop saves and exits
+        assert stop_requested()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _CorruptEngine:
+    """Stands in for an engine whose shard files cannot be unpickled."""
+
+    optimizer = SimpleNamespace(param_groups=[])
+
+    def load_checkpoint(self, *args, **kwargs) -> None:
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+
+def test_corrupt_checkpoint_error_names_tag_and_fix(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_0000004"
+    point = ResumePoint("step_0000004", folder, folder.parent, 2, universal=False)
+    with pytest.raises(CheckpointError, match=r"step_0000004.*corrupt.*checkpoint\.resume="):
+        load_checkpoint(_CorruptEngine(), point)

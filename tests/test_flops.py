@@ -58,7 +58,9 @@ def _assert_matches(analytic: flops.FlopCount, cells: int, counted: int, rtol: f
     assert total == pytest.approx(counted, rel=rtol), (total, counted)
     terms = {k: v for k, v in analytic.terms(cells).items() if v > 0}
     too_small = {k: v / counted for k, v in terms.items() if v <= 2 * rtol * counted}
-    assert not too_small, f"terms below the tolerance, dropping them would go unnoticed: {too_small}"
+    assert not too_small, (
+        f"terms below the tolerance, dropping them would go unnoticed: {too_small}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,3 +125,17 @@ def test_swiglu_hidden_matches_layers() -> None:
 
     for dim in (16, 32, 100, 256, 512, 1024):
         assert flops.swiglu_hidden(dim, 4) == swiglu_hidden_dim(dim, 4)
+
+
+def test_bench_presets_and_overrides() -> None:
+    from train.bench_model import build_configs
+
+    overrides = ["vae.latent_dim=8", "dit.hidden_dim=128", "bench.dec_genes=100,200"]
+    vae, dit, bench = build_configs("census70m", [*overrides, "vae.checkpoint_decode=false"], True)
+    assert (vae.num_genes, vae.embed_dim, vae.num_heads) == (36130, 512, 8)
+    assert vae.latent_dim == dit.latent_dim == 8  # the DiT's token width follows the VAE
+    assert dit.hidden_dim == 128 and bench.dec_genes == [100, 200] and bench.steps <= 2
+    assert not vae.checkpoint_decode
+    for bad in ("vae.nope=1", "model.embed_dim=4", "vae.embed_dim"):
+        with pytest.raises(ValueError):
+            build_configs("reference", [bad], False)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from data.ingest import main as ingest_main
+from data.ingest import run_ingest
 from data.materialize import open_copy_manifest
 from data.pbmc import pbmc68k_counts
 from data.synthetic import generate_anndata, parse_spec
@@ -20,7 +20,7 @@ RESUME_SOURCE = "synthetic:cells=1500,genes=80,datasets=3,cell_types=4,seed=5"
 
 def ingest(out, source, *extra):
     """Run the ingest command in-process; returns the copy folder."""
-    ingest_main(["--source", str(source), "--out", str(out), "--log-level", "WARNING", *extra])
+    run_ingest(["--source", str(source), "--out", str(out), "--log-level", "WARNING", *extra])
     return out
 
 
@@ -219,3 +219,10 @@ def test_soma_experiment_source(pbmc_copy, tmp_path, read_copy):
     assert manifest["source"]["kind"] == "soma" and abs(X2 - X1[rows]).sum() == 0
     np.testing.assert_array_equal(side2["library_size"], side1["library_size"][rows])
     np.testing.assert_array_equal(obs2["cell_type"], obs1["cell_type"].to_numpy()[rows])
+
+
+def test_command_reports_bad_source_with_exit_code(tmp_path, caplog):
+    from data.ingest import main
+
+    assert main(["--source", "builtin:nope", "--out", str(tmp_path / "c")]) == 2
+    assert "builtin:pbmc68k" in caplog.text  # the message lists what is available

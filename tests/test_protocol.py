@@ -7,11 +7,13 @@ thirds are halved into a floor with the test's composition and the reference.
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from evaluation.fixtures import PBMC_LABEL_KEY, load_pbmc68k, pbmc68k_splits
-from evaluation.protocol import EvalConfig, evaluate, summarize
+from evaluation.protocol import EvalConfig, align_genes, evaluate, make_set, summarize
 
 HEADLINE = ("w2", "mmd2_u", "energy", "c2st_knn_auc")
 
@@ -43,14 +45,16 @@ def test_headline_orderings(results: dict, key: str) -> None:
     assert floor < pois < shuf
 
 
-def test_logistic_c2st_separates_known_bad_from_floor(results: dict) -> None:
-    # A linear classifier sees mostly mean shifts; gene shuffling keeps every gene's mean,
-    # so the shuffled set's PC means match the test's and LR AUC stays low (≈0.55 here),
-    # below Poisson-mean. Only "floor below both known-bad sets" is a robust ordering.
-    floor = _v(results, "real_floor", "c2st_logreg_auc")
-    assert floor < 0.6
-    assert floor < _v(results, "poisson_mean", "c2st_logreg_auc")
-    assert floor < _v(results, "gene_shuffled", "c2st_logreg_auc")
+def test_logistic_c2st_sees_poisson_but_not_gene_shuffling(results: dict) -> None:
+    # A linear classifier on PCs only sees shifts of the PC distribution's location. Gene
+    # shuffling keeps every gene's mean, hence the PC means, so its LR AUC stays near 0.5
+    # (0.48-0.54 over split seeds 0-3, sometimes below the floor); the nonlinear kNN C2ST is
+    # the one that catches it. Robust here: floor ≈ 0.5 and Poisson-mean above both.
+    floor, pois, shuf = (
+        _v(results, n, "c2st_logreg_auc") for n in ("real_floor", "poisson_mean", "gene_shuffled")
+    )
+    assert abs(floor - 0.5) < 0.1 and abs(shuf - 0.5) < 0.1
+    assert pois > max(floor, shuf) + 0.1
 
 
 def test_floor_is_near_zero_for_unbiased_estimators(results: dict) -> None:
@@ -87,6 +91,13 @@ def test_small_classes_are_skipped_with_reasons(results: dict) -> None:
     assert set(floor["block_a"]["cfgen"]["skipped"]) == set(skipped)
 
 
+def test_per_class_summary_has_distances_only_for_evaluated_classes(results: dict) -> None:
+    per_class = results["sets"]["poisson_mean"]["summary_per_class"]
+    assert {"w2", "mmd2_u", "energy", "cond_accuracy"} <= set(per_class["Dendritic"])
+    # CD34+ (4 test cells) is skipped for distances but still scored by the classifier.
+    assert "w2" not in per_class["CD34+"] and "cond_accuracy" in per_class["CD34+"]
+
+
 def test_every_number_carries_n_and_representation(results: dict) -> None:
     for r in results["sets"].values():
         for key, entry in r["summary"].items():
@@ -104,3 +115,24 @@ def test_summarize_is_mean_and_sem_over_seeds() -> None:
     assert out["value"] == pytest.approx(7 / 3)
     assert out["sem"] == pytest.approx(np.std([1, 2, 4], ddof=1) / np.sqrt(3))
     assert out["n_seeds"] == 3 and out["n_real"] == 3
+    del per_seed[2]["block_b"]["global"][
+        "w2"
+    ]  # a key missing at one seed is averaged over the rest
+    assert summarize(per_seed)["w2"]["n_seeds"] == 2
+
+
+def test_align_genes_reports_and_drops_unshared_genes() -> None:
+    ref = ad.AnnData(np.ones((2, 4)), var=pd.DataFrame(index=["g0", "g1", "g2", "g3"]))
+    gen = ad.AnnData(np.ones((2, 4)), var=pd.DataFrame(index=["g3", "g0", "g1", "x9"]))
+    genes, missing = align_genes(ref, {"gen": gen})
+    assert genes == ["g0", "g1", "g3"]  # reference order, whatever the other set's order
+    assert missing == {"gen": ["g2"], "dropped_extra": ["x9"]}
+
+
+def test_normalized_input_is_not_renormalized() -> None:
+    log = np.log1p(np.array([[10.0, 0.0], [5.0, 5.0]]))
+    a = ad.AnnData(log, obs=pd.DataFrame({"cell_type": ["a", "b"]}, index=["0", "1"]))
+    as_log = make_set(a, "cell_type", is_normalized=True)
+    assert np.array_equal(as_log.log, log) and as_log.libsize is None
+    as_counts = make_set(a, "cell_type")
+    assert not np.allclose(as_counts.log, log) and as_counts.libsize is not None

@@ -71,6 +71,7 @@ def test_report_markdown_lists_floor_known_bad_and_model_rows(report_dir: Path) 
         assert row in md
     assert "| toy | generated | 2 |" in md
     assert "MMD² (unbiased)" in md and "Block A" in md and "Skipped classes" in md
+    assert "## Per class: W2" in md and "| a |" in md
     # The floor row comes before the known-bad rows, which come before the models.
     assert md.index("| real_floor |") < md.index("| poisson_mean |") < md.index("| toy |")
 
@@ -82,3 +83,18 @@ def test_shifted_generated_set_scores_worse_than_the_floor(report_dir: Path) -> 
     for key in ("mmd2_u", "energy", "c2st_knn_auc"):
         vals = {n: r["summary"][key]["value"] for n, r in sets.items()}
         assert vals["real_floor"] < vals["toy"], key
+
+
+@pytest.mark.slow
+def test_umap_figure_is_written(tmp_path: Path) -> None:
+    # umap-learn compiles with numba on first use (~20 s), hence the slow tier.
+    from evaluation.figures import write_figures
+    from evaluation.fixtures import carve_floor
+    from evaluation.protocol import EvalConfig, prepare
+
+    test, train = _synthetic(30, seed=0), _synthetic(60, seed=1)
+    floor, ref = carve_floor(train.obs["cell_type"], test.obs["cell_type"])
+    config = EvalConfig(n_top_genes=30, known_bad_seeds=(0,), block_a=False)
+    ctx, sets = prepare(train[ref].copy(), test, train[floor].copy(), {}, config)
+    written = write_figures(ctx, sets, tmp_path, umap=True)
+    assert tmp_path / "umap.png" in written and (tmp_path / "umap.png").stat().st_size > 1000

@@ -29,16 +29,16 @@ def _check_literals(obj: Any, prefix: str = "") -> None:
     if not dataclasses.is_dataclass(obj):
         return
     hints = typing.get_type_hints(type(obj))
-    for field in dataclasses.fields(obj):
-        value = getattr(obj, field.name)
-        hint = hints.get(field.name)
+    for fld in dataclasses.fields(obj):
+        value = getattr(obj, fld.name)
+        hint = hints.get(fld.name)
         if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
             choices = ", ".join(repr(c) for c in typing.get_args(hint))
             raise ConfigError(
-                f"config key '{prefix}{field.name}' = {value!r} is not one of {choices}; "
+                f"config key '{prefix}{fld.name}' = {value!r} is not one of {choices}; "
                 f"set it to one of these"
             )
-        _check_literals(value, f"{prefix}{field.name}.")
+        _check_literals(value, f"{prefix}{fld.name}.")
 
 
 def load_config(
@@ -113,6 +113,11 @@ class RunConfig:
     seed: int = 0  # base seed; per-step generators are seeded by (seed, step, rank)
     max_steps: int = 1000  # optimiser steps to train in total (the LR schedule spans these)
     eval_every: int = 0  # optimiser steps between evaluations; 0 = never
+
+
+def run_dir(run: RunConfig) -> Path:
+    """Return the run folder `<root>/<name>` (config.yaml, deepspeed.json, checkpoints/, ...)."""
+    return Path(run.root) / run.name
 
 
 @dataclass

@@ -138,7 +138,8 @@ def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False)
     """
     accum = accumulation_steps(cfg.batch, world)
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
-    if cfg.zero.offload_optimizer != "none":
+    offload = cfg.zero.offload_optimizer != "none"
+    if offload:
         zero["offload_optimizer"] = {"device": cfg.zero.offload_optimizer, "pin_memory": True}
     if cfg.zero.stage == 3:
         # Gather the full 16-bit weights on save so export tools can read them without ZeRO.
@@ -150,7 +151,13 @@ def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False)
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision.dtype == "bf16"},
-        "fp16": {"enabled": cfg.precision.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {
+            "enabled": cfg.precision.dtype == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+        },
+        # Offload with our torch AdamW (DeepSpeed would demand its compiled CPUAdam otherwise).
+        "zero_force_ds_cpu_optimizer": not offload,
         "steps_per_print": 10**9,  # we print our own metric lines
         "wall_clock_breakdown": False,
     }

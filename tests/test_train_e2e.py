@@ -1,0 +1,165 @@
+"""End-to-end training with real DeepSpeed on CPU: 2 ranks, gloo, the built-in pbmc68k copy.
+
+One 6-step VAE run at ZeRO-2 (deepspeed launcher) is shared by the tests. "Stop at step 3 and
+resume" copies that run as it was after its step-3 checkpoint (the checkpoint a stopped run
+writes is the same one) and resumes it under torchrun; steps 4-6 must repeat exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.config import DataConfig
+from data.stream import CellStream
+from models.dit import DiT, DiTConfig
+from models.vae import VAE, VAEConfig
+from train.checkpoint import write_latest
+from train.export import read_export
+from train.vae_stage import cell_batch
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+TINY_VAE = [
+    "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "model.num_cross_heads=2",
+    "model.num_inducing_points=4", "model.latent_dim=4",
+]  # fmt: skip
+TINY_DIT = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "model.freq_dim=32"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(script: str, args: list[str], launcher: str = "python", ok: bool = True):
+    """Run a training launcher; return the completed process."""
+    path = str(REPO / "launchers" / script)
+    if launcher == "deepspeed":  # the `deepspeed` console script, without relying on PATH
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+        cmd += ["--master_port", str(_free_port()), path]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(_free_port()), path]
+    else:
+        cmd = [sys.executable, path]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(
+        cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    """Step -> merged metrics of the run's metrics.jsonl (later lines win, as after a resume)."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_run(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A finished 6-step VAE run at ZeRO-2 on 2 ranks (deepspeed launcher); (run dir, args)."""
+    root = tmp_path_factory.mktemp("runs")
+    args = [DEBUG, *TINY_VAE, f"data.source={pbmc_copy}", f"run.root={root}", "zero.stage=2"]
+    _launch("train_vae.py", [*args, "run.name=full"], launcher="deepspeed")
+    return root / "full", args
+
+
+def test_vae_loss_decreases_and_export_is_complete(vae_run):
+    run_dir, _ = vae_run
+    metrics = _metrics(run_dir)
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    assert metrics[6]["val/nll"] < metrics[3]["val/nll"]
+    assert metrics[6]["cells_seen"] == 6 * 16
+    files = {p.name for p in (run_dir / "export").iterdir()}
+    assert {"model.safetensors", "config.json", "genes.tsv", "labels.json", "libsize.json"} <= files
+    libsize = json.loads((run_dir / "export" / "libsize.json").read_text())
+    assert "CD14+ Monocyte" in libsize["log_library_size"]["cell_type"]
+    assert (run_dir / "deepspeed.json").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_vae_resume_is_exact(vae_run, tmp_path):
+    run_dir, args = vae_run
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n in ("step_0000006", "export", "universal")]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed, ignore=ignore)
+    write_latest(resumed / "checkpoints", "step_0000003")
+    args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
+    proc = _launch("train_vae.py", args, launcher="torchrun")
+    assert "resumed from step_0000003" in proc.stdout
+    full, again = _metrics(run_dir), _metrics(resumed)
+    for step in (4, 5, 6):
+        assert again[step]["train/loss"] == full[step]["train/loss"], step
+    wa, _, _ = read_export(run_dir / "export")
+    wb, _, _ = read_export(resumed / "export")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
+
+
+def test_export_reload_equals_live_model(vae_run, pbmc_copy):
+    """The fresh VAE from the export reproduces the live model's validation NLL."""
+    run_dir, _ = vae_run
+    state, config, folder = read_export(run_dir / "export")
+    vae = VAE(VAEConfig(**config)).eval()
+    vae.load_state_dict(state)
+    live = json.loads((folder / "provenance.json").read_text())["val"]["val/nll"]
+    stream = CellStream(DataConfig(source=str(pbmc_copy), val_fraction=0.1, micro_batch=8), "val")
+    total, cells = 0.0, 0
+    with torch.no_grad():
+        for batch in stream.iter_eval():
+            if batch.num_cells >= 2:  # the loop's validation skips single-cell batches too
+                nll = vae.loss(cell_batch(batch, torch.device("cpu"))).nll
+                total, cells = total + float(nll) * batch.num_cells, cells + batch.num_cells
+    stream.close()
+    assert total / cells == pytest.approx(live, rel=1e-5)
+
+
+def test_dit_trains_from_the_vae_export(vae_run, tmp_path):
+    run_dir, _ = vae_run
+    args = [DEBUG, *TINY_DIT, f"run.root={tmp_path}", "run.name=dit", "run.max_steps=4"]
+    args += [f"stage.vae_export={run_dir / 'export'}", "ema.start_step=2"]
+    _launch("train_dit.py", args)
+    metrics = _metrics(tmp_path / "dit")
+    assert "val/flow_loss_ema" in metrics[4] and metrics[4]["train/loss"] > 0
+    state, config, folder = read_export(tmp_path / "dit" / "export")
+    assert config.pop("denoiser") == "dit"
+    dit = DiT(DiTConfig(**config))
+    dit.load_state_dict(state)
+    conditions = json.loads((folder / "conditions.json").read_text())
+    assert conditions["null_indices"]["cell_type"] == len(conditions["vocabularies"]["cell_type"])
+
+
+@pytest.mark.parametrize(
+    ("script", "extra", "message"),
+    [
+        ("train_vae.py", ["model.embed_dimm=8"], "embed_dimm"),
+        ("train_vae.py", ["batch.global_cells=20"], "must be a positive multiple"),
+        ("train_dit.py", ["stage.vae_run=missing"], "run train_vae.py first"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(script, extra, message, pbmc_copy, tmp_path):
+    args = [DEBUG, f"run.root={tmp_path}", f"data.source={pbmc_copy}", *extra]
+    proc = _launch(script, args, ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,278 @@
+"""The one training loop, shared by every stage (conventions.md §5).
+
+Per optimiser step: fetch micro-batches -> forward/backward through the DeepSpeed engine ->
+engine step -> EMA update -> log all-reduced means -> eval on cadence -> checkpoint on cadence ->
+stop at `run.max_steps` or on SIGTERM (save, then return). Resume is automatic and happens first.
+The loop calls engine methods and the rank helpers of `train.distributed` only.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.checkpoint import install_sigterm_handler, load_checkpoint, prepare_resume
+from train.checkpoint import save_checkpoint as save_tag
+from train.config import TrainConfig, accumulation_steps, to_yaml
+from train.distributed import (
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    build_engine,
+    consolidated_state_dict,
+    deepspeed_config,
+    gathered_params,
+    is_main,
+    print0,
+    rank,
+    save_deepspeed_config,
+    world_size,
+)
+from train.optim import EMA, build_optimizer, lr_at, set_lr
+from train.stage import Stage, batches_forever
+from train.tracking import make_tracker
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoopConfig:
+    """Loop guards that are not part of the run-level sections of `TrainConfig`."""
+
+    max_bad_steps: int = 10  # steps with a NaN/inf loss that are skipped before the run stops
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite losses); the message says why."""
+
+
+@dataclass
+class LoopState:
+    """Rank-identical progress, saved in the checkpoint's client state."""
+
+    step: int = 0  # optimiser steps done
+    cells_seen: int = 0  # training cells consumed over all ranks
+    bad_steps: int = 0  # skipped steps with a non-finite loss
+    wandb_run_id: str | None = None  # reopened after a restart
+    eval_step: int = -1  # step of the last validation (not repeated at the end)
+    val: dict = field(default_factory=dict)  # metrics of the last validation
+
+
+def step_generator(seed: int, step: int, rank_: int, micro: int) -> torch.Generator:
+    """Return a CPU generator seeded by (seed, step, rank, micro-batch): resume needs no state."""
+    value = np.random.SeedSequence([seed, step, rank_, micro]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(value))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux (bytes on macOS); the host process is what a CPU rank uses.
+    scale = 1.0 if sys.platform != "darwin" else 1.0 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
+
+
+def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    # A finite stand-in for a NaN loss: every trainable parameter gets a zero gradient, so the
+    # DeepSpeed gradient hooks fire exactly as on a normal micro-batch and no rank hangs.
+    params = [p for p in module.parameters() if p.requires_grad]
+    return sum(p.float().sum() for p in params) * 0.0
+
+
+def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, state: LoopState):
+    """Run one optimiser step; return (local metrics, True when the step was skipped)."""
+    accum = accumulation_steps(cfg.batch, world_size())
+    lr = lr_at(state.step, cfg.optim, cfg.run.max_steps)
+    set_lr(engine.optimizer.param_groups, lr)
+    dtype = _AUTOCAST.get(cfg.precision.dtype)
+    device = engine.device
+    t_start, wait, cells, tokens, bad = time.perf_counter(), 0.0, 0, 0, False
+    sums: dict[str, float] = {}
+    for k in range(accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        gen = step_generator(cfg.run.seed, state.step, rank(), k)
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        with ctx:
+            loss, metrics = stage.loss_fn(engine.module, batch, gen)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            bad, loss = True, _zero_loss(engine.module)
+        engine.backward(loss)
+        if k == accum - 1 and any_rank(bad):
+            # Skip the update on every rank: lr 0 leaves the weights (and decay) untouched.
+            set_lr(engine.optimizer.param_groups, 0.0)
+        engine.step()
+        for key, value in {"loss": loss.detach(), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(value) / accum
+        cells, tokens = cells + batch.num_cells, tokens + batch.num_tokens
+    norm = engine.get_global_grad_norm()
+    local = {f"train/{k}": v for k, v in sums.items()}
+    local.update(
+        {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")},
+        cells=float(cells),
+        tokens=float(tokens),
+        wait=wait,
+        seconds=time.perf_counter() - t_start,
+    )
+    return local, any_rank(bad)
+
+
+def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device: torch.device) -> None:
+    """All-reduce the step's metrics, derive throughput, and write them (rank 0)."""
+    mean = all_reduce_mean(local)
+    world = world_size()
+    cells, tokens, seconds = mean.pop("cells") * world, mean.pop("tokens") * world, mean["seconds"]
+    state.cells_seen += int(round(cells))
+    mean.update(
+        {
+            "perf/tokens_per_s": tokens / max(seconds, 1e-9),
+            "perf/data_wait_frac": mean.pop("wait") / max(seconds, 1e-9),
+            "perf/step_s": mean.pop("seconds"),
+            "perf/peak_mem_mb": _peak_memory_mb(device),
+            "cells_seen": float(state.cells_seen),
+        }
+    )
+    tracker.log(mean, state.step, cells=int(round(cells)))
+    _append_jsonl(run_dir, {"step": state.step, **mean})
+
+
+def _append_jsonl(run_dir: Path, record: dict) -> None:
+    if is_main():  # full-precision metric history (tests compare resumed losses with it)
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _evaluate(stage: Stage, engine: Any, ema: EMA | None, state: LoopState, run_dir: Path, tr):
+    """Run the stage's validation (collective) and record it; return the metrics."""
+    engine.module.eval()
+    with torch.no_grad():
+        metrics = stage.eval_fn(engine.module, ema.state_dict() if ema else None)
+    engine.module.train()
+    state.eval_step, state.val = state.step, metrics
+    print0(f"step {state.step} | " + " | ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
+    _append_jsonl(run_dir, {"step": state.step, **metrics})
+    wandb_run = getattr(tr, "_wandb", None)  # Tracker.log is train-step oriented
+    if wandb_run is not None:
+        wandb_run.log(metrics, step=state.step)
+    return metrics
+
+
+def _save(engine: Any, stage: Stage, cfg: TrainConfig, ema: EMA | None, state: LoopState,
+          run_dir: Path, config_dict: dict) -> None:  # fmt: skip
+    client = {
+        **asdict(state),
+        "data": stage.train_stream.state_dict(),
+        "config": config_dict,
+        "stage": stage.name,
+        **stage.client_extra,
+    }
+    ema_state = ema.state_dict() if (ema is not None and is_main()) else None
+    save_tag(engine, run_dir, state.step, client, ema_state, cfg.checkpoint.keep_last_k)
+
+
+def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, tracker) -> bool:
+    """Train until max_steps or SIGTERM; return True when max_steps was reached."""
+    batches = iter(batches_forever(stage.train_stream))
+    stop_requested = install_sigterm_handler()
+    every_ckpt, every_eval = cfg.checkpoint.every_steps, cfg.run.eval_every
+    while state.step < cfg.run.max_steps:
+        local, skipped = _one_step(engine, stage, cfg, batches, state)
+        state.step += 1
+        if skipped:
+            state.bad_steps += 1
+            print0(f"step {state.step}: non-finite loss, update skipped ({state.bad_steps})")
+            if state.bad_steps > loop_cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{state.bad_steps} steps had a NaN/inf loss (loop.max_bad_steps = "
+                    f"{loop_cfg.max_bad_steps}); lower optim.lr, use fp32, or check the data"
+                )
+        if ema is not None and ema.due(state.step):
+            with gathered_params(engine):
+                ema.update(engine.module.named_parameters(), state.step)
+        _log(tracker, state, local, run_dir, engine.device)
+        if stage.eval_fn is not None and every_eval and state.step % every_eval == 0:
+            _evaluate(stage, engine, ema, state, run_dir, tracker)
+        stop = any_rank(stop_requested())
+        done = state.step >= cfg.run.max_steps
+        if stop or done or (every_ckpt and state.step % every_ckpt == 0):
+            _save(engine, stage, cfg, ema, state, run_dir, config_dict)
+        if stop:
+            print0(f"SIGTERM: saved step {state.step} in {run_dir}; rerun the command to resume")
+            return False
+    return True
+
+
+def _export(engine, stage: Stage, ema: EMA | None, state: LoopState, run_dir: Path, val: dict):
+    """Write `run_dir/export` from the EMA (when kept) or the consolidated fp32 weights."""
+    weights = consolidated_state_dict(engine)  # collective at every ZeRO stage
+    if ema is not None:
+        weights = ema.state_dict()
+    if is_main():
+        info = {"step": state.step, "cells_seen": state.cells_seen, "val": val}
+        stage.export_fn(run_dir / "export", weights, info)
+        print0(f"export written to {run_dir / 'export'}")
+    barrier()
+
+
+def run(stage: Stage, cfg: TrainConfig, run_dir: str | Path, export_only: bool = False) -> dict:
+    """Resume if possible, train `stage` to `run.max_steps`, export; return the last val metrics.
+
+    With `export_only`, the latest checkpoint is loaded and exported without training.
+    """
+    run_dir, world = Path(run_dir), world_size()
+    loop_cfg: LoopConfig = getattr(cfg, "loop", LoopConfig())
+    config_dict = json.loads(json.dumps(asdict(cfg), default=str))
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "stage").write_text(stage.name)
+        print0(f"resolved config ({world} ranks):\n{to_yaml(cfg)}")
+    point = prepare_resume(run_dir, cfg.checkpoint.resume, world)
+    ds_config = deepspeed_config(cfg, world, load_universal=bool(point and point.universal))
+    save_deepspeed_config(ds_config, run_dir)
+    engine = build_engine(stage.model, build_optimizer(stage.model, cfg.optim), ds_config)
+    ema = None
+    if stage.use_ema:
+        with gathered_params(engine):
+            ema = EMA(engine.module.named_parameters(), cfg.ema)
+    state = LoopState()
+    if point is not None:
+        client, ema_state = load_checkpoint(engine, point)
+        state = LoopState(**{k: client[k] for k in asdict(state) if k in client})
+        stage.train_stream.load_state_dict(client["data"])
+        if ema is not None and ema_state is not None:
+            ema.load_state_dict(ema_state)
+        print0(f"resumed from {point.tag} (step {state.step}, {state.cells_seen} cells)")
+    elif export_only:
+        raise TrainingError(f"{run_dir} has no checkpoint to export; train it first")
+    tracker = None
+    val: dict = {}
+    try:
+        if not export_only:
+            tracker = make_tracker(
+                cfg.logging, run_dir, cfg.run.name, config=config_dict,
+                run_id=state.wandb_run_id, total_steps=cfg.run.max_steps, start_step=state.step,
+            )  # fmt: skip
+            state.wandb_run_id = tracker.run_id
+            if not _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, tracker):
+                return val
+        if stage.eval_fn is not None and state.eval_step != state.step:
+            _evaluate(stage, engine, ema, state, run_dir, tracker)
+        val = state.val
+        _export(engine, stage, ema, state, run_dir, val)
+    finally:
+        if tracker is not None:
+            tracker.close()
+        stage.close()
+    return val

@@ -1,0 +1,234 @@
+"""Stage 1: assembles the data, the VAE, its loss, validation and export for the one loop.
+
+`deepspeed launchers/train_vae.py [configs/*.yaml ...] [key=value ...]` runs with no arguments:
+it ingests `builtin:pbmc68k` into `<run.root>/data/pbmc68k` on first use and trains the
+reference-default VAE (`VAEConfig` defaults) on it. The vocabulary size V is derived from the
+copy's genes.tsv, never configured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from data.batch import CsrBatch
+from data.config import DataConfig
+from data.ingest import main as ingest_main
+from data.stream import CellStream
+from models.batch import CellBatch
+from models.vae import VAE, VAEConfig
+from train.config import (
+    BatchConfig,
+    CheckpointConfig,
+    ConfigError,
+    LoggingConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+    accumulation_steps,
+    load_config,
+    split_cli,
+)
+from train.distributed import all_reduce_mean, barrier, init_distributed, is_main, rank, world_size
+from train.export import write_export
+from train.loop import LoopConfig, run, step_generator
+from train.stage import Stage
+
+BUILTIN = "builtin:pbmc68k"
+_DERIVED_V = 1  # placeholder for model.num_genes until the copy's genes.tsv is read
+_VAL_KEYS = ("nll", "mse", "pearson", "zero_agreement")
+
+
+@dataclass
+class VAEStageConfig(TrainConfig):
+    """Stage-1 schema: run-level sections + data + model (defaults: a CPU-sized default run)."""
+
+    run: RunConfig = field(
+        default_factory=lambda: RunConfig(name="vae", max_steps=150, eval_every=50)
+    )  # identity, seed, length; 150 steps of 128 cells take minutes on 2 CPU cores
+    batch: BatchConfig = field(
+        default_factory=lambda: BatchConfig(global_cells=128, micro_cells=32)
+    )  # divides by 1, 2 and 4 ranks
+    precision: PrecisionConfig = field(
+        default_factory=lambda: PrecisionConfig(dtype="fp32")
+    )  # CPU default; the GPU recipes set bf16
+    checkpoint: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(every_steps=50)
+    )  # saves, resume
+    logging: LoggingConfig = field(
+        default_factory=lambda: LoggingConfig(every_steps=10)
+    )  # metric lines, W&B
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(val_fraction=0.1, drop_last=True)
+    )  # stream; source "" = the built-in pbmc68k copy; micro_batch = batch.micro_cells
+    model: VAEConfig = field(
+        default_factory=lambda: VAEConfig(num_genes=_DERIVED_V)
+    )  # VAE hyperparameters; num_genes comes from the data
+    loop: LoopConfig = field(default_factory=LoopConfig)  # NaN guard
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """Return `<run.root>/<run.name>`."""
+    return Path(cfg.run.root) / cfg.run.name
+
+
+def resolve_source(data: DataConfig, root: str) -> str:
+    """Return the data source, ingesting the built-in copy on rank 0 first when none is given."""
+    if data.source:
+        return data.source
+    copy = Path(root) / "data" / "pbmc68k"
+    if is_main() and not (copy / "manifest.json").is_file():
+        print(f"ingesting {BUILTIN} into {copy} (first use)", flush=True)
+        if ingest_main(["--source", BUILTIN, "--out", str(copy), "--log-level", "WARNING"]) != 0:
+            raise RuntimeError(f"ingesting {BUILTIN} into {copy} failed")
+    barrier()  # the other ranks wait until the copy exists
+    return str(copy)
+
+
+def num_genes_of(data: DataConfig) -> int:
+    """Return V, the rows of the vocabulary (copy's genes.tsv, or vocab_path in direct mode)."""
+    path = Path(data.vocab_path) if data.vocab_path else Path(data.source) / "genes.tsv"
+    return len(path.read_text().splitlines()) - 1
+
+
+def cell_batch(batch: CsrBatch, device: torch.device, labels: bool = False) -> CellBatch:
+    """Return the packed CellBatch of a host CsrBatch on `device`."""
+    b = batch.to(device, non_blocking=True)
+    cond = b.conditions if labels else None
+    return CellBatch.from_packed(b.gene_ids, b.counts, b.cu_seqlens, b.library_size, labels=cond)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def vae_loss(module: nn.Module, batch: CsrBatch, gen: torch.Generator):
+    """Loss of one micro-batch: NB NLL summed over genes, mean over cells (+ beta KL)."""
+    out = module.loss(cell_batch(batch, _device(module)))
+    return out.total, {k: float(v) for k, v in out.metrics.items()}
+
+
+def make_vae_eval(val: CellStream, seed: int):
+    """Return the validation function: reconstruction metrics on the validation cells."""
+
+    def evaluate(module: nn.Module, ema_state: dict | None) -> dict[str, float]:
+        sums = {f"{k}_{s}": 0.0 for k in _VAL_KEYS for s in ("sum", "n")}
+        for i, batch in enumerate(val.iter_eval()):
+            if batch.num_cells < 2:  # Pearson across cells needs two of them
+                continue
+            gen = step_generator(seed, 0, rank(), i)
+            metrics = module.reconstruction_metrics(cell_batch(batch, _device(module)), None, gen)
+            for key in _VAL_KEYS:
+                if np.isfinite(metrics[key]):  # weighted by cells, NaN batches skipped
+                    sums[f"{key}_sum"] += metrics[key] * batch.num_cells
+                    sums[f"{key}_n"] += batch.num_cells
+        mean = all_reduce_mean(sums)  # a ratio of means is the ratio of sums
+        return {f"val/{k}": mean[f"{k}_sum"] / max(mean[f"{k}_n"], 1e-12) for k in _VAL_KEYS}
+
+    return evaluate
+
+
+def libsize_stats(source: str, joinids: np.ndarray, labels: dict[str, list[str]]) -> dict:
+    """Return per-condition mean/std of log library size over the training cells (copy mode)."""
+    side = Path(source) / "side"
+    log_lib = np.log(np.maximum(np.load(side / "library_size.npy")[joinids], 1.0))
+    out: dict[str, Any] = {
+        "all": {"mean": float(log_lib.mean()), "std": float(log_lib.std()), "n": len(log_lib)}
+    }
+    for column, values in labels.items():
+        path = side / f"codes_{column}.npy"
+        if not path.is_file():
+            continue
+        codes = np.load(path)[joinids]
+        per = {}
+        for code, value in enumerate(values):
+            sel = log_lib[codes == code]
+            if len(sel):
+                per[value] = {"mean": float(sel.mean()), "std": float(sel.std()), "n": len(sel)}
+        out[column] = per
+    return {"log_library_size": out, "split": "train"}
+
+
+def code_version() -> str:
+    """Return the git commit of the code (with '+dirty'), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def make_vae_export(cfg: VAEStageConfig, stream: CellStream):
+    """Return the export function: weights, config.json, genes.tsv, labels.json, libsize.json."""
+    source = Path(cfg.data.source)
+    labels_text = (source / "labels.json").read_text() if cfg.data.mode == "copy" else "{}"
+    libsize = libsize_stats(str(source), stream.source.joinids, json.loads(labels_text))
+    genes = Path(cfg.data.vocab_path) if cfg.data.vocab_path else source / "genes.tsv"
+
+    def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
+        provenance = {
+            "stage": "vae", **info, "data_source": str(source),
+            "data_fingerprint": stream.fingerprint, "code_version": code_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }  # fmt: skip
+        extra = {
+            "genes.tsv": genes.read_text(),
+            "labels.json": labels_text,
+            "libsize.json": json.dumps(libsize, indent=2),
+            "provenance.json": json.dumps(provenance, indent=2, default=str),
+        }
+        write_export(folder, weights, asdict(cfg.model), extra)
+
+    return export
+
+
+def build_stage(cfg: VAEStageConfig) -> tuple[Stage, VAEStageConfig]:
+    """Return the VAE stage and the config with derived values filled in (source, V, micro)."""
+    source = resolve_source(cfg.data, cfg.run.root)
+    data = replace(cfg.data, source=source, micro_batch=cfg.batch.micro_cells)
+    num_genes = num_genes_of(data)
+    if cfg.model.num_genes not in (_DERIVED_V, num_genes):
+        raise ConfigError(
+            f"model.num_genes = {cfg.model.num_genes} but the data has {num_genes} genes; "
+            "num_genes is derived from the data's genes.tsv, remove the override"
+        )
+    cfg = replace(cfg, data=data, model=replace(cfg.model, num_genes=num_genes))
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = VAE(cfg.model)
+    train = CellStream(data, "train", rank(), world_size())
+    closers = [train.close]
+    evaluate = None
+    if data.val_fraction > 0:
+        val = CellStream(replace(data, drop_last=False), "val", rank(), world_size())
+        closers.append(val.close)
+        evaluate = make_vae_eval(val, cfg.run.seed)
+    labels = (Path(source) / "labels.json").read_text() if data.mode == "copy" else "{}"
+    extra = {"genes_tsv": Path(source, "genes.tsv").read_text() if data.mode == "copy" else ""}
+    extra["labels"] = json.loads(labels)
+    stage = Stage(
+        name="vae", model=model, loss_fn=vae_loss, train_stream=train,
+        export_fn=make_vae_export(cfg, train), eval_fn=evaluate, client_extra=extra,
+        closers=closers,
+    )  # fmt: skip
+    return stage, cfg
+
+
+def main(argv: Sequence[str] | None = None, export_only: bool = False) -> dict:
+    """Train (or, with `export_only`, export) the VAE; return the final validation metrics."""
+    yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(VAEStageConfig, yamls, overrides)
+    init_distributed()
+    accumulation_steps(cfg.batch, world_size())  # fail before any data work
+    stage, cfg = build_stage(cfg)
+    return run(stage, cfg, run_dir_of(cfg), export_only=export_only)
