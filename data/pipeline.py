@@ -42,14 +42,15 @@ class Csr:
 def csr_from_sorted_coo(rows: np.ndarray, n_rows: int, cols: np.ndarray, vals: np.ndarray) -> Csr:
     """Return the CSR of COO entries with local row ids 0..n_rows-1, genes ascending per row.
 
-    Entries are sorted (row, col) first unless already in that order, so the output never
-    depends on the order TileDB returned them in.
+    Entries are put in (row, col) order unless already in it, so the output never depends on the
+    order TileDB returned them in. Unordered reads (Census tiling: one run per tile) are a few
+    sorted runs, which a stable (tim)sort merges in near-linear time; lexsort took 10 s on 23M.
     """
     if len(rows) > 1:
-        col_down = np.diff(cols) <= 0  # allowed only where the row advances
-        ordered = np.all(rows[1:] >= rows[:-1]) and np.all(rows[1:][col_down] > rows[:-1][col_down])
-        if not ordered:
-            order = np.lexsort((cols, rows))
+        key = rows.astype(np.int64) << 32  # (row, col) as one int64; cols < 2^32
+        key |= cols
+        if not np.all(key[1:] > key[:-1]):
+            order = np.argsort(key, kind="stable")
             rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])

@@ -57,8 +57,15 @@ def read_coo(X: tiledbsoma.SparseNDArray, coords: slice | np.ndarray) -> tuple[n
 
 def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
     """Return the row index in sorted `joinids` of each entry's joinid (dense range: offset)."""
-    if len(joinids) and joinids[-1] - joinids[0] + 1 == len(joinids):
+    if not len(joinids):
+        return dim0
+    span = int(joinids[-1] - joinids[0]) + 1
+    if span == len(joinids):
         return dim0 - joinids[0]
+    if span <= 64 * len(joinids):  # a lookup table is O(nnz); searchsorted is O(nnz log n)
+        table = np.zeros(span, dtype=np.int64)
+        table[joinids - joinids[0]] = np.arange(len(joinids))
+        return table[dim0 - joinids[0]]
     return np.searchsorted(joinids, dim0)
 
 
