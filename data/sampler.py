@@ -14,10 +14,12 @@ rows: F = N // C full chunks plus, when C does not divide N, one partial chunk o
   (seed, e, first tail chunk) and split evenly by rows across ranks (sizes differ by at most
   one). Every rank then emits the same number of tail batches:
   - `drop_last=False` (default): ceil(T / (W*b)) batches per rank, holding its T//W or T//W+1
-    rows in near-equal batches of at most b cells. Every selected row is emitted exactly once
-    per epoch across ranks, ranks are disjoint, and all ranks take the same number of steps
-    (equal batch COUNT is what ZeRO collectives need). A tail batch is empty only when a rank
-    has fewer tail rows than tail batches (T < W or tiny b).
+    rows: full batches of b cells and a smaller last one (its size differs by at most one cell
+    across ranks). When that last batch would be empty, the rank's tail rows are spread over
+    near-equal batches instead. Every selected row is emitted exactly once per epoch across
+    ranks, ranks are disjoint, and all ranks take the same number of steps (equal batch COUNT is
+    what ZeRO collectives need). A batch is empty only when a rank has fewer tail rows than tail
+    batches (T < W, or b = 1).
   - `drop_last=True`: floor(T / (W*b)) full batches per rank; every batch has exactly b cells
     and at most W*b-1 cells of an epoch are dropped. The dropped cells are a window of the
     rotated, permuted tail, so they differ from epoch to epoch.
@@ -121,7 +123,11 @@ class LockstepSampler:
             return np.zeros(0, dtype=np.int64)
         if self.drop_last:
             return np.full(tail_batches, self.b, dtype=np.int64)
-        return _split_sizes(int(_split_sizes(tail_rows, self.W)[rank]), tail_batches)
+        rows = int(_split_sizes(tail_rows, self.W)[rank])
+        last = rows - (tail_batches - 1) * self.b  # >= 0 because rows <= tail_batches * b
+        if last > 0:  # full batches, then one smaller batch
+            return np.array([self.b] * (tail_batches - 1) + [last], dtype=np.int64)
+        return _split_sizes(rows, tail_batches)  # rare: avoid an empty last batch
 
     def round_plan(self, epoch: int, start_chunk: int, index: int) -> RoundPlan:
         """Return this rank's plan for round `index` of the segment starting at `start_chunk`."""

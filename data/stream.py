@@ -105,8 +105,9 @@ class CellStream(torch.utils.data.IterableDataset):
         nnz = self.source.nnz
         mean_nnz = float(np.mean(nnz)) if nnz is not None and len(nnz) else _ASSUMED_NNZ
         K = config.chunks_per_rank_round or chunks_per_rank_from_budget(
-            mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds
-        )
+            mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds,
+            max_chunks=self.num_cells // C // self.world_size,
+        )  # fmt: skip
         self.sampler = LockstepSampler(
             self.num_cells, C, K, config.micro_batch, self.world_size, self.rank, config.seed,
             config.drop_last,
@@ -119,6 +120,7 @@ class CellStream(torch.utils.data.IterableDataset):
         )  # fmt: skip
         self._pipeline = RoundPipeline(config.reader_threads, config.prefetch_rounds)
         self._epoch = self._start = self._batch = 0
+        self._scratch = np.zeros(0, dtype=np.int64)  # reused gather-positions buffer
         log.info(
             "stream rank %d/%d: %d cells (%s), C=%d K=%d prefetch=%d threads=%d, mean nnz %.0f, "
             "%d batches/epoch", self.rank, self.world_size, self.num_cells, split, C, K,
@@ -171,6 +173,11 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[CsrBatch]:
         """Yield this rank's remaining batches of the current epoch, then advance the epoch."""
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(
+                "CellStream runs its own reader threads; every DataLoader worker process would "
+                "repeat the same batches. Use DataLoader(stream, batch_size=None, num_workers=0)"
+            )
         epoch, start, first = self._epoch, self._start, self._batch
         plans = (
             _trim(p, first - p.first_batch)
@@ -199,8 +206,11 @@ class CellStream(torch.utils.data.IterableDataset):
         positions = np.unique(plan.rows)
         if len(positions) == 0:
             return []
-        runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
-        n_jobs = max(1, 2 * self.config.reader_threads)
+        # A run may skip a few rows (a resumed round's consumed ones): one slice read beats
+        # many small ones, and the reader drops rows it was not asked for.
+        runs = np.split(positions, np.flatnonzero(np.diff(positions) > self.sampler.C) + 1)
+        # >= 2 jobs per thread for balance; <= ~16k rows per job bounds the per-job arrays
+        n_jobs = max(2 * self.config.reader_threads, -(-len(positions) // 16384), 1)
         starts = np.cumsum([0] + [len(r) for r in runs[:-1]])
         group = (starts * n_jobs) // len(positions)  # contiguous groups of ~equal rows
         return [
@@ -238,8 +248,16 @@ class CellStream(torch.utils.data.IterableDataset):
             library = _cat([p.library_size for p in pieces], np.float32)[rows]
         bounds = np.concatenate([[0], np.cumsum(plan.batch_sizes)])
         batches, truncated = [], 0
+        longest = max(
+            (int(lengths[rows[s:e]].sum()) for s, e in zip(bounds[:-1], bounds[1:], strict=True)),
+            default=0,
+        )
+        if len(self._scratch) < longest:  # grows rarely; only the assembler thread uses it
+            self._scratch = np.empty(2 * longest, dtype=np.int64)
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            positions, indptr = gather_positions(starts[rows[s:e]], lengths[rows[s:e]])
+            positions, indptr = gather_positions(
+                starts[rows[s:e]], lengths[rows[s:e]], self._scratch
+            )
             csr = Csr(indptr, indices[positions], data[positions])
             csr, cut = truncate_rows(csr, wanted[s:e], self.config.max_genes, self.config.seed)
             truncated += int(cut.sum())
@@ -300,9 +318,9 @@ class CellStream(torch.utils.data.IterableDataset):
         self._epoch, self._start, self._batch = epoch, start or 0, 0
         self._metrics.add(replayed_cells=replayed, skipped_cells=skipped)
         log.warning(
-            "elastic resume W=%d K=%d -> W=%d K=%d (%s): epoch %d from chunk %d, %d cells replayed, "
-            "%d skipped", state["world_size"], state["K"], s.W, s.K, self.config.elastic, epoch,
-            self._start, replayed, skipped,
+            "elastic resume W=%d K=%d -> W=%d K=%d (%s): epoch %d from chunk %d, "
+            "%d cells replayed, %d skipped", state["world_size"], state["K"], s.W, s.K,
+            self.config.elastic, epoch, self._start, replayed, skipped,
         )  # fmt: skip
 
     def _check_state(self, state: dict[str, Any]) -> None:

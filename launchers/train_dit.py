@@ -11,8 +11,8 @@ import sys
 
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
-from train.export import ExportError
 from train.dit_stage import main as stage_main
+from train.export import ExportError
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from data.batch import CsrBatch
-from data.pipeline import Csr, gather_rows, truncate_rows
+from data.pipeline import Csr, gather_positions, gather_rows, truncate_rows
 
 
 def random_csr(n_rows=7, n_genes=50, density=0.2, seed=0) -> sp.csr_matrix:
@@ -107,3 +107,18 @@ def test_dataloader_passes_batches_through():
     loader = torch.utils.data.DataLoader([batch], batch_size=None, num_workers=0)
     (out,) = list(loader)
     assert isinstance(out, CsrBatch) and torch.equal(out.counts, batch.counts)
+
+
+def test_gather_positions_with_scratch_buffer_and_empty_rows():
+    starts = np.array([5, 0, 9, 9, 2, 40], dtype=np.int64)
+    lengths = np.array([3, 0, 2, 0, 4, 1], dtype=np.int64)
+    expected = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+    scratch = np.full(64, -7, dtype=np.int64)
+    for out in (None, scratch):
+        positions, indptr = gather_positions(starts, lengths, out)
+        np.testing.assert_array_equal(positions, expected)
+        np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(lengths)]))
+    # leading empty row, and all rows empty
+    positions, _ = gather_positions(np.array([3, 7]), np.array([0, 2]), scratch)
+    np.testing.assert_array_equal(positions, [7, 8])
+    assert len(gather_positions(np.array([3]), np.array([0]), scratch)[0]) == 0

@@ -148,3 +148,12 @@ def test_chunks_per_rank_from_budget():
     # A tiny budget still yields one valid round; tiny cells are capped by round size.
     assert chunks_per_rank_from_budget(1e6, 256, 1024, 0.001, 1) == 4
     assert chunks_per_rank_from_budget(1, 256, 256, 4.0, 1) * 256 <= 65536
+
+
+@pytest.mark.parametrize(("n", "W"), [(1001, 2), (997, 4), (5000, 3)])
+def test_tail_full_batches_then_one_smaller(n, W):
+    b = 8
+    per_rank = epoch_batches(n, 16, 2, b, W)
+    lasts = [len(batches[-1]) for batches in per_rank]
+    assert max(lasts) - min(lasts) <= 1 and min(lasts) > 0
+    assert all(len(x) == b for batches in per_rank for x in batches[:-1])

@@ -228,6 +228,11 @@ def test_dataloader_passthrough(small_synthetic_copy):
     direct = list(make(small_synthetic_copy, 2, 0))
     loader = torch.utils.data.DataLoader(make(small_synthetic_copy, 2, 0), batch_size=None)
     same_batches(list(loader), direct)
+    workers = torch.utils.data.DataLoader(
+        make(small_synthetic_copy), batch_size=None, num_workers=1
+    )
+    with pytest.raises(RuntimeError, match="num_workers=0"):
+        list(workers)
 
 
 # --- direct mode on a Census-layout experiment -------------------------------------------

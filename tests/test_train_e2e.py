@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,8 +25,13 @@ from data.config import DataConfig
 from data.stream import CellStream
 from models.dit import DiT, DiTConfig
 from models.vae import VAE, VAEConfig
-from train.checkpoint import write_latest
+from train.checkpoint import read_latest, write_latest
+from train.config import BatchConfig, CheckpointConfig, PrecisionConfig, RunConfig, TrainConfig
 from train.export import read_export
+from train.loop import LoopConfig, LoopState, TrainingError
+from train.loop import _train as loop_train
+from train.stage import Stage
+from train.tracking import NullTracker
 from train.vae_stage import cell_batch
 
 pytestmark = pytest.mark.integration
@@ -43,8 +51,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(script: str, args: list[str], launcher: str = "python", ok: bool = True):
-    """Run a training launcher; return the completed process."""
+def _command(script: str, args: list[str], launcher: str) -> tuple[list[str], dict]:
+    """Return (argv, environment) that start a training launcher."""
     path = str(REPO / "launchers" / script)
     if launcher == "deepspeed":  # the `deepspeed` console script, without relying on PATH
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
@@ -56,9 +64,13 @@ def _launch(script: str, args: list[str], launcher: str = "python", ok: bool = T
         cmd = [sys.executable, path]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
+    return cmd + args, env
+
+
+def _launch(script: str, args: list[str], launcher: str = "python", ok: bool = True):
+    """Run a training launcher; return the completed process."""
+    cmd, env = _command(script, args, launcher)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -71,6 +83,21 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
         row = json.loads(line)
         out.setdefault(row["step"], {}).update(row)
     return out
+
+
+def _fork(src: Path, dst: Path, step: int) -> Path:
+    """Copy run `src` as it was right after its checkpoint at `step` (a run stopped there)."""
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        late = [n for n in names if n.startswith("step_") and int(n[5:]) > step]
+        return late + [n for n in names if n in ("export", "universal")]
+
+    shutil.copytree(src, dst, ignore=ignore)
+    write_latest(dst / "checkpoints", f"step_{step:07d}")
+    rows = (dst / "metrics.jsonl").read_text().splitlines()
+    kept = [r for r in rows if json.loads(r)["step"] <= step]  # later steps must be re-made
+    (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +125,7 @@ def test_vae_loss_decreases_and_export_is_complete(vae_run):
 def test_vae_resume_is_exact(vae_run, tmp_path):
     run_dir, args = vae_run
 
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        return [n for n in names if n in ("step_0000006", "export", "universal")]
-
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run_dir, resumed, ignore=ignore)
-    write_latest(resumed / "checkpoints", "step_0000003")
+    resumed = _fork(run_dir, tmp_path / "resumed", 3)
     args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
     proc = _launch("train_vae.py", args, launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
@@ -114,6 +136,34 @@ def test_vae_resume_is_exact(vae_run, tmp_path):
     wb, _, _ = read_export(resumed / "export")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_vae_resumes_at_another_world_size(vae_run, tmp_path):
+    """2 ranks -> 1 (DeepSpeed universal checkpoint, elastic stream); slow: a conversion."""
+    run_dir, args = vae_run
+    resumed = _fork(run_dir, tmp_path / "world1", 3)
+    proc = _launch("train_vae.py", [*args, f"run.root={tmp_path}", "run.name=world1"])
+    assert "resumed from step_0000003" in proc.stdout
+    assert sorted(_metrics(resumed)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_saves_then_exits(pbmc_copy, tmp_path):
+    args = [DEBUG, *TINY_VAE, f"data.source={pbmc_copy}", f"run.root={tmp_path}"]
+    args += ["run.name=term", "run.max_steps=10000", "run.eval_every=0", "checkpoint.every_steps=0"]
+    cmd, env = _command("train_vae.py", args, "python")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved step" in out
+    step = int(read_latest(tmp_path / "term" / "checkpoints")[5:])
+    assert 2 <= step < 10000 and not (tmp_path / "term" / "export").exists()
 
 
 def test_export_reload_equals_live_model(vae_run, pbmc_copy):
@@ -163,3 +213,74 @@ def test_bad_config_gives_a_clear_error(script, extra, message, pbmc_copy, tmp_p
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class _FakeEngine:
+    """The engine methods the loop calls, on a plain module (a world of one, no DeepSpeed)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.device = module, torch.device("cpu")
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def get_global_grad_norm(self) -> None:
+        return None
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
+        pass
+
+
+class _FakeStream:
+    def __iter__(self):
+        while True:
+            yield SimpleNamespace(num_cells=4, num_tokens=8, x=torch.ones(4, 3))
+
+    def __len__(self) -> int:
+        return 1
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def _nan_run(tmp_path: Path, bad_calls: set[int], max_bad_steps: int):
+    module = torch.nn.Linear(3, 1)
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(model, batch, gen):
+        seen.append(model.weight.detach().clone())
+        loss = model(batch.x).square().mean()
+        return (loss * float("nan") if len(seen) in bad_calls else loss), {}
+
+    stage = Stage("toy", module, loss_fn, _FakeStream(), export_fn=lambda *a: None)
+    cfg = TrainConfig(
+        run=RunConfig(max_steps=4), batch=BatchConfig(global_cells=4, micro_cells=4),
+        precision=PrecisionConfig(dtype="fp32"), checkpoint=CheckpointConfig(every_steps=0),
+    )  # fmt: skip
+    state = LoopState()
+    engine = _FakeEngine(module)
+    args = (engine, stage, cfg, LoopConfig(max_bad_steps), None, state, tmp_path, {})
+    return args, state, seen
+
+
+def test_nan_loss_skips_the_update_and_counts_it(tmp_path):
+    args, state, seen = _nan_run(tmp_path, bad_calls={2}, max_bad_steps=2)
+    assert loop_train(*args, NullTracker())
+    assert state.step == 4 and state.bad_steps == 1
+    torch.testing.assert_close(seen[2], seen[1], rtol=0, atol=0)  # step 2 left weights alone
+    assert not torch.equal(seen[1], seen[0])
+
+
+def test_too_many_nan_steps_stop_with_a_clear_message(tmp_path):
+    args, state, _ = _nan_run(tmp_path, bad_calls={1, 2, 3, 4}, max_bad_steps=2)
+    with pytest.raises(TrainingError, match="NaN/inf loss"):
+        loop_train(*args, NullTracker())
+    assert state.bad_steps == 3

@@ -72,7 +72,7 @@ PRESETS: dict[str, tuple[dict, dict, dict]] = {
             "train_genes": 4096,
             "steps": 2,
             "enc_cells": 4,
-            "enc_reps": 3,
+            "enc_reps": 5,
             "dec_cells": 2,
         },
     ),
@@ -213,6 +213,16 @@ def add_achieved_rates(vae: VAEConfig, dit: DiTConfig, bench: BenchSettings, m: 
             m[key]["achieved_gflops"] = step_flops / m[key]["s_per_step"] / 1e9
 
 
+def add_encoder_flops(vae: VAEConfig, bench: BenchSettings, enc: dict) -> None:
+    """Add the analytic encoder forward FLOPs per cell of both layouts to the scan's rows."""
+    for row in enc.get("rows", []):
+        packed = flops.vae_encoder_flops(vae, row["S"]).total(bench.enc_cells) / bench.enc_cells
+        padded = flops.vae_encoder_flops(vae, row["padded_len"])
+        row["analytic_packed_flops"] = packed
+        row["analytic_padded_flops"] = padded.total(bench.enc_cells) / bench.enc_cells
+        row["analytic_ratio"] = row["analytic_padded_flops"] / packed
+
+
 def _fmt_train(res: dict) -> str:
     if "error" in res:
         return f"FAILED ({res['error']})"
@@ -274,7 +284,9 @@ def _report_measurements(vae: VAEConfig, bench: BenchSettings, res: dict) -> Non
     for r in enc.get("rows", []):
         print(
             f"S={r['S']:>6}: packed {r['packed_ms_per_cell']:.3f} ms, padded "
-            f"{r['padded_ms_per_cell']:.3f} ms, padded/packed {r['ratio']:.2f}"
+            f"{r['padded_ms_per_cell']:.3f} ms, padded/packed {r['ratio']:.2f} "
+            f"(analytic FLOPs: {r['analytic_packed_flops'] / 1e6:.1f} vs "
+            f"{r['analytic_padded_flops'] / 1e6:.1f} MFLOP/cell, {r['analytic_ratio']:.2f})"
         )
     print(
         f"== decoder fwd + bwd of the loss, B={bench.dec_cells}: peak RSS growth, chunked "
@@ -323,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["measured"] = None if args.no_measure else measure(vae, dit, bench)
     if res["measured"] is not None:
         add_achieved_rates(vae, dit, bench, res["measured"])
+        add_encoder_flops(vae, bench, res["measured"]["encoder"])
     env["loadavg_end"] = list(os.getloadavg())
     report(args.preset, vae, res)
     if res["measured"] is not None:

@@ -37,7 +37,6 @@ from models.flow import flow_loss
 from models.vae import VAE, VAEConfig
 
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}  # model.md §3.8
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 def peak_rss_mb() -> float:
@@ -57,8 +56,9 @@ def peak_rss_mb() -> float:
 def reset_peak_rss() -> tuple[float, bool]:
     """Trim freed heap, reset the peak mark to the current RSS; return (RSS MiB, was reset)."""
     gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)  # give freed heap pages back so the baseline is live memory
+    libc = ctypes.util.find_library("c")
+    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc only
+        ctypes.CDLL(libc).malloc_trim(0)  # return freed heap pages: the baseline is live memory
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux >= 4.0: VmHWM := current RSS
@@ -103,12 +103,6 @@ def timed_steps(step: Callable[[], None], warmup: int, steps: int, cells: int) -
     }
 
 
-def _optimiser_step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> None:
-    loss_fn().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def train_vae(spec: dict) -> dict:
     """VAE forward + backward + AdamW at B = train_cells, S = train_expressed, G = train_genes."""
     cfg, b = VAEConfig(**spec["vae"]), spec["bench"]
@@ -118,7 +112,12 @@ def train_vae(spec: dict) -> dict:
     genes = min(b["train_genes"] or cfg.num_genes, cfg.num_genes)
     gene_ids = torch.arange(1, genes + 1) if genes < cfg.num_genes else None  # (G,) or all
     opt = torch.optim.AdamW(vae.parameters(), **ADAMW)
-    step = lambda: _optimiser_step(lambda: vae.loss(batch, gene_ids).total, opt)  # noqa: E731
+
+    def step() -> None:
+        vae.loss(batch, gene_ids).total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     return timed_steps(step, b["warmup"], b["steps"], b["train_cells"]) | {"G": genes}
 
 
@@ -132,8 +131,13 @@ def train_dit(spec: dict) -> dict:
     labels = torch.stack([torch.randint(0, v, (B,)) for v in cfg.vocab_sizes], dim=1)  # (B, A)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(dit.parameters(), **ADAMW)
-    loss = lambda: flow_loss(dit, z, dit.drop_labels(labels, gen), gen)  # noqa: E731
-    return timed_steps(lambda: _optimiser_step(loss, opt), b["warmup"], b["steps"], B)
+
+    def step() -> None:
+        flow_loss(dit, z, dit.drop_labels(labels, gen), gen).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed_steps(step, b["warmup"], b["steps"], B)
 
 
 def encoder_scan(spec: dict) -> dict:

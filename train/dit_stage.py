@@ -28,10 +28,12 @@ from models.flow import flow_loss
 from models.skip_mlp import SkipMLP, SkipMLPConfig
 from models.vae import VAE, VAEConfig
 from train.config import (
+    BatchConfig,
     CheckpointConfig,
     ConfigError,
     EMAConfig,
     LoggingConfig,
+    OptimConfig,
     PrecisionConfig,
     RunConfig,
     TrainConfig,
@@ -61,14 +63,20 @@ class DiTStageConfig(TrainConfig):
     """Stage-2 schema: run-level sections + data + denoiser configs (CPU-sized defaults)."""
 
     run: RunConfig = field(
-        default_factory=lambda: RunConfig(name="dit", max_steps=300, eval_every=100)
-    )  # identity, seed, length
+        default_factory=lambda: RunConfig(name="dit", max_steps=200, eval_every=100)
+    )  # identity, seed, length; minutes on 2 CPU cores
+    batch: BatchConfig = field(
+        default_factory=lambda: BatchConfig(global_cells=128, micro_cells=32)
+    )  # divides by 1, 2 and 4 ranks
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, schedule="cosine")
+    )  # model.md §4.6: AdamW 5e-4, warmup 10%, cosine to 0.1 lr
     precision: PrecisionConfig = field(
         default_factory=lambda: PrecisionConfig(dtype="fp32")
     )  # CPU default; the GPU recipes set bf16
     ema: EMAConfig = field(
-        default_factory=lambda: EMAConfig(enabled=True, decay=0.999, every=1, start_step=50)
-    )  # the DiT is evaluated and exported with EMA weights
+        default_factory=lambda: EMAConfig(enabled=True, decay=0.99, every=1, start_step=50)
+    )  # EMA weights are evaluated and exported; decay 0.99 suits runs of a few hundred steps
     checkpoint: CheckpointConfig = field(
         default_factory=lambda: CheckpointConfig(every_steps=100)
     )  # saves, resume
@@ -220,7 +228,9 @@ def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTSt
     data = replace(data, source=resolve_source(data, cfg.run.root))
     genes = Path(data.vocab_path) if data.vocab_path else Path(data.source) / "genes.tsv"
     if genes.read_text() != (vae_dir / "genes.tsv").read_text():
-        raise ConfigError(f"the gene vocabulary of {data.source} differs from the VAE's ({vae_dir})")
+        raise ConfigError(
+            f"the gene vocabulary of {data.source} differs from the VAE's ({vae_dir})"
+        )
     labels = json.loads((Path(data.source) / "labels.json").read_text())
     missing = [c for c in data.condition_columns if c not in labels]
     if missing:

@@ -66,6 +66,7 @@ class LoopState:
     wandb_run_id: str | None = None  # reopened after a restart
     eval_step: int = -1  # step of the last validation (not repeated at the end)
     val: dict = field(default_factory=dict)  # metrics of the last validation
+    precision: str = "fp32"  # engine dtype (validation runs under the same autocast)
 
 
 def step_generator(seed: int, step: int, rank_: int, micro: int) -> torch.Generator:
@@ -82,6 +83,13 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
 
 
+def _autocast(precision: str, device: torch.device) -> Any:
+    # bf16/fp16 engines hold 16-bit weights while batches arrive in fp32: autocast runs the
+    # matmuls in 16 bits, and the models keep their fp32 islands (NB likelihood, flow loss).
+    dtype = _AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
     # A finite stand-in for a NaN loss: every trainable parameter gets a zero gradient, so the
     # DeepSpeed gradient hooks fire exactly as on a normal micro-batch and no rank hangs.
@@ -94,8 +102,6 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
     accum = accumulation_steps(cfg.batch, world_size())
     lr = lr_at(state.step, cfg.optim, cfg.run.max_steps)
     set_lr(engine.optimizer.param_groups, lr)
-    dtype = _AUTOCAST.get(cfg.precision.dtype)
-    device = engine.device
     t_start, wait, cells, tokens, bad = time.perf_counter(), 0.0, 0, 0, False
     sums: dict[str, float] = {}
     for k in range(accum):
@@ -103,15 +109,15 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
         batch = next(batches)
         wait += time.perf_counter() - t0
         gen = step_generator(cfg.run.seed, state.step, rank(), k)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-        with ctx:
+        with _autocast(cfg.precision.dtype, engine.device):
             loss, metrics = stage.loss_fn(engine.module, batch, gen)
         if not bool(torch.isfinite(loss.detach()).all()):
             bad, loss = True, _zero_loss(engine.module)
         engine.backward(loss)
-        if k == accum - 1 and any_rank(bad):
-            # Skip the update on every rank: lr 0 leaves the weights (and decay) untouched.
-            set_lr(engine.optimizer.param_groups, 0.0)
+        if k == accum - 1:
+            bad = any_rank(bad)  # every rank agrees before the update
+            if bad:  # skip it everywhere: lr 0 leaves the weights (and decay) untouched
+                set_lr(engine.optimizer.param_groups, 0.0)
         engine.step()
         for key, value in {"loss": loss.detach(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(value) / accum
@@ -125,7 +131,7 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
         wait=wait,
         seconds=time.perf_counter() - t_start,
     )
-    return local, any_rank(bad)
+    return local, bad
 
 
 def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device: torch.device) -> None:
@@ -156,7 +162,7 @@ def _append_jsonl(run_dir: Path, record: dict) -> None:
 def _evaluate(stage: Stage, engine: Any, ema: EMA | None, state: LoopState, run_dir: Path, tr):
     """Run the stage's validation (collective) and record it; return the metrics."""
     engine.module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(state.precision, engine.device):
         metrics = stage.eval_fn(engine.module, ema.state_dict() if ema else None)
     engine.module.train()
     state.eval_step, state.val = state.step, metrics
@@ -246,10 +252,11 @@ def run(stage: Stage, cfg: TrainConfig, run_dir: str | Path, export_only: bool =
     if stage.use_ema:
         with gathered_params(engine):
             ema = EMA(engine.module.named_parameters(), cfg.ema)
-    state = LoopState()
+    state = LoopState(precision=cfg.precision.dtype)
     if point is not None:
         client, ema_state = load_checkpoint(engine, point)
         state = LoopState(**{k: client[k] for k in asdict(state) if k in client})
+        state.precision = cfg.precision.dtype
         stage.train_stream.load_state_dict(client["data"])
         if ema is not None and ema_state is not None:
             ema.load_state_dict(ema_state)

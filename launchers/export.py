@@ -1,0 +1,40 @@
+"""Export a run's latest checkpoint: `python launchers/export.py RUN_DIR [key=value ...]`.
+
+Writes `RUN_DIR/export/` (consolidated fp32 weights, EMA for the DiT, config.json, vocabularies,
+side files) from the newest complete checkpoint, using the run's saved config.yaml; the stage
+(VAE or DiT) is read from `RUN_DIR/stage`. Works under `deepspeed`/`torchrun` too (ZeRO-3 shards
+need the world size that wrote them, or DeepSpeed's universal conversion, done automatically).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from train import dit_stage, vae_stage
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.export import ExportError
+
+STAGES = {"vae": vae_stage.main, "dit": dit_stage.main}
+
+
+def main() -> None:
+    """Parse argv, pick the run's stage and export its latest checkpoint."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--local")]
+    if not args:
+        sys.exit("usage: python launchers/export.py RUN_DIR [key=value ...]")
+    run_dir = Path(args[0])
+    stage_file = run_dir / "stage"
+    if not stage_file.is_file():
+        sys.exit(f"error: {run_dir} is not a run folder (no 'stage' file); train it first")
+    stage = stage_file.read_text().strip()
+    overrides = [f"run.root={run_dir.parent}", f"run.name={run_dir.name}", *args[1:]]
+    try:
+        STAGES[stage]([str(run_dir / "config.yaml"), *overrides], export_only=True)
+    except (ConfigError, CheckpointError, ExportError) as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
