@@ -54,6 +54,16 @@ class RoundPlan:
     rows: np.ndarray  # int64 (n,), positions into the sorted selection, emission order
     batch_sizes: np.ndarray  # int64 (n_batches,), sum == n
 
+    def without_first(self, batches: int) -> RoundPlan:
+        """Return the plan minus its first `batches` batches (resume inside a round)."""
+        if batches <= 0:
+            return self
+        rows = int(self.batch_sizes[:batches].sum())
+        return RoundPlan(
+            self.index, self.first_chunk, self.first_batch + batches,
+            self.rows[rows:], self.batch_sizes[batches:],
+        )  # fmt: skip
+
 
 def _split_sizes(total: int, parts: int) -> np.ndarray:
     """Return `parts` near-equal sizes summing to `total`, larger ones first."""

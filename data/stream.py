@@ -180,7 +180,7 @@ class CellStream(torch.utils.data.IterableDataset):
             )
         epoch, start, first = self._epoch, self._start, self._batch
         plans = (
-            _trim(p, first - p.first_batch)
+            p.without_first(first - p.first_batch)
             for p in self.sampler.rounds(epoch, start, first)
             if p.first_batch + len(p.batch_sizes) > first
         )
@@ -348,14 +348,3 @@ class CellStream(torch.utils.data.IterableDataset):
     def close(self) -> None:
         """Stop reader threads."""
         self._pipeline.close()
-
-
-def _trim(plan: RoundPlan, skip_batches: int) -> RoundPlan:
-    """Return the plan without its first `skip_batches` batches (resume inside a round)."""
-    if skip_batches <= 0:
-        return plan
-    skip_rows = int(plan.batch_sizes[:skip_batches].sum())
-    return RoundPlan(
-        plan.index, plan.first_chunk, plan.first_batch + skip_batches,
-        plan.rows[skip_rows:], plan.batch_sizes[skip_batches:],
-    )  # fmt: skip
