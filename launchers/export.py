@@ -2,8 +2,8 @@
 
 Writes `RUN_DIR/export/` (consolidated fp32 weights, EMA for the DiT, config.json, vocabularies,
 side files) from the newest complete checkpoint, using the run's saved config.yaml; the stage
-(VAE or DiT) is read from `RUN_DIR/stage`. Works under `deepspeed`/`torchrun` too (ZeRO-3 shards
-need the world size that wrote them, or DeepSpeed's universal conversion, done automatically).
+(VAE, DiT or classifier) is read from `RUN_DIR/stage`. Also runs under `deepspeed`/`torchrun`
+(ZeRO-3 shards at another world size go through DeepSpeed's universal conversion).
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from train import dit_stage, vae_stage
+from train import classifier_stage, dit_stage, vae_stage
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.export import ExportError
 
-STAGES = {"vae": vae_stage.main, "dit": dit_stage.main}
+STAGES = {
+    "vae": vae_stage.main,
+    "dit": dit_stage.main,
+    "classifier": classifier_stage.main,
+}
 
 
 def main() -> None:

@@ -184,10 +184,15 @@ def test_export_reload_equals_live_model(vae_run, pbmc_copy):
     assert total / cells == pytest.approx(live, rel=1e-5)
 
 
-def test_dit_trains_from_the_vae_export(vae_run, tmp_path):
+@pytest.mark.parametrize("latents", ["encode", "cache"])
+def test_dit_trains_from_the_vae_export(vae_run, tmp_path, latents):
     run_dir, _ = vae_run
     args = [DEBUG, *TINY_DIT, f"run.root={tmp_path}", "run.name=dit", "run.max_steps=4"]
-    args += [f"stage.vae_export={run_dir / 'export'}", "ema.start_step=2"]
+    args += [
+        f"stage.vae_export={run_dir / 'export'}",
+        "ema.start_step=2",
+        f"stage.latents={latents}",
+    ]
     _launch("train_dit.py", args)
     metrics = _metrics(tmp_path / "dit")
     assert "val/flow_loss_ema" in metrics[4] and metrics[4]["train/loss"] > 0
@@ -197,6 +202,25 @@ def test_dit_trains_from_the_vae_export(vae_run, tmp_path):
     dit.load_state_dict(state)
     conditions = json.loads((folder / "conditions.json").read_text())
     assert conditions["null_indices"]["cell_type"] == len(conditions["vocabularies"]["cell_type"])
+    assert (tmp_path / "dit" / "latent_cache" / "meta.json").is_file() == (latents == "cache")
+
+
+def test_classifier_trains_from_the_vae_export(vae_run, tmp_path):
+    run_dir, _ = vae_run
+    args = [DEBUG, f"run.root={tmp_path}", "run.name=clf", "run.max_steps=3"]
+    args += [f"stage.vae_export={run_dir / 'export'}", "model.hidden_dims=[32,16]"]
+    args += ["model.time_freq_dim=32"]
+    code = f"from train.classifier_stage import main; main({args!r})"
+    _, env = _command("train_vae.py", [], "python")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "val/accuracy" in _metrics(tmp_path / "clf")[3]
+    state, config, folder = read_export(tmp_path / "clf" / "export")
+    assert config["num_classes"] == len(
+        json.loads((folder / "conditions.json").read_text())["values"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -43,9 +43,12 @@ from train.config import (
 )
 from train.distributed import all_reduce_mean, init_distributed, rank, world_size
 from train.export import ExportError, read_export, write_export
+from train.latents import build_cache, cache_stats, lookup
 from train.loop import LoopConfig, run, step_generator
 from train.stage import Stage
 from train.vae_stage import cell_batch, code_version, resolve_source, run_dir_of
+
+Encode = Callable[[CsrBatch, torch.device], torch.Tensor]  # batch -> latents (B, M, D) fp32
 
 
 @dataclass
@@ -56,6 +59,7 @@ class DenoiserStageConfig:
     vae_run: str = "vae"  # VAE run folder under run.root whose export/ is loaded
     vae_export: str = ""  # explicit VAE export folder ("" = <run.root>/<vae_run>/export)
     latent_stats_cells: int = 256  # training cells used to estimate the latent mean/std
+    latents: Literal["encode", "cache"] = "encode"  # encode each batch, or a cache written once
 
 
 @dataclass
@@ -139,20 +143,20 @@ def latent_stats(vae: VAE, data: DataConfig, cells: int, device: torch.device) -
     return {"mean": mu, "std": std, "cells": cells}
 
 
-def make_flow_loss(vae: VAE, stats: dict):
+def make_flow_loss(encode: Encode, stats: dict):
     """Return the training loss: flow matching on standardised latents with condition dropout."""
 
     def loss_fn(module: nn.Module, batch: CsrBatch, gen: torch.Generator):
         device = next(module.parameters()).device
         with torch.no_grad():
-            z = (vae.encode(cell_batch(batch, device)).float() - stats["mean"]) / stats["std"]
+            z = (encode(batch, device) - stats["mean"]) / stats["std"]
         labels = module.drop_labels(batch.conditions, gen).to(device)  # CPU draws (resume)
         return flow_loss(module, z, labels, t_generator=gen), {}
 
     return loss_fn
 
 
-def make_flow_eval(vae: VAE, stats: dict, val: CellStream, ema_model: nn.Module, seed: int):
+def make_flow_eval(encode: Encode, stats: dict, val: CellStream, ema_model: nn.Module, seed: int):
     """Return the validation: flow loss of the raw and EMA weights with fixed t and noise."""
 
     def evaluate(module: nn.Module, ema_state: dict | None) -> dict[str, float]:
@@ -166,7 +170,7 @@ def make_flow_eval(vae: VAE, stats: dict, val: CellStream, ema_model: nn.Module,
         for i, batch in enumerate(val.iter_eval()):
             if batch.num_cells == 0:
                 continue
-            z = (vae.encode(cell_batch(batch, device)).float() - stats["mean"]) / stats["std"]
+            z = (encode(batch, device) - stats["mean"]) / stats["std"]
             labels = batch.conditions.to(device)
             for key, net in nets.items():  # same t and noise for both weight sets
                 gen = step_generator(seed, 0, rank(), i)
@@ -219,6 +223,20 @@ def _denoiser(cfg: DiTStageConfig, vae_cfg: VAEConfig, vocab: list[int]):
     return SkipMLP(model_cfg), model_cfg
 
 
+def latent_source(cfg: DiTStageConfig, vae: VAE, vae_dir: Path, train: CellStream, device):
+    """Return (encode(batch, device) -> z (B, M, D) fp32, standardisation stats)."""
+    cells = cfg.stage.latent_stats_cells
+    if cfg.stage.latents == "cache":
+        cache = build_cache(vae, vae_dir, cfg.data, run_dir_of(cfg) / "latent_cache", device)
+        stats = cache_stats(cache, train.source.joinids, cells)
+        return (lambda batch, dev: lookup(cache, batch.soma_joinid, dev)), stats
+
+    def encode(batch: CsrBatch, dev: torch.device) -> torch.Tensor:
+        return vae.encode(cell_batch(batch, dev)).float()  # posterior mean
+
+    return encode, latent_stats(vae, cfg.data, cells, device)
+
+
 def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTStageConfig]:
     """Return the denoiser stage and the config with derived values filled in."""
     vae_dir = vae_export_dir(cfg)
@@ -239,15 +257,15 @@ def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTSt
     model, model_cfg = _denoiser(cfg, vae.cfg, [len(labels[c]) for c in data.condition_columns])
     ema_model = copy.deepcopy(model).to(device).requires_grad_(False)
     cfg = replace(cfg, data=data)
-    stats = latent_stats(vae, data, cfg.stage.latent_stats_cells, device)
     train = CellStream(data, "train", rank(), world_size())
+    encode, stats = latent_source(cfg, vae, vae_dir, train, device)
     closers, evaluate = [train.close], None
     if data.val_fraction > 0:
         val = CellStream(replace(data, drop_last=False), "val", rank(), world_size())
         closers.append(val.close)
-        evaluate = make_flow_eval(vae, stats, val, ema_model, cfg.run.seed)
+        evaluate = make_flow_eval(encode, stats, val, ema_model, cfg.run.seed)
     stage = Stage(
-        name="dit", model=model, loss_fn=make_flow_loss(vae, stats), train_stream=train,
+        name="dit", model=model, loss_fn=make_flow_loss(encode, stats), train_stream=train,
         export_fn=make_dit_export(cfg, model_cfg, labels, stats, vae_dir), eval_fn=evaluate,
         use_ema=cfg.ema.enabled, client_extra={"labels": labels, "latent_stats": stats},
         closers=closers,
