@@ -5,8 +5,11 @@
         --workers 8 --worker-index $i --resume          # one process per i; any order
 
 Worker 0 stages the source (pbmc68k, synthetic, h5ad) and creates the copy schema; the others
-wait for `.progress/plan.json`. Worker i writes blocks i, i+K, ...; whoever finds every block
-done writes the side files and manifest.json (`--finalize` does only that step).
+wait for `.progress/plan.json`. Pass 1 (scatter): worker i spills source chunks i, i+K, ...,
+then takes any chunk still unfinished (from the end), so it never waits on a crashed worker.
+Pass 2 (gather): worker i writes blocks i, i+K, ...; whoever finds every block done writes the
+side files and manifest.json (`--finalize` does only that step). `--max-blocks N` stops after N
+gather blocks (tests use it to simulate a crash). See data/shuffle_spill.py for the spill.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from data import materialize as mat
+from data import shuffle_spill as spill
 from data.sources import Source, parse_source
 from data.validate import IngestError, check_feature_ids
+
+if TYPE_CHECKING:
+    import tiledbsoma
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-index", type=int, default=0, help="this process, 0..K-1")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ingest")
     p.add_argument("--finalize", action="store_true", help="only write side files + manifest")
-    p.add_argument("--max-blocks", type=int, default=None, help="stop after this many blocks")
+    p.add_argument(
+        "--max-blocks", type=int, default=None, help="stop after this many gather blocks"
+    )
     p.add_argument("--organism", default="homo_sapiens", help="Census organism")
     p.add_argument("--census-uri", default=None, help="Census root (local folder or S3)")
     p.add_argument("--layer", default=None, help="h5ad layer with counts")
@@ -206,27 +216,47 @@ def run(args: argparse.Namespace) -> dict | None:
     source = parse_source(args.source, args.organism, args.census_uri, args.layer, tiledb_config)
     opts = _options(args, source)
     plan = _get_plan(args, source, opts, out)
+    if not all(mat.block_done(out, b) for b in range(plan["n_blocks"])):
+        with source.open(out) as exp:
+            _scatter(exp, out, plan, args)
     mine = range(args.worker_index, plan["n_blocks"], args.workers)
     todo = [b for b in mine if not mat.block_done(out, b)]
-    if args.max_blocks is not None:
+    if args.max_blocks is not None:  # simulates a crash in the gather pass (tests)
         todo = todo[: args.max_blocks]
     cells = sum(hi - lo for lo, hi in (mat.block_range(plan, b) for b in todo))
-    with (
-        source.open(out) as exp,
-        tqdm(
-            total=int(cells),
-            unit="cell",
-            unit_scale=True,
-            desc=f"ingest w{args.worker_index}",
-            disable=None,
-        ) as bar,
-    ):
+    desc = f"gather w{args.worker_index}"
+    with tqdm(total=int(cells), unit="cell", unit_scale=True, desc=desc, disable=None) as bar:
         for b in todo:
-            bar.update(mat.write_block(exp, out, plan, b))
+            bar.update(spill.gather_block(out, plan, b))
     if all(mat.block_done(out, b) for b in range(plan["n_blocks"])):
         return mat.finalize(out)
     logger.info("worker %d done; waiting for other blocks before finalize", args.worker_index)
     return None
+
+
+def _scatter(exp: tiledbsoma.Experiment, out: Path, plan: dict, args: argparse.Namespace) -> None:
+    """Pass 1: spill every source chunk not yet done, own chunks first.
+
+    A worker then takes the other workers' unfinished chunks, from the end (their owners go
+    forward, so two workers rarely meet on one): the gather pass needs every chunk, and a chunk
+    done twice is rewritten with identical content. So no worker waits on a crashed one.
+    """
+    n = plan["n_blocks"]
+    mine = list(range(args.worker_index, n, args.workers))
+    others = [c for c in reversed(range(n)) if c % args.workers != args.worker_index]
+    todo = [c for c in [*mine, *others] if not spill.scatter_done(out, c)]
+    if not todo:
+        return
+    desc = f"scatter w{args.worker_index}"
+    with tqdm(total=len(todo), unit="chunk", desc=desc, disable=None) as bar:
+        for c in todo:
+            if not spill.scatter_done(out, c):  # another worker may have done it meanwhile
+                spill.scatter_chunk(exp, out, plan, c)
+            bar.update(1)
+    missing = [c for c in range(n) if not spill.scatter_done(out, c)]
+    if missing:  # only if spill files were deleted under us
+        raise IngestError(f"{out}: scatter chunks {missing[:5]} missing; rerun with --resume")
+    logger.info("scatter done: spill holds %.2f GB", spill.spill_bytes(out) / 1e9)
 
 
 def run_ingest(argv: Sequence[str] | None = None) -> dict | None:

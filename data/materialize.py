@@ -5,14 +5,17 @@ Three steps, safe to split across processes:
 1. `plan_copy` (worker 0 only): validate the query, draw the permutation, fix the label
    vocabularies, create the empty copy experiment, then write `.progress/plan.json` last. Other
    workers wait for plan.json, so the schema is created exactly once.
-2. `write_block` (any worker): output rows [b*B, (b+1)*B) = source rows order[b*B:(b+1)*B], read
-   by sorted joinid, reordered, validated and written as one X and one obs fragment; then
+2. Scatter/gather (data/shuffle_spill.py, any worker): the source is read once in sorted joinid
+   chunks, validated and spilled to `.progress/spill/` grouped by output block (temporary disk
+   about 8 bytes per stored count plus the obs rows); then `write_block` writes output rows
+   [b*B, (b+1)*B) = source rows order[b*B:(b+1)*B] as one X and one obs fragment, then
    `.progress/block_<b>.npz` (side values) and `.progress/block_<b>.done`. Rewriting a block
-   writes the same coordinates, so a rerun after a crash is idempotent. Memory: one block at a
-   time, about 60 bytes per stored count of the block plus its obs rows (16,384 cells x 2,000
+   writes the same coordinates, so a rerun after a crash is idempotent. Memory: one chunk or
+   block at a time, about 60 bytes per stored count plus its obs rows (16,384 cells x 2,000
    counts per cell: about 2 GB).
 3. `finalize` (any worker, once all blocks are done): side/*.npy, genes.tsv, labels.json and,
-   last and atomically, manifest.json. Without manifest.json the copy is refused by readers.
+   last and atomically, manifest.json, then the spill is deleted. Without manifest.json the
+   copy is refused by readers.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import pyarrow.compute as pc
 import tiledbsoma
 
 from data import soma
-from data.validate import IngestError, check_counts, check_obs_columns, select_genes
+from data.validate import IngestError, check_obs_columns, select_genes
 from data.vocab import GeneVocab, atomic_write_text, encode_labels, save_labels
 
 logger = logging.getLogger(__name__)
@@ -245,26 +248,45 @@ def block_done(out: Path, b: int) -> bool:
     return (progress_dir(out) / f"block_{b:06d}.done").is_file()
 
 
-def write_block(exp: tiledbsoma.Experiment, out: Path, plan: dict, b: int) -> int:
-    """Write output block b from the source experiment; returns the number of cells written."""
-    out, prog, opts = Path(out), progress_dir(out), plan["options"]
+def spill_dir(out: Path) -> Path:
+    """Folder of the scatter/gather spill files (data/shuffle_spill.py); removed by finalize."""
+    return progress_dir(out) / "spill"
+
+
+def source_obs(exp: tiledbsoma.Experiment, plan: dict, sorted_ids: np.ndarray) -> pa.Table:
+    """Source obs rows (soma_joinid + copied columns) of sorted joinids, in their copy types.
+
+    Categoricals are decoded here so that tables read from different chunks concatenate.
+    """
+    cols = [c for c in plan["obs_columns"] if "fill" not in c]
+    tbl = soma.read_obs(exp, sorted_ids, [c["name"] for c in cols])
+    arrays: dict[str, Any] = {"soma_joinid": tbl.column("soma_joinid")}
+    for c in cols:
+        arr = tbl.column(c["name"])
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(arr.type.value_type)
+        arrays[c["name"]] = arr.cast(_parse_type(c["type"]))
+    return pa.table(arrays)
+
+
+def write_block(
+    out: Path, plan: dict, b: int, X: Any, library: np.ndarray, src_obs: pa.Table
+) -> int:
+    """Write output block b from its rows in output order; returns the number of cells written.
+
+    Args:
+        out: the copy folder.
+        plan: the ingest plan.
+        b: output block index.
+        X: scipy CSR (block cells x kept genes), validated counts, sorted column indices.
+        library: float32 library size of each row (sum over all source genes).
+        src_obs: `source_obs` rows of the block, in output order.
+    """
+    out, prog = Path(out), progress_dir(out)
     lo, hi = block_range(plan, b)
     ids = np.load(prog / "order.npy", mmap_mode="r")[lo:hi].astype(np.int64)
-    srt = np.argsort(ids, kind="stable")
-    sorted_ids = ids[srt]
-    inv = np.empty_like(srt)
-    inv[srt] = np.arange(srt.size)  # output row k sits at sorted position inv[k]
-    var_all = np.load(prog / "var_all.npy")
-    X = soma.read_csr(exp.ms[opts["measurement"]].X[opts["layer"]], sorted_ids, var_all)
-    X, changed = check_counts(X, sorted_ids, opts["round_counts"])
-    if changed:
-        logger.warning("block %d: rounded/clipped %d count values (--round-counts)", b, changed)
-    library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()[inv].astype(np.float32)
-    keep = np.searchsorted(var_all, np.load(prog / "var_keep.npy"))
-    if keep.size != var_all.size:
-        X = X[:, keep]
-    X = X[inv]
-    X.sort_indices()
+    if not np.array_equal(src_obs.column("soma_joinid").to_numpy(), ids):
+        raise RuntimeError(f"block {b}: gathered rows do not match the permutation")
     X = X.tocoo()  # row-major with sorted columns = global order (one tile spans all genes)
     nnz = np.bincount(X.row, minlength=ids.size).astype(np.int32)
     copy_uri = str(out / "experiment")
@@ -278,7 +300,7 @@ def write_block(exp: tiledbsoma.Experiment, out: Path, plan: dict, b: int) -> in
         )
         if table.num_rows:  # a block can hold no counts of the kept genes
             arr.write(table, platform_config=GLOBAL_ORDER)
-    obs, codes = _block_obs(exp, plan, sorted_ids, inv, lo)
+    obs, codes = _block_obs(plan, src_obs, lo)
     obs = obs.append_column("library_size", pa.array(library)).append_column("nnz", pa.array(nnz))
     with tiledbsoma.DataFrame.open(f"{copy_uri}/obs", mode="w") as df:
         df.write(obs.select(df.schema.names).cast(df.schema), platform_config=GLOBAL_ORDER)
@@ -290,13 +312,9 @@ def write_block(exp: tiledbsoma.Experiment, out: Path, plan: dict, b: int) -> in
     return int(ids.size)
 
 
-def _block_obs(
-    exp: tiledbsoma.Experiment, plan: dict, sorted_ids: np.ndarray, inv: np.ndarray, lo: int
-) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def _block_obs(plan: dict, src: pa.Table, lo: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """Obs rows of a block in output order, and the condition codes (null -> len(labels))."""
-    cols = [c for c in plan["obs_columns"] if "fill" not in c]
-    src = soma.read_obs(exp, sorted_ids, [c["name"] for c in cols]).take(pa.array(inv))
-    n = inv.size
+    n = src.num_rows
     out: dict[str, Any] = {
         "soma_joinid": pa.array(np.arange(lo, lo + n, dtype=np.int64)),
         "source_joinid": src.column("soma_joinid"),
@@ -306,10 +324,7 @@ def _block_obs(
         if "fill" in c:
             out[c["name"]] = pa.array([c["fill"]] * n, typ)
             continue
-        arr = src.column(c["name"])
-        if pa.types.is_dictionary(arr.type):
-            arr = arr.cast(arr.type.value_type)
-        out[c["name"]] = arr.cast(typ)
+        out[c["name"]] = src.column(c["name"]).cast(typ)
     codes = {}
     for col in plan["conditions"]:
         vocab = plan["labels"][col]
@@ -343,6 +358,8 @@ def finalize(out: Path) -> dict:
     digest.update(json.dumps(plan, sort_keys=True).encode())
     manifest = _manifest(plan, vocab.fingerprint(), digest.hexdigest())
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    # Only now is the spill redundant; two workers may finalize at once, hence ignore_errors.
+    shutil.rmtree(spill_dir(out), ignore_errors=True)
     logger.info("training copy complete: %s (%d cells)", out, plan["n_cells"])
     return manifest
 

@@ -96,7 +96,7 @@ def read_csr(
         raise ValueError("read_csr: obs_ids must be strictly increasing (sort them first)")
     rows, cols, vals = [], [], []
     if obs_ids.size:
-        for tbl in X.read(coords=(obs_ids,)).tables():
+        for tbl in X.read(coords=(_obs_coord(obs_ids),)).tables():
             d0 = tbl.column("soma_dim_0").to_numpy()
             d1 = tbl.column("soma_dim_1").to_numpy()
             # int32 positions: a read is far below 2**31 rows/genes and this halves memory.
@@ -110,10 +110,21 @@ def read_csr(
     return sp.csr_matrix((v, (r, c)), shape=shape, dtype=np.float32)
 
 
+def _obs_coord(obs_ids: np.ndarray) -> np.ndarray | slice:
+    """Read coordinate for strictly increasing ids: a slice when they are one dense range.
+
+    One range lets TileDB plan a single subarray instead of one range per cell.
+    """
+    if obs_ids.size and int(obs_ids[-1]) - int(obs_ids[0]) + 1 == obs_ids.size:
+        return slice(int(obs_ids[0]), int(obs_ids[-1]))  # SOMA slices are inclusive
+    return obs_ids
+
+
 def read_obs(exp: tiledbsoma.Experiment, obs_ids: np.ndarray, columns: Sequence[str]) -> pa.Table:
     """Read obs columns for strictly increasing obs_ids, in that order (includes soma_joinid)."""
     cols = ["soma_joinid", *[c for c in columns if c != "soma_joinid"]]
-    tbl = exp.obs.read(coords=(np.asarray(obs_ids, dtype=np.int64),), column_names=cols).concat()
+    coord = _obs_coord(np.asarray(obs_ids, dtype=np.int64))
+    tbl = exp.obs.read(coords=(coord,), column_names=cols).concat()
     tbl = tbl.sort_by("soma_joinid")
     if tbl.num_rows != len(obs_ids):
         raise ValueError(f"read_obs: asked for {len(obs_ids)} rows, got {tbl.num_rows}")
