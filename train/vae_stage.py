@@ -173,7 +173,9 @@ def make_vae_export(cfg: VAEStageConfig, stream: CellStream):
     """Return the export function: weights, config.json, genes.tsv, labels.json, libsize.json."""
     source = Path(cfg.data.source)
     labels_text = (source / "labels.json").read_text() if cfg.data.mode == "copy" else "{}"
-    libsize = libsize_stats(str(source), stream.source.joinids, json.loads(labels_text))
+    libsize: dict[str, Any] = {"log_library_size": None, "note": "direct mode: not computed"}
+    if cfg.data.mode == "copy":  # side/ arrays exist only in training copies
+        libsize = libsize_stats(str(source), stream.source.joinids, json.loads(labels_text))
     genes = Path(cfg.data.vocab_path) if cfg.data.vocab_path else source / "genes.tsv"
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
