@@ -7,12 +7,13 @@ the fix, so a user can act on it without reading the code.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
+
+from data import vocab
 
 logger = logging.getLogger(__name__)
 
@@ -23,20 +24,7 @@ class IngestError(ValueError):
 
 def check_feature_ids(feature_ids: Sequence[object], where: str) -> list[str]:
     """Return feature ids as strings; raise IngestError on missing/empty or duplicate ids."""
-    ids = ["" if x is None else str(x) for x in feature_ids]
-    missing = [i for i, x in enumerate(ids) if x.strip() == "" or x.lower() in ("nan", "none")]
-    if missing:
-        raise IngestError(
-            f"{where}: {len(missing)} genes have an empty or missing feature_id (e.g. var rows "
-            f"{missing[:5]}); give every gene a unique feature_id (Ensembl id) or drop those genes"
-        )
-    dups = [x for x, c in Counter(ids).items() if c > 1]
-    if dups:
-        raise IngestError(
-            f"{where}: {len(dups)} duplicate feature_id values, e.g. {dups[:5]}; feature_id "
-            "must be unique: aggregate or drop the duplicated genes before ingest"
-        )
-    return ids
+    return vocab.check_feature_ids(feature_ids, where, IngestError)
 
 
 def select_genes(var: pa.Table, genes: list[str] | None) -> pa.Table:

@@ -38,6 +38,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def check_feature_ids(
+    feature_ids: Sequence[object], where: str, error: type[ValueError] = ValueError
+) -> list[str]:
+    """Return feature ids as strings; raise `error` on missing/empty or duplicate ids."""
+    ids = ["" if x is None else str(x) for x in feature_ids]
+    missing = [i for i, x in enumerate(ids) if x.strip() == "" or x.lower() in ("nan", "none")]
+    if missing:
+        raise error(
+            f"{where}: {len(missing)} genes have an empty or missing feature_id (e.g. var rows "
+            f"{missing[:5]}); give every gene a unique feature_id (Ensembl id) or drop those genes"
+        )
+    dups = [x for x, c in Counter(ids).items() if c > 1]
+    if dups:
+        raise error(
+            f"{where}: {len(dups)} duplicate feature_id values, e.g. {dups[:5]}; feature_id "
+            "must be unique: aggregate or drop the duplicated genes before ingest"
+        )
+    return ids
+
+
 class GeneVocab:
     """Ordered gene vocabulary keyed by unique feature ids; token = index + 1 (0 is PAD)."""
 
@@ -49,18 +69,7 @@ class GeneVocab:
                 f"GeneVocab: {len(ids)} feature ids but {len(names)} feature names; "
                 "pass one name per id"
             )
-        missing = [i for i, x in enumerate(ids) if x.strip() == "" or x.lower() == "nan"]
-        if missing:
-            raise ValueError(
-                f"GeneVocab: {len(missing)} empty or missing feature ids, e.g. at positions "
-                f"{missing[:5]}; every gene needs a unique non-empty feature_id"
-            )
-        dups = [x for x, c in Counter(ids).items() if c > 1]
-        if dups:
-            raise ValueError(
-                f"GeneVocab: {len(dups)} duplicate feature ids, e.g. {dups[:5]}; "
-                "feature ids must be unique (deduplicate or aggregate them first)"
-            )
+        check_feature_ids(ids, "GeneVocab")
         self.feature_ids: list[str] = ids
         self.feature_names: list[str] = names
         self._index = {x: i for i, x in enumerate(ids)}
