@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
-MANIFEST = "export.json"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-
-
-class ExportError(RuntimeError):
-    """An export folder cannot be written or read; the message names the folder and the fix."""
+# The reading side and the format constants live in models/, so that downstream packages load
+# exports with models alone; this module adds the atomic writer.
+from models.pretrained import (  # noqa: F401  (re-exported)
+    CONFIG,
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    ExportError,
+    read_export,
+)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -93,45 +95,3 @@ def _swap_into_place(tmp: Path, folder: Path) -> None:
     finally:
         os.close(dir_fd)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_export(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """Return (fp32 state dict, model config dict, folder) of an export.
-
-    Side files are read by the caller from the returned folder.
-
-    Raises:
-        ExportError: the folder is missing, incomplete (no manifest) or corrupt.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ExportError(f"export folder {folder} does not exist; run the export launcher first")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ExportError(
-            f"{folder} has no {MANIFEST}: the export was interrupted or is not an export; "
-            "write it again with the export launcher"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ExportError(f"{manifest_path} is corrupt ({exc}); write the export again") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(
-            f"{folder} has export format {manifest.get('format_version')}, this code reads "
-            f"{FORMAT_VERSION}; re-export with this code version"
-        )
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            raise ExportError(
-                f"{path} is missing or has the wrong size (manifest says {size} bytes); "
-                "the export is corrupt, write it again"
-            )
-    try:
-        state = load_file(str(folder / WEIGHTS))
-        config = json.loads((folder / CONFIG).read_text())
-    except Exception as exc:  # safetensors raises its own error types
-        raise ExportError(f"{folder} cannot be read ({exc}); write the export again") from exc
-    return state, config, folder
