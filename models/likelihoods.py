@@ -125,6 +125,18 @@ def gaussian_log_prob(y: Tensor, pred: Tensor) -> Tensor:
         return -0.5 * (y.float() - pred.float()) ** 2 - 0.5 * math.log(2 * math.pi)
 
 
+class Fp32Linear(nn.Linear):
+    """Linear computed in fp32 whatever the weights' dtype (bf16 under ZeRO-3 mixed precision).
+
+    The cast happens inside `forward`, so ZeRO-3's per-module fetch hooks gather the weights.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out) fp32."""
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 class LikelihoodHead(nn.Module):
     """Per-gene output head (REF ``NegativeBinomialTransformerLayer`` names).
 
@@ -146,13 +158,12 @@ class LikelihoodHead(nn.Module):
         if likelihood == "nb_shared_theta":
             self.theta = nn.Embedding(num_genes + 1, 1)
             nn.init.ones_(self.theta.weight)
-        self.params = nn.Linear(dim, 1, bias=True)
+        self.params = Fp32Linear(dim, 1, bias=True)
 
     def logits(self, h: Tensor) -> Tensor:
         """h (B, G, E) -> (B, G) fp32 (linear in fp32 outside autocast)."""
         with fp32_island(h):
-            w, b = self.params.weight.float(), self.params.bias.float()
-            return torch.nn.functional.linear(h.float(), w, b).squeeze(-1)  # (B, G)
+            return self.params(h).squeeze(-1)  # (B, G)
 
     def log_theta(self, gene_ids: Tensor) -> Tensor:
         """φ for gene_ids (...) -> (...) fp32."""

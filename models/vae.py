@@ -290,6 +290,10 @@ class VAE(nn.Module):
             total = total - lp.sum(dim=-1)
         return total
 
+    def forward(self, batch: CellBatch, gene_ids: Tensor | None = None) -> VAELoss:
+        """Training loss (see `loss`); a module call, so ZeRO-3's top-level hooks run."""
+        return self.loss(batch, gene_ids)
+
     def loss(self, batch: CellBatch, gene_ids: Tensor | None = None) -> VAELoss:
         """Training loss: NLL summed over decoded genes, averaged over cells, + β·KL.
 
