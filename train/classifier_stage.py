@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -35,7 +34,13 @@ from train.config import (
     split_cli,
 )
 from train.distributed import all_reduce_mean, init_distributed, rank, world_size
-from train.dit_stage import Encode, latent_source, load_frozen_vae, vae_export_dir
+from train.dit_stage import (
+    Encode,
+    FrozenVAEConfig,
+    latent_source,
+    load_frozen_vae,
+    vae_export_dir,
+)
 from train.export import write_export
 from train.loop import LoopConfig, run, step_generator
 from train.stage import Stage
@@ -43,14 +48,10 @@ from train.vae_stage import code_version, resolve_source, run_dir_of
 
 
 @dataclass
-class ClassifierStageConfig:
-    """Which attribute to classify and on which VAE (field names shared with the DiT stage)."""
+class ClassifierStageConfig(FrozenVAEConfig):
+    """Which attribute to classify and on which VAE (the VAE fields are the DiT stage's)."""
 
     attribute: str = "cell_type"  # obs column whose label the classifier predicts
-    vae_run: str = "vae"  # VAE run folder under run.root whose export/ is loaded
-    vae_export: str = ""  # explicit VAE export folder ("" = <run.root>/<vae_run>/export)
-    latent_stats_cells: int = 256  # training cells used to estimate the latent mean/std
-    latents: Literal["encode", "cache"] = "encode"  # encode each batch, or a cache written once
 
 
 @dataclass

@@ -52,14 +52,20 @@ Encode = Callable[[CsrBatch, torch.device], torch.Tensor]  # batch -> latents (B
 
 
 @dataclass
-class DenoiserStageConfig:
-    """What stage 2 trains and on which VAE."""
+class FrozenVAEConfig:
+    """Which VAE export feeds a latent stage (denoiser or classifier), and how latents are made."""
 
-    denoiser: Literal["dit", "skip_mlp"] = "dit"  # adaLN-Zero DiT or scDiffusion-style MLP
     vae_run: str = "vae"  # VAE run folder under run.root whose export/ is loaded
     vae_export: str = ""  # explicit VAE export folder ("" = <run.root>/<vae_run>/export)
     latent_stats_cells: int = 256  # training cells used to estimate the latent mean/std
     latents: Literal["encode", "cache"] = "encode"  # encode each batch, or a cache written once
+
+
+@dataclass
+class DenoiserStageConfig(FrozenVAEConfig):
+    """What stage 2 trains and on which VAE."""
+
+    denoiser: Literal["dit", "skip_mlp"] = "dit"  # adaLN-Zero DiT or scDiffusion-style MLP
 
 
 @dataclass
