@@ -9,6 +9,7 @@ written last: a folder without it, or with a file of the wrong size, is refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from models.classifier import ClassifierConfig, NoisyLatentClassifier
 from models.dit import DiT, DiTConfig
 from models.skip_mlp import SkipMLP, SkipMLPConfig
 from models.vae import VAE, VAEConfig
@@ -73,6 +75,21 @@ def read_export(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, config, folder
 
 
+def export_digest(folder: str | Path) -> str:
+    """Return a 16-hex digest of an export's weights and config (its identity, not its path).
+
+    Two exports of the same architecture have manifests of identical sizes, so the content
+    is hashed: a latent cache or a denoiser records the digest of the VAE it was built on.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in (CONFIG, WEIGHTS):
+        with open(folder / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _config(cls: type, values: dict[str, Any], folder: Path) -> Any:
     """Build dataclass `cls` from exported values; unknown keys mean another code version."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -110,3 +127,9 @@ def load_denoiser(folder: str | Path) -> DiT | SkipMLP:
         raise ExportError(f"{folder / CONFIG}: unknown denoiser {kind!r}; expected dit or skip_mlp")
     model_cls, config_cls = DENOISERS[kind]
     return _load(model_cls(_config(config_cls, config, folder)), state, folder)
+
+
+def load_classifier(folder: str | Path) -> NoisyLatentClassifier:
+    """Return an exported noisy-latent classifier in eval mode (fp32, CPU)."""
+    state, config, folder = read_export(folder)
+    return _load(NoisyLatentClassifier(_config(ClassifierConfig, config, folder)), state, folder)

@@ -21,6 +21,7 @@ from data.batch import CsrBatch
 from data.config import DataConfig
 from data.stream import CellStream
 from models.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss
+from models.pretrained import export_digest
 from train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -113,6 +114,7 @@ def _make_export(cfg: ClassifierTrainConfig, model_cfg: ClassifierConfig, labels
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
         provenance = {
             "stage": "classifier", **info, "vae_export": str(vae_export_dir(cfg)),
+            "vae_export_digest": export_digest(vae_export_dir(cfg)),
             "data_source": cfg.data.source, "code_version": code_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }  # fmt: skip

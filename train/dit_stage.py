@@ -25,6 +25,7 @@ from data.config import DataConfig
 from data.stream import CellStream
 from models.dit import DiT, DiTConfig
 from models.flow import flow_loss
+from models.pretrained import export_digest
 from models.skip_mlp import SkipMLP, SkipMLPConfig
 from models.vae import VAE, VAEConfig
 from train.config import (
@@ -201,7 +202,8 @@ def make_dit_export(cfg: DiTStageConfig, model_cfg, labels: dict, stats: dict, v
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
         provenance = {
             "stage": "dit", "denoiser": cfg.stage.denoiser, **info,
-            "vae_export": str(vae_dir), "data_source": cfg.data.source,
+            "vae_export": str(vae_dir), "vae_export_digest": export_digest(vae_dir),
+            "data_source": cfg.data.source,
             "code_version": code_version(), "weights": "ema" if cfg.ema.enabled else "raw",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }  # fmt: skip

@@ -9,7 +9,6 @@ joinids are 0..N-1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -19,16 +18,12 @@ import torch
 
 from data.config import DataConfig
 from data.stream import CellStream
+from models.pretrained import export_digest
 from models.vae import VAE
 from train.distributed import all_reduce_mean, barrier, is_main, rank, world_size
 from train.vae_stage import cell_batch
 
 META = "meta.json"
-
-
-def export_id(vae_dir: Path) -> str:
-    """Return a digest of the VAE export manifest (names and sizes of its files)."""
-    return hashlib.sha256((vae_dir / "export.json").read_bytes()).hexdigest()[:16]
 
 
 def build_cache(
@@ -42,7 +37,7 @@ def build_cache(
         raise ValueError("the latent cache needs a training copy (data.mode=copy)")
     n = int(json.loads((Path(data.source) / "manifest.json").read_text())["n_cells"])
     shape = (n, vae.cfg.num_inducing_points, vae.cfg.latent_dim)
-    meta = {"vae_export": export_id(vae_dir), "shape": list(shape), "source": data.source}
+    meta = {"vae_export": export_digest(vae_dir), "shape": list(shape), "source": data.source}
     path = folder / "z.npy"
     fresh = (folder / META).is_file() and json.loads((folder / META).read_text()) == meta
     if not fresh:
