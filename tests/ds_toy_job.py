@@ -4,6 +4,10 @@ A tiny MLP regresses a deterministic function of the sample index. The data stre
 is its integer position, so resume is exact. Rank 0 appends one JSON line per optimiser step to
 `--loss-log` and writes the consolidated fp32 weights as an export at the end.
 
+With `--loop`, the same model and data train through the project's one loop (`train.loop.run`)
+instead, checkpointing every step; `--nan-at S` makes the last rank's first micro-batch of step S
+return a NaN loss (the NaN guard test reads the checkpoints around it).
+
 Usage: torchrun --standalone --nproc_per_node 2 tests/ds_toy_job.py --run-dir D --stage 2 ...
        python tests/ds_toy_job.py ...   (a world of one)
 """
@@ -16,6 +20,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -26,6 +31,7 @@ from train.config import (
     BatchConfig,
     CheckpointConfig,
     EMAConfig,
+    LoggingConfig,
     OptimConfig,
     PrecisionConfig,
     RunConfig,
@@ -46,7 +52,9 @@ from train.distributed import (
     world_size,
 )
 from train.export import write_export
+from train.loop import run as loop_run
 from train.optim import EMA, build_optimizer, lr_at, set_lr
+from train.stage import Stage
 
 
 class ToyStream:
@@ -93,8 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--offload", default="none")
     parser.add_argument("--loss-log", required=True)
+    parser.add_argument("--loop", action="store_true")
+    parser.add_argument("--nan-at", type=int, default=-1)
     args, _ = parser.parse_known_args(argv)  # ignores the deepspeed launcher's --local_rank
     init_distributed()
+    if args.loop:
+        loop_main(args)
+        return
     cfg, world, run_dir = make_config(args), world_size(), Path(args.run_dir)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
@@ -163,6 +176,56 @@ def _kill_hook(kill_at: int) -> Any:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
+
+
+class ToyLoopStream:
+    """This rank's toy micro-batches as the loop's training stream (state: micro-batches read)."""
+
+    def __init__(self, micro: int, nan_position: int) -> None:
+        self.micro, self.nan_position, self.position = micro, nan_position, 0
+
+    def __iter__(self):
+        while True:
+            first = (self.position * world_size() + rank()) * self.micro
+            x, y = ToyStream({"position": first}).next_global(self.micro)
+            nan = self.position == self.nan_position
+            self.position += 1
+            yield SimpleNamespace(x=x, y=y, num_cells=len(x), num_tokens=x.numel(), nan=nan)
+
+    def __len__(self) -> int:
+        return 1
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def _toy_loss(module: nn.Module, batch: SimpleNamespace, gen: torch.Generator):
+    loss = nn.functional.mse_loss(module(batch.x).float(), batch.y)
+    return (loss * float("nan") if batch.nan else loss), {}
+
+
+def loop_main(args: argparse.Namespace) -> None:
+    """Train the toy model through `train.loop.run`, checkpointing every step."""
+    cfg = dataclasses.replace(
+        make_config(args),
+        checkpoint=CheckpointConfig(every_steps=1, keep_last_k=0, resume="auto"),
+        logging=LoggingConfig(every_steps=1, wandb_mode="disabled", progress_bar=False),
+    )
+    accum = accumulation_steps(cfg.batch, world_size())
+    # The last rank's first micro-batch of step `nan_at` (1-based) has a NaN loss.
+    nan_position = (args.nan_at - 1) * accum if rank() == world_size() - 1 else -1
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
+    stage = Stage(
+        name="toy", model=model, loss_fn=_toy_loss,
+        train_stream=ToyLoopStream(cfg.batch.micro_cells, nan_position),
+        export_fn=lambda folder, weights, info: write_export(folder, weights, {"kind": "toy"}),
+        use_ema=True,
+    )  # fmt: skip
+    loop_run(stage, cfg, args.run_dir)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from train.checkpoint import (
     prune,
     read_latest,
     save_checkpoint,
+    tag_for,
     write_latest,
 )
 from train.export import read_export
@@ -146,6 +147,56 @@ def test_resume_world_2_to_1_to_2(baselines, tmp_path, stage):
     _, resumed = _launch(two, stage, 2)  # 1 -> 2 ranks
     _assert_losses(resumed, ref, range(7, 9), exact=False)
     _assert_weights(two, base, atol=1e-5)
+
+
+def _tensors(obj: object, path: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor nested in a loaded checkpoint object, by its key path."""
+    if torch.is_tensor(obj):
+        return {path: obj}
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, (list, tuple))
+        else []
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(_tensors(value, f"{path}/{key}"))
+    return out
+
+
+def _tag_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(every tensor of a tag's engine shards and EMA by file and path, the client state)."""
+    tensors, client = {}, {}
+    for path in sorted(folder.glob("*.pt")):
+        if path.name.startswith("rng_"):  # the RNG moves on every step, skipped or not
+            continue
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        tensors.update({path.name + k: v for k, v in _tensors(obj).items()})
+        if "bad_steps" in obj:
+            client = obj
+    return tensors, client
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("stage", "world", "dtype"), [(2, 2, "fp32"), (3, 2, "bf16")])
+def test_nan_step_leaves_weights_and_optimizer_state_unchanged(tmp_path, stage, world, dtype):
+    """The loop's NaN guard on a real engine: step 3 (one micro-batch of one rank is NaN)."""
+    run = tmp_path / "nan"
+    args = ("--loop", "--nan-at", "3", "--total-steps", "4", "--dtype", dtype)
+    proc, _ = _launch(run, stage, world, *args)
+    assert "step 3: non-finite loss, update skipped (1)" in proc.stdout
+    (before, c2), (skipped, c3), (after, c4) = (
+        _tag_state(run / "checkpoints" / tag_for(s)) for s in (2, 3, 4)
+    )
+    assert (c2["bad_steps"], c3["bad_steps"], c4["bad_steps"]) == (0, 1, 1)
+    adam = [k for k in before if k.endswith(("/exp_avg", "/exp_avg_sq", "/step"))]
+    assert adam and any("ema.pt" in k for k in before) and before.keys() == skipped.keys()
+    # Weights (fp32 masters and 16-bit copies), Adam moments and step counts, EMA: bit for bit.
+    assert [k for k in before if not torch.equal(before[k], skipped[k])] == []
+    # The next, finite step updates them again (the comparison can see a change).
+    assert all(not torch.equal(skipped[k], after[k]) for k in adam)
 
 
 class _DiskFullEngine:

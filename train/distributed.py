@@ -197,6 +197,31 @@ def gathered_params(engine: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def update_skipped(engine: Any) -> Iterator[None]:
+    """Context in which `engine.step()` runs its bookkeeping but applies no update.
+
+    DeepSpeed still reduces, clips and clears the gradients and advances its own counters, but
+    the wrapped torch optimizer's `step` is a no-op: the fp32 master weights, the Adam moments
+    and step counts stay bit for bit, and so do the 16-bit weights DeepSpeed copies from the
+    masters. An lr of 0 would not do: AdamW would still decay its moments and count the step.
+    Works at ZeRO 0-3, with or without bf16/fp16 and offload (checked on DeepSpeed 0.19.8).
+    """
+    wrapper, base = None, engine.optimizer
+    while hasattr(base, "optimizer"):  # ZeRO, bf16 and fp16 wrappers hold our torch optimizer
+        wrapper, base = base, base.optimizer
+    fresh = len(base.state) == 0
+    base.step = lambda *args, **kwargs: None  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del base.step
+        if fresh and hasattr(wrapper, "_hp_optimizer_states_linked"):
+            # ZeRO-1/2 and bf16 link their optimizer-state views once, after the first update;
+            # a skipped first step has no state to link yet, so let the next update do it.
+            wrapper._hp_optimizer_states_linked = False
+
+
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """Return the full fp32 master weights by name on rank 0 (an empty dict on other ranks).
 

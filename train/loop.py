@@ -36,6 +36,7 @@ from train.distributed import (
     print0,
     rank,
     save_deepspeed_config,
+    update_skipped,
     world_size,
 )
 from train.optim import EMA, build_optimizer, lr_at, set_lr
@@ -116,9 +117,10 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
         engine.backward(loss)
         if k == accum - 1:
             bad = any_rank(bad)  # every rank agrees before the update
-            if bad:  # skip it everywhere: lr 0 leaves the weights (and decay) untouched
-                set_lr(engine.optimizer.param_groups, 0.0)
-        engine.step()
+        # Skip the update everywhere: weights and Adam state stay exactly as they were, while
+        # DeepSpeed still clears the accumulated gradients and keeps its micro-step count.
+        with update_skipped(engine) if bad and k == accum - 1 else nullcontext():
+            engine.step()
         for key, value in {"loss": loss.detach(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(value) / accum
         cells, tokens = cells + batch.num_cells, tokens + batch.num_tokens
@@ -203,7 +205,7 @@ def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, track
                     f"{state.bad_steps} steps had a NaN/inf loss (loop.max_bad_steps = "
                     f"{loop_cfg.max_bad_steps}); lower optim.lr, use fp32, or check the data"
                 )
-        if ema is not None and ema.due(state.step):
+        if ema is not None and ema.due(state.step) and not skipped:  # nothing new to average
             with gathered_params(engine):
                 ema.update(engine.module.named_parameters(), state.step)
         _log(tracker, state, local, run_dir, engine.device)
