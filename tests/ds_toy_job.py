@@ -44,9 +44,9 @@ from train.distributed import (
     build_engine,
     consolidated_state_dict,
     deepspeed_config,
-    gathered_params,
     init_distributed,
     is_main,
+    master_weights,
     rank,
     save_deepspeed_config,
     world_size,
@@ -85,7 +85,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         batch=BatchConfig(global_cells=8, micro_cells=2),
         precision=PrecisionConfig(dtype=args.dtype),
         zero=ZeroConfig(stage=args.stage, offload_optimizer=args.offload),
-        ema=EMAConfig(enabled=True, decay=0.9, every=1, start_step=2),
+        ema=EMAConfig(enabled=True, decay=0.9, every=1, start_step=args.ema_start),
         checkpoint=CheckpointConfig(every_steps=2, keep_last_k=args.keep, resume="auto"),
     )
 
@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss-log", required=True)
     parser.add_argument("--loop", action="store_true")
     parser.add_argument("--nan-at", type=int, default=-1)
+    parser.add_argument("--ema-start", type=int, default=2)  # EMA copies the weights before
+    parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--export-name", default="export")
     args, _ = parser.parse_known_args(argv)  # ignores the deepspeed launcher's --local_rank
     init_distributed()
     if args.loop:
@@ -115,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ds_cfg = deepspeed_config(cfg, world, load_universal=bool(point and point.universal))
     save_deepspeed_config(ds_cfg, run_dir)
     engine = build_engine(model, build_optimizer(model, cfg.optim), ds_cfg)
-    with gathered_params(engine):
-        ema = EMA(engine.module.named_parameters(), cfg.ema)
+    ema = EMA(master_weights(engine), cfg.ema)
     step, data_state = 0, {"position": 0}
     if point is not None:
         client, ema_state = load_checkpoint(engine, point)
@@ -149,8 +152,7 @@ def train(
             losses.append(loss.item())
         step += 1
         if ema.due(step):
-            with gathered_params(engine):
-                ema.update(engine.module.named_parameters(), step)
+            ema.update(master_weights(engine), step)
         probe = torch.rand(()).item()  # global RNG: checks RNG restore on same-world resume
         mean = all_reduce_mean({"loss": sum(losses) / len(losses)})
         if is_main():
@@ -222,10 +224,12 @@ def loop_main(args: argparse.Namespace) -> None:
     stage = Stage(
         name="toy", model=model, loss_fn=_toy_loss,
         train_stream=ToyLoopStream(cfg.batch.micro_cells, nan_position),
-        export_fn=lambda folder, weights, info: write_export(folder, weights, {"kind": "toy"}),
-        use_ema=True,
+        export_fn=lambda folder, weights, info: write_export(
+            folder.parent / args.export_name, weights, {"kind": "toy"}
+        ),
+        use_ema=not args.no_ema,
     )  # fmt: skip
-    loop_run(stage, cfg, args.run_dir)
+    loop_run(stage, cfg, args.run_dir, export_only=args.export_only)
 
 
 if __name__ == "__main__":

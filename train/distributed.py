@@ -222,6 +222,24 @@ def update_skipped(engine: Any) -> Iterator[None]:
             wrapper._hp_optimizer_states_linked = False
 
 
+def master_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full fp32 weight) of every parameter of `engine.module`, on every rank.
+
+    Under bf16/fp16 the module holds 16-bit copies; the values returned are the optimizer's fp32
+    master weights (an EMA of the 16-bit copies would lose every update smaller than their
+    rounding step). Collective at every ZeRO stage: all ranks must exhaust the iterator.
+    """
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        with gathered_params(engine):  # fp32: the module parameters are the masters
+            yield from engine.module.named_parameters()
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # gathers the fp32 fragments (collective)
+        yield name, full if full is not None else param.detach().float()
+
+
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """Return the full fp32 master weights by name on rank 0 (an empty dict on other ranks).
 

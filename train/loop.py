@@ -31,8 +31,8 @@ from train.distributed import (
     build_engine,
     consolidated_state_dict,
     deepspeed_config,
-    gathered_params,
     is_main,
+    master_weights,
     print0,
     rank,
     save_deepspeed_config,
@@ -206,8 +206,7 @@ def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, track
                     f"{loop_cfg.max_bad_steps}); lower optim.lr, use fp32, or check the data"
                 )
         if ema is not None and ema.due(state.step) and not skipped:  # nothing new to average
-            with gathered_params(engine):
-                ema.update(engine.module.named_parameters(), state.step)
+            ema.update(master_weights(engine), state.step)  # fp32 masters, not bf16 copies
         _log(tracker, state, local, run_dir, engine.device)
         if stage.eval_fn is not None and every_eval and state.step % every_eval == 0:
             _evaluate(stage, engine, ema, state, run_dir, tracker)
@@ -252,8 +251,7 @@ def run(stage: Stage, cfg: TrainConfig, run_dir: str | Path, export_only: bool =
     engine = build_engine(stage.model, build_optimizer(stage.model, cfg.optim), ds_config)
     ema = None
     if stage.use_ema:
-        with gathered_params(engine):
-            ema = EMA(engine.module.named_parameters(), cfg.ema)
+        ema = EMA(master_weights(engine), cfg.ema)
     state = LoopState(precision=cfg.precision.dtype)
     if point is not None:
         client, ema_state = load_checkpoint(engine, point)

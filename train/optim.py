@@ -101,8 +101,9 @@ class EMA:
     """Plain fp32 copy of the trainable weights, updated every `cfg.every` steps.
 
     Before `cfg.start_step` an update copies the weights; from then on it applies
-    `ema = decay * ema + (1 - decay) * weight`. The caller passes full (gathered) parameters: under
-    ZeRO-3 wrap the update in `train.distributed.gathered_params(engine)`.
+    `ema = decay * ema + (1 - decay) * weight`. The caller passes full fp32 weights: with a
+    DeepSpeed engine, `train.distributed.master_weights(engine)` (gathered under ZeRO-3, the fp32
+    masters under bf16/fp16, whose small updates the 16-bit copies would round away).
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], cfg: EMAConfig) -> None:
