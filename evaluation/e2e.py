@@ -1,0 +1,212 @@
+"""The end-to-end run on the built-in data: ingest -> VAE -> DiT -> generate -> evaluate.
+
+Trains, on one fixed hash split of pbmc68k (30% of cells held out as the test set):
+  - scLDM: the VAE, then the DiT with multi-condition CFG (configs/e2e/vae.yaml, dit.yaml);
+  - the scDiffusion-style baseline: an unconditional skip-MLP denoiser on the same latents with a
+    noisy-latent cell-type classifier for guidance (skip_mlp.yaml, classifier.yaml);
+and samples the same VAE from its Gaussian prior (the paper's "w/o LDM" ablation). Every model
+generates the test set's cells (same conditions and library sizes) at three seeds; the evaluation
+compares them with the real-vs-real floor and the known-bad references and prints one table.
+
+Each training stage runs as its own process through the same launchers a user runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from data.config import DataConfig
+from data.to_anndata import split_to_anndata
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs" / "e2e"
+LABEL_KEY = "cell_type"
+VAL_FRACTION = 0.3  # must equal data.val_fraction of every configs/e2e recipe
+MODELS = ("scldm", "vae_prior", "scdiffusion")  # the generated sets, in table order
+TABLE_KEYS = (
+    ("w2", "W2 (30 PCs)"),
+    ("mmd2_u", "MMD² unbiased"),
+    ("energy", "energy"),
+    ("c2st_knn_auc", "C2ST AUC kNN"),
+    ("c2st_logreg_auc", "C2ST AUC logreg"),
+    ("w2_class_mean", "W2 per class"),
+    ("cond_accuracy", "cond. accuracy"),
+    ("genes/mean_pearson", "gene-mean r"),
+)
+# CI's shortened run: a few steps per stage, 5 Euler steps, one seed, a small forest.
+QUICK = {"vae": 20, "dit": 20, "skip_mlp": 20, "classifier": 20}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the parsed command line."""
+    p = argparse.ArgumentParser(description="End-to-end scLDM run on the built-in PBMC data.")
+    p.add_argument("--root", type=Path, default=Path("runs/e2e"), help="folder of everything")
+    p.add_argument("--quick", action="store_true", help="CI-sized run (minutes, not a result)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="generation seeds")
+    p.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
+                   help="python: one process per stage; deepspeed: 2 ranks")  # fmt: skip
+    return p.parse_args(argv)
+
+
+class Timer:
+    """Wall time of each named step, printed as it ends."""
+
+    def __init__(self) -> None:
+        self.t0, self.steps = time.perf_counter(), {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs), record and print its wall time, return its result."""
+        start = time.perf_counter()
+        print(f"== {name} ...", flush=True)
+        out = fn(*args, **kwargs)
+        self.steps[name] = time.perf_counter() - start
+        print(f"== {name}: {self.steps[name]:.0f} s", flush=True)
+        return out
+
+    @property
+    def total(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.t0
+
+
+def _launch(script: str, args: list[str], launcher: str, log: Path) -> None:
+    """Run a launcher to completion with its output in `log`; raise with the log's tail."""
+    cmd = [sys.executable, str(REPO / "launchers" / script), *args]
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "launchers" / script), *args]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
+
+
+def train(stage: str, root: Path, copy: Path, quick: bool, launcher: str) -> Path:
+    """Train one stage from its configs/e2e recipe; return its export folder."""
+    script = {"vae": "train_vae.py", "classifier": "train_classifier.py"}.get(stage, "train_dit.py")
+    args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={root}", f"run.name={stage}"]
+    if stage == "vae":
+        args.append(f"data.source={copy}")
+    if quick:
+        steps = QUICK[stage]
+        args += [f"run.max_steps={steps}", f"run.eval_every={steps}",
+                 f"checkpoint.every_steps={steps}"]  # fmt: skip
+    _launch(script, args, launcher, root / f"{stage}.log")
+    return root / stage / "export"
+
+
+def real_splits(copy: Path, root: Path) -> tuple[Path, Path]:
+    """Write the held-out test cells and the training cells as h5ad; return their paths."""
+    config = DataConfig(source=str(copy), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
+    paths = root / "real_test.h5ad", root / "real_train.h5ad"
+    for split, path in zip(("val", "train"), paths, strict=True):
+        split_to_anndata(replace(config), split).write_h5ad(path)
+    return paths
+
+
+def generate(name: str, exports: dict[str, Path], test: Path, root: Path, seeds, quick) -> Path:
+    """Generate the test set's cells with one model at every seed; return the h5ad path."""
+    from generation import cli
+
+    out = root / "generated" / f"{name}.h5ad"
+    args = ["--vae", str(exports["vae"]), "--match", str(test), "--match-keys", LABEL_KEY,
+            "--out", str(out), "--seeds", *map(str, seeds)]  # fmt: skip
+    if name == "scldm":
+        args += ["--denoiser", str(exports["dit"])]
+    elif name == "scdiffusion":
+        args += ["--denoiser", str(exports["skip_mlp"]), "--classifier", str(exports["classifier"])]
+    if quick:
+        args += ["--sampler", "euler", "--steps", "5"]
+    elif name != "vae_prior":
+        args += ["--sampler", "euler", "--steps", "50"]
+    cli.run(args)
+    return out
+
+
+def evaluate(real: tuple[Path, Path], generated: dict[str, Path], root: Path, seeds, quick):
+    """Run the evaluation protocol; return report.json as a dict."""
+    from evaluation import cli
+
+    out = root / "report"
+    args = ["--real-test", str(real[0]), "--real-train", str(real[1]), "--label-key", LABEL_KEY,
+            "--out", str(out), "--seeds", *map(str, seeds),
+            "--generated", *[f"{k}={v}" for k, v in generated.items()]]  # fmt: skip
+    if quick:
+        args += ["--rf-trees", "50"]
+    cli.main(args)
+    return json.loads((out / "report.json").read_text())
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "–"
+    sem = entry.get("sem", float("nan"))
+    return f"{entry['value']:.4g}" + (f" ± {sem:.2g}" if np.isfinite(sem) else "")
+
+
+def table(report: dict) -> str:
+    """Return the comparison table (markdown): one row per set, Block B headline columns."""
+    sets = report["sets"]
+    order = ["real_floor", *MODELS, "poisson_mean", "gene_shuffled"]
+    head = "| set | " + " | ".join(label for _, label in TABLE_KEYS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_KEYS) + 1)]
+    for name in order:
+        if name in sets:
+            summary = sets[name]["summary"]
+            cells = [_cell(summary.get(key)) for key, _ in TABLE_KEYS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(report: dict) -> list[str]:
+    """Return one line per headline metric: does scLDM beat both model baselines?"""
+    sets, lines = report["sets"], []
+    for key in ("w2", "mmd2_u", "c2st_knn_auc"):
+        ours = sets["scldm"]["summary"][key]["value"]
+        others = {m: sets[m]["summary"][key]["value"] for m in MODELS[1:]}
+        better = all(ours < v for v in others.values())
+        shown = ", ".join(f"{m} {v:.4g}" for m, v in others.items())
+        result = "beats both" if better else "DOES NOT beat both"
+        lines.append(f"{key}: scLDM {ours:.4g} vs {shown} -> {result}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the whole pipeline; print and save the table; return the report."""
+    args = parse_args(argv)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    timer = Timer()
+    copy = root / "data" / "pbmc68k"
+    if not (copy / "manifest.json").is_file():
+        ingest = ["--source", "builtin:pbmc68k", "--out", str(copy)]
+        timer.run("ingest", _launch, "ingest.py", ingest, "python", root / "ingest.log")
+    exports = {"vae": timer.run("train vae", train, "vae", root, copy, args.quick, args.launcher)}
+    for stage in ("dit", "skip_mlp", "classifier"):
+        exports[stage] = timer.run(f"train {stage}", train, stage, root, copy, args.quick,
+                                   args.launcher)  # fmt: skip
+    real = timer.run("real splits", real_splits, copy, root)
+    generated = {m: timer.run(f"generate {m}", generate, m, exports, real[0], root, seeds,
+                              args.quick) for m in MODELS}  # fmt: skip
+    report = timer.run("evaluate", evaluate, real, generated, root, seeds, args.quick)
+    text = "\n".join([
+        f"# End-to-end run ({'quick' if args.quick else 'full'}), {timer.total / 60:.1f} min",
+        "", table(report), "", *verdict(report), "",
+        "wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.steps.items()),
+    ])  # fmt: skip
+    (root / "e2e.md").write_text(text + "\n")
+    (root / "e2e.json").write_text(json.dumps({"steps_s": timer.steps, "total_s": timer.total,
+                                                "verdict": verdict(report)}, indent=2))  # fmt: skip
+    print(text, flush=True)
+    return report

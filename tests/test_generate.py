@@ -1,0 +1,306 @@
+"""Generation from exports: plans, guidance checks, reproducibility, writers and clear errors.
+
+The exports are small random-weight models written with the real export writer and the side
+files the training stages write, so every check runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from generation import cli
+from generation.vocabulary import ConditionError
+from models.classifier import ClassifierConfig, NoisyLatentClassifier
+from models.dit import DiT, DiTConfig
+from models.pretrained import ExportError, export_digest
+from models.vae import VAE, VAEConfig
+from train.export import write_export
+
+REPO = Path(__file__).resolve().parent.parent
+G, M, D = 30, 4, 8
+CELL_TYPES = ["B", "Mono", "T"]
+DONORS = ["d1", "d2"]
+LIBSIZE = {"all": {"mean": 6.0, "std": 0.3, "n": 600}}
+LIBSIZE["cell_type"] = {
+    c: {"mean": 5.0 + i, "std": 0.1, "n": 200} for i, c in enumerate(CELL_TYPES)
+}
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random non-zero weights everywhere (zero-initialised output layers would hide bugs)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _genes_tsv() -> str:
+    rows = [f"{i + 1}\tENSG{i:05d}\tGENE{i}" for i in range(G)]
+    return "token\tfeature_id\tfeature_name\n" + "\n".join(rows) + "\n"
+
+
+def write_vae(folder: Path, seed: int = 0) -> Path:
+    cfg = VAEConfig(num_genes=G, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
+                    num_inducing_points=M, latent_dim=D)  # fmt: skip
+    extra = {
+        "genes.tsv": _genes_tsv(),
+        "labels.json": json.dumps({"cell_type": CELL_TYPES, "donor_id": DONORS}),
+        "libsize.json": json.dumps({"log_library_size": LIBSIZE}),
+        "provenance.json": json.dumps({"stage": "vae"}),
+    }
+    write_export(folder, _perturbed(VAE(cfg), seed).state_dict(), asdict(cfg), extra)
+    return folder
+
+
+def write_dit(folder: Path, vae: Path, columns=("cell_type",), scheme="independent") -> Path:
+    vocab = {"cell_type": CELL_TYPES, "donor_id": DONORS}
+    sizes = [len(vocab[c]) for c in columns]
+    cfg = DiTConfig(latent_tokens=M, latent_dim=D, hidden_dim=32, num_layers=2, num_heads=2,
+                    vocab_sizes=sizes, cfg_dropout_scheme=scheme)  # fmt: skip
+    conditions = {
+        "columns": list(columns),
+        "vocabularies": {c: vocab[c] for c in columns},
+        "null_indices": {c: len(vocab[c]) for c in columns},
+        "dropout": {"scheme": scheme, "prob": 0.2},
+    }
+    extra = {
+        "conditions.json": json.dumps(conditions),
+        "latent_stats.json": json.dumps({"mean": 0.1, "std": 0.9, "cells": 10}),
+        "genes.tsv": (vae / "genes.tsv").read_text(),
+        "provenance.json": json.dumps({"stage": "dit", "vae_export_digest": export_digest(vae)}),
+    }
+    model_cfg = {"denoiser": "dit", **asdict(cfg)}
+    write_export(folder, _perturbed(DiT(cfg), 1).state_dict(), model_cfg, extra)
+    return folder
+
+
+def write_classifier(folder: Path, vae: Path, stats=None) -> Path:
+    cfg = ClassifierConfig(latent_tokens=M, latent_dim=D, num_classes=len(CELL_TYPES),
+                           hidden_dims=[32, 16], time_freq_dim=16)  # fmt: skip
+    extra = {
+        "conditions.json": json.dumps({"attribute": "cell_type", "values": CELL_TYPES}),
+        "latent_stats.json": json.dumps(stats or {"mean": 0.1, "std": 0.9, "cells": 10}),
+        "provenance.json": json.dumps(
+            {"stage": "classifier", "vae_export_digest": export_digest(vae)}
+        ),
+    }
+    net = _perturbed(NoisyLatentClassifier(cfg), 2)
+    write_export(folder, net.state_dict(), asdict(cfg), extra)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exports")
+    vae = write_vae(root / "vae")
+    return {
+        "vae": vae,
+        "dit": write_dit(root / "dit", vae),
+        "classifier": write_classifier(root / "clf", vae),
+        "other_vae": write_vae(root / "other_vae", seed=5),
+    }
+
+
+def _reference(n_per_type=(7, 5, 3)) -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(CELL_TYPES, n_per_type)
+    X = sp.csr_matrix(rng.poisson(3.0, (len(labels), G)).astype(np.float32))
+    obs = pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(len(labels))])
+    var = pd.DataFrame(index=[f"ENSG{i:05d}" for i in range(G)])
+    return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def _gen(exports, tmp_path, *extra, name="out.h5ad", dit=True) -> ad.AnnData:
+    args = ["--vae", str(exports["vae"]), "--out", str(tmp_path / name), "--sampler", "euler",
+            "--steps", "4", *extra]  # fmt: skip
+    if dit:
+        args += ["--denoiser", str(exports["dit"])]
+    return ad.read_h5ad(cli.run(args))
+
+
+def test_match_reproduces_conditions_and_library_sizes(exports, tmp_path) -> None:
+    ref = _reference()
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    out = _gen(exports, tmp_path, "--match", str(tmp_path / "ref.h5ad"), "--seeds", "0", "1")
+    assert out.n_obs == 2 * ref.n_obs
+    for s in (0, 1):
+        part = out[out.obs["seed"] == s]
+        assert list(part.obs["cell_type"].astype(str)) == list(ref.obs["cell_type"])
+        np.testing.assert_array_equal(part.obs["library_size"], np.asarray(ref.X.sum(1)).ravel())
+    assert np.array_equal(out.X.data, np.round(out.X.data)) and out.X.data.min() > 0
+    assert list(out.var_names) == list(ref.var_names)
+    assert out.obsm["latent"].shape == (out.n_obs, M * D)
+    assert out.layers["means"].shape == out.shape
+    # μ = softmax · ℓ: the means of a cell sum to its library size.
+    np.testing.assert_allclose(out.layers["means"].sum(1), out.obs["library_size"], rtol=1e-4)
+
+
+def test_same_seed_same_cells_other_seed_other_cells(exports, tmp_path) -> None:
+    args = ("--condition", "cell_type=T", "--n-cells", "6")
+    a = _gen(exports, tmp_path, *args, name="a.h5ad")
+    b = _gen(exports, tmp_path, *args, name="b.h5ad")
+    c = _gen(exports, tmp_path, *args, "--seeds", "1", name="c.h5ad")
+    assert (a.X != b.X).nnz == 0 and np.array_equal(a.obsm["latent"], b.obsm["latent"])
+    assert not np.allclose(a.obsm["latent"], c.obsm["latent"])
+
+
+def test_batch_size_does_not_change_the_output_of_a_batch_aligned_plan(exports, tmp_path) -> None:
+    # Batches are seeded by their index, so equal batches give equal cells; a different batch
+    # layout gives different (but equally distributed) cells. Here: batch 4 over 8 cells.
+    args = ("--condition", "cell_type=B", "--n-cells", "8", "--batch-size", "4")
+    a = _gen(exports, tmp_path, *args, name="a.h5ad")
+    b = _gen(exports, tmp_path, "--condition", "cell_type=B", "--n-cells", "4",
+             "--batch-size", "4", name="b.h5ad")  # fmt: skip
+    np.testing.assert_array_equal(a.obsm["latent"][:4], b.obsm["latent"])
+
+
+def test_grid_library_sizes_follow_the_condition_statistics(exports, tmp_path) -> None:
+    out = _gen(exports, tmp_path, "--condition", "cell_type=*", "--n-cells", "200")
+    for i, c in enumerate(CELL_TYPES):
+        lib = out.obs.loc[out.obs["cell_type"] == c, "library_size"].to_numpy()
+        assert len(lib) == 200
+        assert abs(np.log(lib).mean() - (5.0 + i)) < 0.05  # statistics of that cell type
+
+
+def test_classifier_guidance_raises_the_target_class_probability(exports, tmp_path) -> None:
+    # The classifier's own p(target | z) at t = 1 must rise with the guidance scale.
+    from models.pretrained import load_classifier
+
+    clf = load_classifier(exports["classifier"])
+    shares = []
+    for scale in ("0", "10"):
+        out = _gen(exports, tmp_path, "--classifier", str(exports["classifier"]),
+                   "--condition", "cell_type=Mono", "--n-cells", "64",
+                   "--classifier-scale", f"cell_type={scale}", "--steps", "20",
+                   name=f"g{scale}.h5ad")  # fmt: skip
+        z = torch.from_numpy(out.obsm["latent"]).reshape(-1, M, D)
+        x = (z - 0.1) / 0.9  # the classifier sees standardised latents
+        with torch.no_grad():
+            p = torch.softmax(clf(x, torch.ones(len(x))), -1)[:, CELL_TYPES.index("Mono")]
+        shares.append(float(p.mean()))
+    assert shares[1] > shares[0] + 0.05
+
+
+def test_interpolation_endpoints_equal_conditional_generation(exports, tmp_path) -> None:
+    traj = _gen(exports, tmp_path, "--interpolate", "cell_type=B:T", "--interp-steps", "3",
+                "--n-cells", "5", "--interp-method", "cfg", name="t.h5ad")  # fmt: skip
+    assert sorted(set(traj.obs["interp_alpha"])) == [0.0, 0.5, 1.0]
+    assert traj.n_obs == 15 and set(traj.obs["interp_from"]) == {"B"}
+    start = _gen(exports, tmp_path, "--condition", "cell_type=B", "--n-cells", "5", name="b.h5ad")
+    # α = 0 is v(B) and joint CFG with weight 1 is v(∅) + (v(B) − v(∅)): the same ODE.
+    np.testing.assert_allclose(traj.obsm["latent"][:5], start.obsm["latent"], atol=1e-4)
+    assert not np.allclose(traj.obsm["latent"][10:], start.obsm["latent"], atol=1e-2)
+
+
+def test_vae_prior_samples_standard_normal_latents(exports, tmp_path) -> None:
+    out = _gen(exports, tmp_path, "--condition", "cell_type=B", "--n-cells", "256", dit=False)
+    z = out.obsm["latent"]
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.05
+    assert "denoiser" in json.loads(out.uns["generation"])
+
+
+def test_soma_output_equals_h5ad_output(exports, tmp_path) -> None:
+    import tiledbsoma
+    import tiledbsoma.io
+
+    args = ("--condition", "cell_type=*", "--n-cells", "3", "--batch-size", "4")
+    h5 = _gen(exports, tmp_path, *args)
+    _gen_soma = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]), "--sampler",
+                 "euler", "--steps", "4", "--out", str(tmp_path / "soma"), *args]  # fmt: skip
+    cli.run(_gen_soma)
+    with tiledbsoma.Experiment.open(str(tmp_path / "soma")) as exp:
+        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+        coo = exp.ms["RNA"].X["counts"].read().tables().concat().to_pandas()
+        latent = exp.ms["RNA"].obsm["latent"].read().to_numpy()
+    X = sp.csr_matrix((coo["soma_data"], (coo["soma_dim_0"], coo["soma_dim_1"])), shape=h5.shape)
+    assert (X != h5.X).nnz == 0
+    np.testing.assert_array_equal(latent, h5.obsm["latent"])
+    assert list(obs["cell_type"]) == list(h5.obs["cell_type"].astype(str))
+    assert not (tmp_path / ".soma.tmp").exists()
+
+
+def test_two_processes_write_what_one_process_writes(exports, tmp_path) -> None:
+    request = ["--condition", "cell_type=*", "--n-cells", "5", "--batch-size", "4"]
+    one = _gen(exports, tmp_path, *request, name="one.h5ad")
+    args = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]), "--sampler", "euler",
+            "--steps", "4", *request, "--out", str(tmp_path / "two.h5ad")]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(REPO / "launchers" / "generate.py"), *args]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = ad.read_h5ad(tmp_path / "two.h5ad")
+    assert list(two.obs_names) == list(one.obs_names)
+    assert (two.X != one.X).nnz == 0
+    # torchrun runs one BLAS thread per process: float sums may differ in the last bits.
+    np.testing.assert_allclose(two.obsm["latent"], one.obsm["latent"], rtol=0, atol=1e-5)
+    assert not list(tmp_path.glob(".two.h5ad*"))  # the per-rank shares are gone
+
+
+def test_a_crash_leaves_no_output(exports, tmp_path, monkeypatch) -> None:
+    calls = {"n": 0}
+    real_decode = cli.decode
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "decode", failing)
+    with pytest.raises(OSError):
+        _gen(exports, tmp_path, "--condition", "cell_type=*", "--n-cells", "4", "--batch-size", "4")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--condition", "cell_type=Neuron"), "unknown value 'Neuron' for condition 'cell_type'"),
+        (("--condition", "tissue=blood"), "unknown condition attribute 'tissue'"),
+        (("--condition", "donor_id=d1"), "on no network"),
+        (("--condition", "cell_type=B", "--cfg-weight", "donor_id=2"), "drop the weight"),
+        (("--condition", "cell_type=B", "--classifier-scale", "cell_type=2"), "no classifier"),
+        (("--condition", "cell_type"), "expects ATTR=VALUE"),
+        (("--interpolate", "cell_type=B"), "expects ATTR=A:B"),
+        (("--library-size", "reference"), "add --match"),
+    ],
+)
+def test_bad_requests_name_the_problem(exports, tmp_path, extra, message) -> None:
+    with pytest.raises(ConditionError, match=message):
+        _gen(exports, tmp_path, *extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_denoiser_of_another_vae_is_refused(exports, tmp_path) -> None:
+    args = ["--vae", str(exports["other_vae"]), "--denoiser", str(exports["dit"]),
+            "--condition", "cell_type=B", "--out", str(tmp_path / "x.h5ad")]  # fmt: skip
+    with pytest.raises(ExportError, match="trained on another VAE export"):
+        cli.run(args)
+
+
+def test_classifier_with_other_latent_scaling_is_refused(exports, tmp_path) -> None:
+    clf = write_classifier(tmp_path / "clf", exports["vae"], {"mean": 0.0, "std": 2.0, "cells": 1})
+    with pytest.raises(ExportError, match="standardises latents"):
+        _gen(exports, tmp_path, "--classifier", str(clf), "--condition", "cell_type=B")
+
+
+def test_command_line_error_is_one_line(exports, tmp_path) -> None:
+    cmd = [sys.executable, str(REPO / "launchers" / "generate.py"), "--vae", str(exports["vae"]),
+           "--condition", "cell_type=Neuron", "--out", str(tmp_path / "x.h5ad")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown value 'Neuron'")
