@@ -1,13 +1,15 @@
 """End-to-end training with real DeepSpeed on CPU: 2 ranks, gloo, the built-in pbmc68k copy.
 
-One 6-step VAE run at ZeRO-2 (deepspeed launcher) is shared by the tests. "Stop at step 3 and
-resume" copies that run as it was after its step-3 checkpoint (the checkpoint a stopped run
-writes is the same one) and resumes it under torchrun; steps 4-6 must repeat exactly.
+One 6-step fp32 VAE run at ZeRO-2 (deepspeed launcher) and one bf16 run with W&B offline are
+shared by the tests. "Stop at step 3 and resume" copies a run as it was after its step-3
+checkpoint (the checkpoint a stopped run writes is the same one) and resumes it, under torchrun,
+`accelerate launch` or one process; at the same world size steps 4-6 must repeat exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,7 +27,7 @@ from data.config import DataConfig
 from data.stream import CellStream
 from models.dit import DiT, DiTConfig
 from models.vae import VAE, VAEConfig
-from train.checkpoint import read_latest, write_latest
+from train.checkpoint import COMPLETE, CRASH_ENV, read_latest, write_latest
 from train.config import BatchConfig, CheckpointConfig, PrecisionConfig, RunConfig, TrainConfig
 from train.export import read_export
 from train.loop import LoopConfig, LoopState, TrainingError
@@ -51,8 +53,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _command(script: str, args: list[str], launcher: str) -> tuple[list[str], dict]:
-    """Return (argv, environment) that start a training launcher."""
+def _command(
+    script: str, args: list[str], launcher: str, env_extra: dict | None = None
+) -> tuple[list[str], dict]:
+    """Return (argv, environment) that start a training launcher (2 ranks unless "python")."""
     path = str(REPO / "launchers" / script)
     if launcher == "deepspeed":  # the `deepspeed` console script, without relying on PATH
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
@@ -60,16 +64,21 @@ def _command(script: str, args: list[str], launcher: str) -> tuple[list[str], di
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
         cmd += ["--master_port", str(_free_port()), path]
+    elif launcher == "accelerate":  # the `accelerate launch` console script
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+        cmd += ["--num_processes", "2", "--main_process_port", str(_free_port()), path]
     else:
         cmd = [sys.executable, path]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env_extra or {})})
     return cmd + args, env
 
 
-def _launch(script: str, args: list[str], launcher: str = "python", ok: bool = True):
-    """Run a training launcher; return the completed process."""
-    cmd, env = _command(script, args, launcher)
+def _launch(
+    script: str, args: list[str], launcher: str = "python", ok: bool = True, **env_extra: str
+):
+    """Run a training launcher (`env_extra` adds environment variables); return the process."""
+    cmd, env = _command(script, args, launcher, env_extra)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -122,30 +131,119 @@ def test_vae_loss_decreases_and_export_is_complete(vae_run):
     assert (run_dir / "deepspeed.json").is_file() and (run_dir / "config.yaml").is_file()
 
 
-def test_vae_resume_is_exact(vae_run, tmp_path):
-    run_dir, args = vae_run
+def _assert_same_steps(got: Path, ref: Path, steps: tuple[int, ...]) -> None:
+    """Training losses of `steps` equal bit for bit (same world size and seed)."""
+    a, b = _metrics(got), _metrics(ref)
+    for step in steps:
+        assert a[step]["train/loss"] == b[step]["train/loss"], step
 
-    resumed = _fork(run_dir, tmp_path / "resumed", 3)
-    args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
-    proc = _launch("train_vae.py", args, launcher="torchrun")
-    assert "resumed from step_0000003" in proc.stdout
-    full, again = _metrics(run_dir), _metrics(resumed)
-    for step in (4, 5, 6):
-        assert again[step]["train/loss"] == full[step]["train/loss"], step
-    wa, _, _ = read_export(run_dir / "export")
-    wb, _, _ = read_export(resumed / "export")
+
+def _assert_same_export(got: Path, ref: Path) -> None:
+    wa, _, _ = read_export(got / "export")
+    wb, _, _ = read_export(ref / "export")
+    assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.slow
-def test_vae_resumes_at_another_world_size(vae_run, tmp_path):
-    """2 ranks -> 1 (DeepSpeed universal checkpoint, elastic stream); slow: a conversion."""
+def test_vae_resume_is_exact_also_after_a_kill_during_save(vae_run, tmp_path):
+    """Resume from step 3 (torchrun); rank 0 is killed with SIGKILL in the middle of the step-6
+    save (all shards written, `latest` not yet); the next start resumes from step 3 again."""
     run_dir, args = vae_run
-    resumed = _fork(run_dir, tmp_path / "world1", 3)
-    proc = _launch("train_vae.py", [*args, f"run.root={tmp_path}", "run.name=world1"])
+    resumed = _fork(run_dir, tmp_path / "resumed", 3)
+    args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
+    crash = {CRASH_ENV: "step_0000006"}
+    proc = _launch("train_vae.py", args, launcher="torchrun", ok=False, **crash)
+    assert proc.returncode != 0 and "resumed from step_0000003" in proc.stdout
+    _assert_same_steps(resumed, run_dir, (4, 5, 6))
+    ckpt = resumed / "checkpoints"
+    assert read_latest(ckpt) == "step_0000003"
+    assert (ckpt / "step_0000006" / "rng_rank1.pt").is_file()  # the save had got that far
+    assert not (ckpt / "step_0000006" / COMPLETE).exists()
+    assert not (resumed / "export").exists()
+    proc = _launch("train_vae.py", args, launcher="deepspeed")
     assert "resumed from step_0000003" in proc.stdout
-    assert sorted(_metrics(resumed)) == [1, 2, 3, 4, 5, 6]
+    _assert_same_steps(resumed, run_dir, (4, 5, 6))
+    _assert_same_export(resumed, run_dir)
+
+
+def test_vae_resumes_at_another_world_size(vae_run, tmp_path):
+    """2 ranks -> 1 -> 2 through DeepSpeed universal checkpoints; the stream continues
+    elastically (a world size's own batch order, so losses are not compared step by step)."""
+    run_dir, args = vae_run
+    full, root = _metrics(run_dir), f"run.root={tmp_path}"
+    one = _fork(run_dir, tmp_path / "world1", 3)
+    # One process; a checkpoint every step (all kept) gives a world-1 tag (step 4) to resume from.
+    ckpt = ["checkpoint.every_steps=1", "checkpoint.keep_last_k=4"]
+    proc = _launch("train_vae.py", [*args, root, "run.name=world1", *ckpt])
+    assert "resumed from step_0000003" in proc.stdout
+    two = _fork(one, tmp_path / "world2", 4)
+    proc = _launch("train_vae.py", [*args, root, "run.name=world2"], launcher="torchrun")
+    assert "resumed from step_0000004" in proc.stdout
+    for run, tag in ((one, "step_0000003"), (two, "step_0000004")):
+        assert (run / "checkpoints" / "universal" / tag / COMPLETE).is_file()
+        metrics = _metrics(run)
+        assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+        assert all(math.isfinite(metrics[s]["train/loss"]) for s in (4, 5, 6))
+        assert metrics[6]["cells_seen"] == full[6]["cells_seen"]
+        # Training continued from the loaded weights: better than the step-3 checkpoint.
+        assert metrics[6]["val/nll"] < full[3]["val/nll"]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A finished 6-step bf16 VAE run at ZeRO-2 on 2 ranks with W&B offline; (run dir, args)."""
+    root = tmp_path_factory.mktemp("bf16")
+    args = [DEBUG, *TINY_VAE, f"data.source={pbmc_copy}", f"run.root={root}", "zero.stage=2"]
+    args += ["precision.dtype=bf16"]
+    _launch("train_vae.py", [*args, "run.name=full"], launcher="deepspeed", WANDB_MODE="offline")
+    return root / "full", args
+
+
+@pytest.fixture(scope="module")
+def bf16_resumed(bf16_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The bf16 run stopped at step 3, resumed under `accelerate launch --multi_gpu`."""
+    run_dir, args = bf16_run
+    root = tmp_path_factory.mktemp("bf16_resumed")
+    resumed = _fork(run_dir, root / "resumed", 3)
+    # Only the checkpoint's client state can name the W&B run now.
+    shutil.rmtree(resumed / "wandb")
+    (resumed / "wandb_run_id").unlink()
+    args = [*args, f"run.root={root}", "run.name=resumed"]
+    proc = _launch("train_vae.py", args, launcher="accelerate", WANDB_MODE="offline")
+    return resumed, proc
+
+
+def test_bf16_vae_trains(bf16_run):
+    run_dir, _ = bf16_run
+    assert json.loads((run_dir / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+    metrics = _metrics(run_dir)
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(metrics[s]["train/loss"]) for s in metrics)
+    assert metrics[6]["val/nll"] < metrics[3]["val/nll"]
+
+
+def test_bf16_resume_under_accelerate_is_exact(bf16_run, bf16_resumed):
+    run_dir, _ = bf16_run
+    resumed, proc = bf16_resumed
+    assert "resolved config (2 ranks)" in proc.stdout
+    assert "resumed from step_0000003" in proc.stdout
+    _assert_same_steps(resumed, run_dir, (4, 5, 6))
+    _assert_same_export(resumed, run_dir)
+
+
+def _wandb_offline_ids(run_dir: Path) -> list[str]:
+    """Run ids of the offline runs W&B wrote (folders `offline-run-<time>-<id>`)."""
+    return [p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")]
+
+
+def test_wandb_offline_resume_reopens_the_same_run(bf16_run, bf16_resumed):
+    run_dir, _ = bf16_run
+    resumed, _ = bf16_resumed
+    original = _wandb_offline_ids(run_dir)
+    assert len(original) == 1 and original[0] == (run_dir / "wandb_run_id").read_text()
+    assert _wandb_offline_ids(resumed) == original
+    assert (resumed / "wandb_run_id").read_text() == original[0]
 
 
 def test_sigterm_saves_then_exits(pbmc_copy, tmp_path):

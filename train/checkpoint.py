@@ -12,6 +12,10 @@ checkpointing: rank 0 converts the tag with `deepspeed.checkpoint.ds_to_universa
 Checked on DeepSpeed 0.19.8 (CPU, gloo): ZeRO-2 2 -> 1 -> 2 and ZeRO-3 2 -> 1 ranks match the
 uninterrupted run to ~1e-7, after undoing two ZeRO-3 universal-load defects (see
 `_repair_universal_load`). The conversion assumes the run folder is on a shared filesystem.
+
+Fault injection: with `ATLASLDM_CRASH_BEFORE_COMMIT=<tag>` in the environment, rank 0 kills itself
+with SIGKILL once every rank has written tag `<tag>` and before `COMPLETE`/`latest` (the worst
+moment to die); the stage tests use it to show that resume then takes the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from train.distributed import all_reduce_min, is_main, rank, world_size
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+CRASH_ENV = "ATLASLDM_CRASH_BEFORE_COMMIT"  # fault injection for tests (module docstring)
 _TAG_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -167,6 +172,8 @@ def save_checkpoint(
         raise CheckpointError(_save_error(reason, tag, ckpt_dir, last_good)) from error
     if before_commit is not None:
         before_commit(tag)
+    if os.environ.get(CRASH_ENV) == tag and is_main():
+        os.kill(os.getpid(), signal.SIGKILL)
     error = None
     if is_main():
         try:
