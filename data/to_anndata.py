@@ -51,7 +51,7 @@ def split_to_anndata(config: DataConfig, split: Split) -> ad.AnnData:
         raise ValueError(f"split {split!r} of {config.source} has no cells")
     joinid = np.concatenate(ids)
     order = np.argsort(joinid, kind="stable")
-    obs = pd.DataFrame(index=pd.Index([str(j) for j in joinid[order]], name="soma_joinid"))
+    obs = pd.DataFrame(index=pd.Index([str(j) for j in joinid[order]], name="obs_id"))
     codes = np.concatenate(conds)[order]
     for a, column in enumerate(config.condition_columns):
         values = np.array([*labels[column], ""], dtype=object)  # null code -> ""

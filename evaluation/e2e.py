@@ -38,9 +38,12 @@ TABLE_KEYS = (
     ("energy", "energy"),
     ("c2st_knn_auc", "C2ST AUC kNN"),
     ("c2st_logreg_auc", "C2ST AUC logreg"),
+    ("precision", "precision"),
+    ("recall", "recall"),
     ("w2_class_mean", "W2 per class"),
     ("cond_accuracy", "cond. accuracy"),
-    ("genes/mean_pearson", "gene-mean r"),
+    ("genes/all/mean_pcc", "gene-mean r"),
+    ("genes/all/var_pcc", "gene-var r"),
 )
 # CI's shortened run: a few steps per stage, 5 Euler steps, one seed, a small forest.
 QUICK = {"vae": 20, "dit": 20, "skip_mlp": 20, "classifier": 20}
@@ -141,8 +144,7 @@ def evaluate(real: tuple[Path, Path], generated: dict[str, Path], root: Path, se
     args = ["--real-test", str(real[0]), "--real-train", str(real[1]), "--label-key", LABEL_KEY,
             "--out", str(out), "--seeds", *map(str, seeds),
             "--generated", *[f"{k}={v}" for k, v in generated.items()]]  # fmt: skip
-    if quick:
-        args += ["--rf-trees", "50"]
+    args += ["--rf-trees", "50"] if quick else ["--umap"]
     cli.main(args)
     return json.loads((out / "report.json").read_text())
 
@@ -150,8 +152,9 @@ def evaluate(real: tuple[Path, Path], generated: dict[str, Path], root: Path, se
 def _cell(entry: dict | None) -> str:
     if entry is None:
         return "–"
-    sem = entry.get("sem", float("nan"))
-    return f"{entry['value']:.4g}" + (f" ± {sem:.2g}" if np.isfinite(sem) else "")
+    sem = entry.get("sem")
+    shown = f"{entry['value']:.4g}"
+    return shown + (f" ± {sem:.2g}" if sem is not None and np.isfinite(sem) else "")
 
 
 def table(report: dict) -> str:
