@@ -6,7 +6,13 @@ comparing scLDM with its baselines, the real-vs-real floor and the known-bad ref
 
 import sys
 
-from evaluation import e2e
+from pipeline import e2e
+
+
+def main() -> None:
+    """Run the pipeline with the command-line arguments."""
+    e2e.main(sys.argv[1:])
+
 
 if __name__ == "__main__":
-    e2e.main(sys.argv[1:])
+    main()

@@ -4,7 +4,15 @@ Needs neither DeepSpeed nor a GPU; ``torchrun --nproc_per_node N launchers/gener
 splits the batches over N processes.
 """
 
+import sys
+
 from generation import cli
 
+
+def main() -> None:
+    """Run generation with the command-line arguments."""
+    cli.main(sys.argv[1:])
+
+
 if __name__ == "__main__":
-    cli.main()
+    main()
