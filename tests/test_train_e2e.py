@@ -131,11 +131,13 @@ def test_vae_loss_decreases_and_export_is_complete(vae_run):
     assert (run_dir / "deepspeed.json").is_file() and (run_dir / "config.yaml").is_file()
 
 
-def _assert_same_steps(got: Path, ref: Path, steps: tuple[int, ...]) -> None:
-    """Training losses of `steps` equal bit for bit (same world size and seed)."""
-    a, b = _metrics(got), _metrics(ref)
+def _assert_same_steps(got: Path, ref: dict[int, dict], steps: tuple[int, ...]) -> None:
+    """Training losses (and validation metrics) of `steps` equal bit for bit."""
+    again = _metrics(got)
     for step in steps:
-        assert a[step]["train/loss"] == b[step]["train/loss"], step
+        assert again[step]["train/loss"] == ref[step]["train/loss"], step
+        for key in (k for k in ref[step] if k.startswith("val/")):
+            assert again[step][key] == ref[step][key], (step, key)
 
 
 def _assert_same_export(got: Path, ref: Path) -> None:
@@ -146,24 +148,13 @@ def _assert_same_export(got: Path, ref: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
 
 
-def test_vae_resume_is_exact_also_after_a_kill_during_save(vae_run, tmp_path):
-    """Resume from step 3 (torchrun); rank 0 is killed with SIGKILL in the middle of the step-6
-    save (all shards written, `latest` not yet); the next start resumes from step 3 again."""
+def test_vae_resume_is_exact(vae_run, tmp_path):
     run_dir, args = vae_run
     resumed = _fork(run_dir, tmp_path / "resumed", 3)
     args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
-    crash = {CRASH_ENV: "step_0000006"}
-    proc = _launch("train_vae.py", args, launcher="torchrun", ok=False, **crash)
-    assert proc.returncode != 0 and "resumed from step_0000003" in proc.stdout
-    _assert_same_steps(resumed, run_dir, (4, 5, 6))
-    ckpt = resumed / "checkpoints"
-    assert read_latest(ckpt) == "step_0000003"
-    assert (ckpt / "step_0000006" / "rng_rank1.pt").is_file()  # the save had got that far
-    assert not (ckpt / "step_0000006" / COMPLETE).exists()
-    assert not (resumed / "export").exists()
-    proc = _launch("train_vae.py", args, launcher="deepspeed")
+    proc = _launch("train_vae.py", args, launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
-    _assert_same_steps(resumed, run_dir, (4, 5, 6))
+    _assert_same_steps(resumed, _metrics(run_dir), (4, 5, 6))
     _assert_same_export(resumed, run_dir)
 
 
@@ -191,59 +182,65 @@ def test_vae_resumes_at_another_world_size(vae_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bf16_run(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """A finished 6-step bf16 VAE run at ZeRO-2 on 2 ranks with W&B offline; (run dir, args)."""
+def bf16_killed(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A 6-step bf16 VAE run at ZeRO-2 on 2 ranks (deepspeed launcher, W&B offline) whose rank 0
+    is killed with SIGKILL in the middle of the step-6 save (all shards written, `latest` not).
+
+    Holds the run dir, its args, the process, and what the kill left: metrics, `latest`, the
+    files of the step-6 tag folder, whether an export exists.
+    """
     root = tmp_path_factory.mktemp("bf16")
     args = [DEBUG, *TINY_VAE, f"data.source={pbmc_copy}", f"run.root={root}", "zero.stage=2"]
-    args += ["precision.dtype=bf16"]
-    _launch("train_vae.py", [*args, "run.name=full"], launcher="deepspeed", WANDB_MODE="offline")
-    return root / "full", args
+    args += ["precision.dtype=bf16", "run.name=killed"]
+    env = {CRASH_ENV: "step_0000006", "WANDB_MODE": "offline"}
+    proc = _launch("train_vae.py", args, launcher="deepspeed", ok=False, **env)
+    run_dir = root / "killed"
+    ckpt = run_dir / "checkpoints"
+    return SimpleNamespace(
+        run_dir=run_dir, args=args, proc=proc, metrics=_metrics(run_dir),
+        latest=read_latest(ckpt), step6={p.name for p in (ckpt / "step_0000006").iterdir()},
+        exported=(run_dir / "export").exists(),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def bf16_resumed(bf16_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The bf16 run stopped at step 3, resumed under `accelerate launch --multi_gpu`."""
-    run_dir, args = bf16_run
-    root = tmp_path_factory.mktemp("bf16_resumed")
-    resumed = _fork(run_dir, root / "resumed", 3)
-    # Only the checkpoint's client state can name the W&B run now.
-    shutil.rmtree(resumed / "wandb")
-    (resumed / "wandb_run_id").unlink()
-    args = [*args, f"run.root={root}", "run.name=resumed"]
-    proc = _launch("train_vae.py", args, launcher="accelerate", WANDB_MODE="offline")
-    return resumed, proc
+def bf16_resumed(bf16_killed) -> subprocess.CompletedProcess:
+    """The killed bf16 run started again, under `accelerate launch --multi_gpu` (W&B offline)."""
+    (bf16_killed.run_dir / "wandb_run_id").unlink()  # only the checkpoint can name the run now
+    args = bf16_killed.args
+    return _launch("train_vae.py", args, launcher="accelerate", WANDB_MODE="offline")
 
 
-def test_bf16_vae_trains(bf16_run):
-    run_dir, _ = bf16_run
+def test_bf16_vae_trains(bf16_killed):
+    run_dir, metrics = bf16_killed.run_dir, bf16_killed.metrics
     assert json.loads((run_dir / "deepspeed.json").read_text())["bf16"]["enabled"] is True
-    metrics = _metrics(run_dir)
-    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6], bf16_killed.proc.stderr[-3000:]
     assert all(math.isfinite(metrics[s]["train/loss"]) for s in metrics)
     assert metrics[6]["val/nll"] < metrics[3]["val/nll"]
 
 
-def test_bf16_resume_under_accelerate_is_exact(bf16_run, bf16_resumed):
-    run_dir, _ = bf16_run
-    resumed, proc = bf16_resumed
-    assert "resolved config (2 ranks)" in proc.stdout
-    assert "resumed from step_0000003" in proc.stdout
-    _assert_same_steps(resumed, run_dir, (4, 5, 6))
-    _assert_same_export(resumed, run_dir)
+def test_kill_during_save_keeps_the_previous_checkpoint(bf16_killed):
+    assert bf16_killed.proc.returncode != 0
+    assert bf16_killed.latest == "step_0000003"
+    assert "rng_rank1.pt" in bf16_killed.step6  # the save had got that far...
+    assert COMPLETE not in bf16_killed.step6  # ...but was not committed
+    assert not bf16_killed.exported
 
 
-def _wandb_offline_ids(run_dir: Path) -> list[str]:
-    """Run ids of the offline runs W&B wrote (folders `offline-run-<time>-<id>`)."""
-    return [p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")]
+def test_resume_after_the_kill_is_exact_under_accelerate(bf16_killed, bf16_resumed):
+    """Resumes from step 3 and repeats steps 4-6 (losses and validation) bit for bit."""
+    assert "resolved config (2 ranks)" in bf16_resumed.stdout
+    assert "resumed from step_0000003" in bf16_resumed.stdout
+    _assert_same_steps(bf16_killed.run_dir, bf16_killed.metrics, (4, 5, 6))
+    assert read_latest(bf16_killed.run_dir / "checkpoints") == "step_0000006"
+    assert (bf16_killed.run_dir / "export" / "model.safetensors").is_file()
 
 
-def test_wandb_offline_resume_reopens_the_same_run(bf16_run, bf16_resumed):
-    run_dir, _ = bf16_run
-    resumed, _ = bf16_resumed
-    original = _wandb_offline_ids(run_dir)
-    assert len(original) == 1 and original[0] == (run_dir / "wandb_run_id").read_text()
-    assert _wandb_offline_ids(resumed) == original
-    assert (resumed / "wandb_run_id").read_text() == original[0]
+def test_wandb_offline_resume_reopens_the_same_run(bf16_killed, bf16_resumed):
+    run_dir = bf16_killed.run_dir
+    # W&B writes one folder `offline-run-<time>-<id>` per start: the killed and the resumed one.
+    ids = [p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")]
+    assert len(ids) == 2 and ids[0] == ids[1] == (run_dir / "wandb_run_id").read_text(), ids
 
 
 def test_sigterm_saves_then_exits(pbmc_copy, tmp_path):
