@@ -15,9 +15,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from evaluation.figures import write_figures
+from evaluation.figures import trajectory_figure, write_figures
 from evaluation.fixtures import PBMC_LABEL_KEY, carve_floor, pbmc68k_splits
-from evaluation.protocol import EvalConfig, prepare, run
+from evaluation.protocol import EvalConfig, align_genes, make_set, prepare, run
 from evaluation.report import write_report
 
 
@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=PATH",
         help="generated h5ad files; obs 'seed' may hold several seeds",
+    )
+    p.add_argument(
+        "--trajectory",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="generated trajectories (obs interp_alpha): drawn as figures, not scored",
     )
     p.add_argument(
         "--normalized",
@@ -130,5 +137,12 @@ def main(argv: list[str] | None = None) -> Path:
     }
     write_report(results, args.out)
     figures = write_figures(ctx, sets, args.out, umap=args.umap)
+    for name, traj in load_generated(args.trajectory, None).items():
+        if "interp_alpha" not in traj.obs:
+            raise SystemExit(f"--trajectory {name}: obs has no interp_alpha column")
+        others = {"test": test, "floor": floor, **generated, "trajectory": traj}
+        genes, _ = align_genes(reference, others)
+        figures.append(args.out / f"trajectory_{name}.png")
+        trajectory_figure(ctx, name, make_set(traj[:, genes], label_key), figures[-1])
     print(f"wrote {args.out}/report.json, report.md and {len(figures)} figures")
     return args.out

@@ -136,14 +136,32 @@ def generate(name: str, exports: dict[str, Path], test: Path, root: Path, seeds,
     return out
 
 
-def evaluate(real: tuple[Path, Path], generated: dict[str, Path], root: Path, seeds, quick):
+TRAJECTORY = ("CD14+ Monocyte", "CD19+ B")  # endpoints of the example trajectory
+
+
+def trajectory(exports: dict[str, Path], root: Path, quick: bool) -> Path:
+    """Generate an scLDM trajectory between two cell types (CFG interpolation); return its path."""
+    from generation import cli
+
+    out = root / "generated" / "scldm_trajectory.h5ad"
+    cli.run(["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]),
+             "--interpolate", f"{LABEL_KEY}={TRAJECTORY[0]}:{TRAJECTORY[1]}", "--interp-steps", "5",
+             "--n-cells", "40", "--sampler", "euler", "--steps", "5" if quick else "50",
+             "--out", str(out)])  # fmt: skip
+    return out
+
+
+def evaluate(
+    real: tuple[Path, Path], generated: dict[str, Path], traj: Path, root: Path, seeds, quick
+) -> dict:
     """Run the evaluation protocol; return report.json as a dict."""
     from evaluation import cli
 
     out = root / "report"
     args = ["--real-test", str(real[0]), "--real-train", str(real[1]), "--label-key", LABEL_KEY,
             "--out", str(out), "--seeds", *map(str, seeds),
-            "--generated", *[f"{k}={v}" for k, v in generated.items()]]  # fmt: skip
+            "--generated", *[f"{k}={v}" for k, v in generated.items()],
+            "--trajectory", f"scldm={traj}"]  # fmt: skip
     args += ["--rf-trees", "50"] if quick else ["--umap"]
     cli.main(args)
     return json.loads((out / "report.json").read_text())
@@ -202,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     real = timer.run("real splits", real_splits, copy, root)
     generated = {m: timer.run(f"generate {m}", generate, m, exports, real[0], root, seeds,
                               args.quick) for m in MODELS}  # fmt: skip
-    report = timer.run("evaluate", evaluate, real, generated, root, seeds, args.quick)
+    traj = timer.run("generate trajectory", trajectory, exports, root, args.quick)
+    report = timer.run("evaluate", evaluate, real, generated, traj, root, seeds, args.quick)
     text = "\n".join([
         f"# End-to-end run ({'quick' if args.quick else 'full'}), {timer.total / 60:.1f} min",
         "", table(report), "", *verdict(report), "",

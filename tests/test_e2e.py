@@ -35,6 +35,8 @@ def test_table_lists_every_set_and_the_verdict(quick_run) -> None:
     for key in ("w2", "mmd2_u", "c2st_knn_auc"):
         assert f"{key}: scLDM" in proc.stdout
     assert (root / "e2e.md").read_text().strip() in proc.stdout
+    for figure in ("pca.png", "genes.png", "trajectory_scldm.png"):
+        assert (root / "report" / figure).stat().st_size > 10_000
 
 
 def test_generated_sets_match_the_held_out_cells(quick_run) -> None:
@@ -48,6 +50,8 @@ def test_generated_sets_match_the_held_out_cells(quick_run) -> None:
         assert list(gen.obs["cell_type"].astype(str)) == list(test.obs["cell_type"])
         assert list(gen.obs["library_size"]) == list(test.X.sum(1).A1)
         assert list(gen.var_names) == list(test.var_names)
+    traj = ad.read_h5ad(root / "generated" / "scldm_trajectory.h5ad")
+    assert sorted(set(traj.obs["interp_alpha"])) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_known_bad_references_order_above_the_floor(quick_run) -> None:
