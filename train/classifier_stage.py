@@ -8,8 +8,6 @@ attribute (`stage.attribute`); train one run per attribute that guidance should 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +19,6 @@ from data.batch import CsrBatch
 from data.config import DataConfig
 from data.stream import CellStream
 from models.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss
-from models.pretrained import export_digest
 from train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -30,22 +27,19 @@ from train.config import (
     PrecisionConfig,
     RunConfig,
     TrainConfig,
-    accumulation_steps,
-    load_config,
-    split_cli,
 )
-from train.distributed import all_reduce_mean, init_distributed, rank, world_size
+from train.distributed import all_reduce_mean, rank
 from train.dit_stage import (
     Encode,
     FrozenVAEConfig,
+    frozen_vae_provenance,
     latent_source,
     load_frozen_vae,
     vae_export_dir,
 )
 from train.export import write_export
-from train.loop import LoopConfig, run, step_generator
-from train.stage import Stage
-from train.vae_stage import code_version, resolve_source, run_dir_of
+from train.loop import LoopConfig, step_generator
+from train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
 
 
 @dataclass
@@ -112,16 +106,11 @@ def _make_export(cfg: ClassifierTrainConfig, model_cfg: ClassifierConfig, labels
     conditions = {"attribute": attribute, "values": labels, "null_index": len(labels)}
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-        provenance = {
-            "stage": "classifier", **info, "vae_export": str(vae_export_dir(cfg)),
-            "vae_export_digest": export_digest(vae_export_dir(cfg)),
-            "data_source": cfg.data.source, "code_version": code_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }  # fmt: skip
+        vae = frozen_vae_provenance(vae_export_dir(cfg), cfg.data)  # type: ignore[arg-type]
         extra = {
             "conditions.json": json.dumps(conditions, indent=2),
             "latent_stats.json": json.dumps(stats, indent=2),
-            "provenance.json": json.dumps(provenance, indent=2, default=str),
+            "provenance.json": provenance_json("classifier", info, **vae),
         }
         write_export(folder, weights, asdict(model_cfg), extra)
 
@@ -152,13 +141,9 @@ def build_stage(cfg: ClassifierTrainConfig, device: torch.device):
     )
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = NoisyLatentClassifier(model_cfg)
-    train = CellStream(data, "train", rank(), world_size())
+    train, val, closers = open_streams(data)
     encode, stats = latent_source(cfg, vae, vae_dir, train, device)  # type: ignore[arg-type]
-    closers, evaluate = [train.close], None
-    if data.val_fraction > 0:
-        val = CellStream(replace(data, drop_last=False), "val", rank(), world_size())
-        closers.append(val.close)
-        evaluate = _make_eval(encode, stats, val, cfg.run.seed)
+    evaluate = _make_eval(encode, stats, val, cfg.run.seed) if val is not None else None
     stage = Stage(
         name="classifier", model=model, loss_fn=_make_loss(encode, stats), train_stream=train,
         export_fn=_make_export(cfg, model_cfg, labels[attribute], stats), eval_fn=evaluate,
@@ -169,9 +154,4 @@ def build_stage(cfg: ClassifierTrainConfig, device: torch.device):
 
 def main(argv: Sequence[str] | None = None, export_only: bool = False) -> dict:
     """Train (or, with `export_only`, export) a classifier; return the final validation metrics."""
-    yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(ClassifierTrainConfig, yamls, overrides)
-    device = init_distributed()
-    accumulation_steps(cfg.batch, world_size())  # fail before any data work
-    stage, cfg = build_stage(cfg, device)
-    return run(stage, cfg, run_dir_of(cfg), export_only=export_only)
+    return stage_main(ClassifierTrainConfig, build_stage, argv, export_only)

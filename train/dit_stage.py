@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,16 +36,20 @@ from train.config import (
     PrecisionConfig,
     RunConfig,
     TrainConfig,
-    accumulation_steps,
-    load_config,
-    split_cli,
 )
-from train.distributed import all_reduce_mean, init_distributed, rank, world_size
+from train.distributed import all_reduce_mean, rank, world_size
 from train.export import ExportError, read_export, write_export
 from train.latents import build_cache, cache_stats, lookup
-from train.loop import LoopConfig, run, step_generator
-from train.stage import Stage
-from train.vae_stage import cell_batch, code_version, resolve_source, run_dir_of
+from train.loop import LoopConfig, step_generator
+from train.stage import (
+    Stage,
+    open_streams,
+    provenance_json,
+    resolve_source,
+    run_dir_of,
+    stage_main,
+)
+from train.vae_stage import cell_batch
 
 Encode = Callable[[CsrBatch, torch.device], torch.Tensor]  # batch -> latents (B, M, D) fp32
 
@@ -131,6 +133,15 @@ def load_frozen_vae(folder: Path, device: torch.device) -> tuple[VAE, dict]:
     return vae.eval().to(device), provenance
 
 
+def frozen_vae_provenance(vae_dir: Path, data: DataConfig) -> dict[str, str]:
+    """Return the provenance fields of a latent stage: the VAE export, its digest, the data."""
+    return {
+        "vae_export": str(vae_dir),
+        "vae_export_digest": export_digest(vae_dir),
+        "data_source": data.source,
+    }
+
+
 def latent_stats(vae: VAE, data: DataConfig, cells: int, device: torch.device) -> dict:
     """Return the scalar mean/std of standardisation, from the first training cells of each rank."""
     stream = CellStream(data, "train", rank(), world_size())
@@ -200,18 +211,15 @@ def make_dit_export(cfg: DiTStageConfig, model_cfg, labels: dict, stats: dict, v
     }
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-        provenance = {
-            "stage": "dit", "denoiser": cfg.stage.denoiser, **info,
-            "vae_export": str(vae_dir), "vae_export_digest": export_digest(vae_dir),
-            "data_source": cfg.data.source,
-            "code_version": code_version(), "weights": "ema" if cfg.ema.enabled else "raw",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }  # fmt: skip
+        provenance = provenance_json(
+            "dit", info, denoiser=cfg.stage.denoiser, **frozen_vae_provenance(vae_dir, cfg.data),
+            weights="ema" if cfg.ema.enabled else "raw",
+        )  # fmt: skip
         extra = {
             "conditions.json": json.dumps(conditions, indent=2),
             "latent_stats.json": json.dumps(stats, indent=2),
             "genes.tsv": (vae_dir / "genes.tsv").read_text(),
-            "provenance.json": json.dumps(provenance, indent=2, default=str),
+            "provenance.json": provenance,
         }
         write_export(folder, weights, {"denoiser": cfg.stage.denoiser, **asdict(model_cfg)}, extra)
 
@@ -265,12 +273,10 @@ def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTSt
     model, model_cfg = _denoiser(cfg, vae.cfg, [len(labels[c]) for c in data.condition_columns])
     ema_model = copy.deepcopy(model).to(device).requires_grad_(False)
     cfg = replace(cfg, data=data)
-    train = CellStream(data, "train", rank(), world_size())
+    train, val, closers = open_streams(data)
     encode, stats = latent_source(cfg, vae, vae_dir, train, device)
-    closers, evaluate = [train.close], None
-    if data.val_fraction > 0:
-        val = CellStream(replace(data, drop_last=False), "val", rank(), world_size())
-        closers.append(val.close)
+    evaluate = None
+    if val is not None:
         evaluate = make_flow_eval(encode, stats, val, ema_model, cfg.run.seed)
     stage = Stage(
         name="dit", model=model, loss_fn=make_flow_loss(encode, stats), train_stream=train,
@@ -283,9 +289,4 @@ def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTSt
 
 def main(argv: Sequence[str] | None = None, export_only: bool = False) -> dict:
     """Train (or, with `export_only`, export) the denoiser; return the final validation metrics."""
-    yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(DiTStageConfig, yamls, overrides)
-    device = init_distributed()
-    accumulation_steps(cfg.batch, world_size())  # fail before any data work
-    stage, cfg = build_stage(cfg, device)
-    return run(stage, cfg, run_dir_of(cfg), export_only=export_only)
+    return stage_main(DiTStageConfig, build_stage, argv, export_only)

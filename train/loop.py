@@ -12,11 +12,11 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,8 +40,10 @@ from train.distributed import (
     world_size,
 )
 from train.optim import EMA, build_optimizer, lr_at, set_lr
-from train.stage import Stage, batches_forever
 from train.tracking import make_tracker
+
+if TYPE_CHECKING:  # train.stage imports this module
+    from train.stage import Stage
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,6 +76,17 @@ def step_generator(seed: int, step: int, rank_: int, micro: int) -> torch.Genera
     """Return a CPU generator seeded by (seed, step, rank, micro-batch): resume needs no state."""
     value = np.random.SeedSequence([seed, step, rank_, micro]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(value))
+
+
+def batches_forever(stream: Any) -> Iterable[Any]:
+    """Yield the stream's batches epoch after epoch (the stream advances its own epoch)."""
+    while True:
+        empty = True
+        for batch in stream:
+            empty = False
+            yield batch
+        if empty and len(stream) == 0:
+            raise ValueError("the training stream yields no batches; lower batch.micro_cells")
 
 
 def _peak_memory_mb(device: torch.device) -> float:

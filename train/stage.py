@@ -1,13 +1,19 @@
-"""The Stage: what a stage module hands the one training loop (conventions.md §5).
+"""The Stage handed to the one training loop (conventions.md §5), and shared stage plumbing.
 
+The plumbing is what the VAE, DiT and classifier stage modules have in common: their `main`, the
+run folder, the built-in data copy, the train/validation streams and the export's provenance.
 A stage assembles data, model, loss and export; the loop (`train/loop.py`) owns the engine,
 optimiser, checkpoints, logging and the stop conditions, and knows nothing about VAEs or flows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,14 @@ import torch
 from torch import nn
 
 from data.batch import CsrBatch
+from data.config import DataConfig
+from data.ingest import main as ingest_main
+from data.stream import CellStream
+from train.config import TrainConfig, accumulation_steps, load_config, split_cli
+from train.distributed import barrier, init_distributed, is_main, rank, world_size
+from train.loop import run
+
+BUILTIN = "builtin:pbmc68k"
 
 # (module, batch on the host, per-micro-batch generator) -> (scalar loss, metrics by name).
 LossFn = Callable[[nn.Module, CsrBatch, torch.Generator], tuple[torch.Tensor, dict[str, Any]]]
@@ -45,12 +59,72 @@ class Stage:
             close()
 
 
-def batches_forever(stream: Any) -> Iterable[CsrBatch]:
-    """Yield the stream's batches epoch after epoch (the stream advances its own epoch)."""
-    while True:
-        empty = True
-        for batch in stream:
-            empty = False
-            yield batch
-        if empty and len(stream) == 0:
-            raise ValueError("the training stream yields no batches; lower batch.micro_cells")
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """Return `<run.root>/<run.name>`."""
+    return Path(cfg.run.root) / cfg.run.name
+
+
+def resolve_source(data: DataConfig, root: str) -> str:
+    """Return the data source, ingesting the built-in copy on rank 0 first when none is given."""
+    if data.source:
+        return data.source
+    copy = Path(root) / "data" / "pbmc68k"
+    if is_main() and not (copy / "manifest.json").is_file():
+        print(f"ingesting {BUILTIN} into {copy} (first use)", flush=True)
+        if ingest_main(["--source", BUILTIN, "--out", str(copy), "--log-level", "WARNING"]) != 0:
+            raise RuntimeError(f"ingesting {BUILTIN} into {copy} failed")
+    barrier()  # the other ranks wait until the copy exists
+    return str(copy)
+
+
+def open_streams(data: DataConfig) -> tuple[CellStream, CellStream | None, list[Callable]]:
+    """Return this rank's (training stream, validation stream or None, their close functions).
+
+    The validation stream keeps its last partial batch; there is none when `val_fraction` is 0.
+    """
+    train = CellStream(data, "train", rank(), world_size())
+    if data.val_fraction <= 0:
+        return train, None, [train.close]
+    val = CellStream(replace(data, drop_last=False), "val", rank(), world_size())
+    return train, val, [train.close, val.close]
+
+
+def code_version() -> str:
+    """Return the git commit of the code (with '+dirty'), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def provenance_json(stage: str, info: dict[str, Any], **fields: Any) -> str:
+    """Return the text of an export's provenance.json.
+
+    Holds the stage name, the loop's export `info` (step, cells seen, validation metrics), the
+    stage's own `fields` (data source, fingerprints, ...), the code version and the UTC time.
+    """
+    record = {
+        "stage": stage, **info, **fields, "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    return json.dumps(record, indent=2, default=str)
+
+
+def stage_main(
+    schema: type[TrainConfig],
+    build: Callable[[Any, torch.device], tuple[Stage, Any]],
+    argv: Sequence[str] | None,
+    export_only: bool,
+) -> dict:
+    """Load `schema` from argv, build the stage on this rank's device and run the loop.
+
+    Returns the final validation metrics; with `export_only`, exports the latest checkpoint.
+    """
+    yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(schema, yamls, overrides)
+    device = init_distributed()
+    accumulation_steps(cfg.batch, world_size())  # fail before any data work
+    stage, cfg = build(cfg, device)
+    return run(stage, cfg, run_dir_of(cfg), export_only=export_only)

@@ -9,9 +9,6 @@ copy's genes.tsv, never configured.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +20,6 @@ from torch import nn
 
 from data.batch import CsrBatch
 from data.config import DataConfig
-from data.ingest import main as ingest_main
 from data.stream import CellStream
 from models.batch import CellBatch
 from models.vae import VAE, VAEConfig
@@ -35,16 +31,12 @@ from train.config import (
     PrecisionConfig,
     RunConfig,
     TrainConfig,
-    accumulation_steps,
-    load_config,
-    split_cli,
 )
-from train.distributed import all_reduce_mean, barrier, init_distributed, is_main, rank, world_size
+from train.distributed import all_reduce_mean, rank
 from train.export import write_export
-from train.loop import LoopConfig, run, step_generator
-from train.stage import Stage
+from train.loop import LoopConfig, step_generator
+from train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
 
-BUILTIN = "builtin:pbmc68k"
 _DERIVED_V = 1  # placeholder for model.num_genes until the copy's genes.tsv is read
 _VAL_KEYS = ("nll", "mse", "pearson", "zero_agreement")
 
@@ -75,24 +67,6 @@ class VAEStageConfig(TrainConfig):
         default_factory=lambda: VAEConfig(num_genes=_DERIVED_V)
     )  # VAE hyperparameters; num_genes comes from the data
     loop: LoopConfig = field(default_factory=LoopConfig)  # NaN guard
-
-
-def run_dir_of(cfg: TrainConfig) -> Path:
-    """Return `<run.root>/<run.name>`."""
-    return Path(cfg.run.root) / cfg.run.name
-
-
-def resolve_source(data: DataConfig, root: str) -> str:
-    """Return the data source, ingesting the built-in copy on rank 0 first when none is given."""
-    if data.source:
-        return data.source
-    copy = Path(root) / "data" / "pbmc68k"
-    if is_main() and not (copy / "manifest.json").is_file():
-        print(f"ingesting {BUILTIN} into {copy} (first use)", flush=True)
-        if ingest_main(["--source", BUILTIN, "--out", str(copy), "--log-level", "WARNING"]) != 0:
-            raise RuntimeError(f"ingesting {BUILTIN} into {copy} failed")
-    barrier()  # the other ranks wait until the copy exists
-    return str(copy)
 
 
 def num_genes_of(data: DataConfig) -> int:
@@ -159,16 +133,6 @@ def libsize_stats(source: str, joinids: np.ndarray, labels: dict[str, list[str]]
     return {"log_library_size": out, "split": "train"}
 
 
-def code_version() -> str:
-    """Return the git commit of the code (with '+dirty'), or 'unknown'."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def make_vae_export(cfg: VAEStageConfig, stream: CellStream):
     """Return the export function: weights, config.json, genes.tsv, labels.json, libsize.json."""
     source = Path(cfg.data.source)
@@ -179,24 +143,27 @@ def make_vae_export(cfg: VAEStageConfig, stream: CellStream):
     genes = Path(cfg.data.vocab_path) if cfg.data.vocab_path else source / "genes.tsv"
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-        provenance = {
-            "stage": "vae", **info, "data_source": str(source),
-            "data_fingerprint": stream.fingerprint, "code_version": code_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }  # fmt: skip
+        provenance = provenance_json(
+            "vae", info, data_source=str(source), data_fingerprint=stream.fingerprint
+        )
         extra = {
             "genes.tsv": genes.read_text(),
             "labels.json": labels_text,
             "libsize.json": json.dumps(libsize, indent=2),
-            "provenance.json": json.dumps(provenance, indent=2, default=str),
+            "provenance.json": provenance,
         }
         write_export(folder, weights, asdict(cfg.model), extra)
 
     return export
 
 
-def build_stage(cfg: VAEStageConfig) -> tuple[Stage, VAEStageConfig]:
-    """Return the VAE stage and the config with derived values filled in (source, V, micro)."""
+def build_stage(
+    cfg: VAEStageConfig, device: torch.device | None = None
+) -> tuple[Stage, VAEStageConfig]:
+    """Return the VAE stage and the config with derived values filled in (source, V, micro).
+
+    `device` is unused: DeepSpeed moves the VAE, and batches follow its parameters.
+    """
     source = resolve_source(cfg.data, cfg.run.root)
     data = replace(cfg.data, source=source, micro_batch=cfg.batch.micro_cells)
     num_genes = num_genes_of(data)
@@ -208,13 +175,8 @@ def build_stage(cfg: VAEStageConfig) -> tuple[Stage, VAEStageConfig]:
     cfg = replace(cfg, data=data, model=replace(cfg.model, num_genes=num_genes))
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = VAE(cfg.model)
-    train = CellStream(data, "train", rank(), world_size())
-    closers = [train.close]
-    evaluate = None
-    if data.val_fraction > 0:
-        val = CellStream(replace(data, drop_last=False), "val", rank(), world_size())
-        closers.append(val.close)
-        evaluate = make_vae_eval(val, cfg.run.seed)
+    train, val, closers = open_streams(data)
+    evaluate = make_vae_eval(val, cfg.run.seed) if val is not None else None
     labels = (Path(source) / "labels.json").read_text() if data.mode == "copy" else "{}"
     extra = {"genes_tsv": Path(source, "genes.tsv").read_text() if data.mode == "copy" else ""}
     extra["labels"] = json.loads(labels)
@@ -228,9 +190,4 @@ def build_stage(cfg: VAEStageConfig) -> tuple[Stage, VAEStageConfig]:
 
 def main(argv: Sequence[str] | None = None, export_only: bool = False) -> dict:
     """Train (or, with `export_only`, export) the VAE; return the final validation metrics."""
-    yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(VAEStageConfig, yamls, overrides)
-    init_distributed()
-    accumulation_steps(cfg.batch, world_size())  # fail before any data work
-    stage, cfg = build_stage(cfg)
-    return run(stage, cfg, run_dir_of(cfg), export_only=export_only)
+    return stage_main(VAEStageConfig, build_stage, argv, export_only)
