@@ -131,6 +131,32 @@ def test_vae_loss_decreases_and_export_is_complete(vae_run):
     assert (run_dir / "deepspeed.json").is_file() and (run_dir / "config.yaml").is_file()
 
 
+def test_model_flops_of_every_step_are_logged(vae_run):
+    # perf/model_tflops x step time must equal the analytic FLOPs of the step's batches: the
+    # encoder term scales with the expressed genes (tokens), the decoder with cells x genes,
+    # and the per-micro-batch terms with the micro-batches of all ranks.
+    from train.config import load_config
+    from train.throughput import vae_flops_fn
+    from train.vae_stage import VAEStageConfig
+
+    run_dir, _ = vae_run
+    cfg = load_config(VAEStageConfig, [run_dir / "config.yaml"])
+    flops = vae_flops_fn(cfg.model)
+    micro = cfg.batch.global_cells // cfg.batch.micro_cells
+    per_micro = flops(SimpleNamespace(num_tokens=0, num_cells=0))
+    per_cell = flops(SimpleNamespace(num_tokens=0, num_cells=1)) - per_micro
+    per_token = flops(SimpleNamespace(num_tokens=1, num_cells=0)) - per_micro
+    for row in _metrics(run_dir).values():
+        if "perf/model_tflops" not in row:
+            continue
+        seconds = row["perf/step_s"]
+        tokens = row["perf/tokens_per_s"] * seconds
+        expected = per_token * tokens + per_cell * cfg.batch.global_cells + per_micro * micro
+        assert row["perf/model_tflops"] * 1e12 * seconds == pytest.approx(expected, rel=1e-6)
+        assert "perf/mfu" not in row  # no known peak on a CPU
+    assert any("perf/model_tflops" in row for row in _metrics(run_dir).values())
+
+
 def _assert_same_steps(got: Path, ref: dict[int, dict], steps: tuple[int, ...]) -> None:
     """Training losses (and validation metrics) of `steps` equal bit for bit."""
     again = _metrics(got)

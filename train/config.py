@@ -198,6 +198,7 @@ class LoggingConfig:
     wandb_project: str = "atlasldm"  # W&B project name
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # WANDB_MODE wins if set
     progress_bar: bool = True  # tqdm bar with cells/s on rank 0
+    peak_tflops: float = 0.0  # per-device dense peak for perf/mfu; 0 = by GPU name (none on CPU)
 
 
 @dataclass

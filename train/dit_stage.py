@@ -49,6 +49,7 @@ from train.stage import (
     run_dir_of,
     stage_main,
 )
+from train.throughput import denoiser_flops_fn
 from train.vae_stage import cell_batch
 
 Encode = Callable[[CsrBatch, torch.device], torch.Tensor]  # batch -> latents (B, M, D) fp32
@@ -282,7 +283,7 @@ def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTSt
         name="dit", model=model, loss_fn=make_flow_loss(encode, stats), train_stream=train,
         export_fn=make_dit_export(cfg, model_cfg, labels, stats, vae_dir), eval_fn=evaluate,
         use_ema=cfg.ema.enabled, client_extra={"labels": labels, "latent_stats": stats},
-        closers=closers,
+        closers=closers, flops_fn=denoiser_flops_fn(model_cfg),
     )  # fmt: skip
     return stage, cfg
 

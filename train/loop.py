@@ -40,6 +40,7 @@ from train.distributed import (
     world_size,
 )
 from train.optim import EMA, build_optimizer, lr_at, set_lr
+from train.throughput import peak_tflops, throughput_metrics
 from train.tracking import make_tracker
 
 if TYPE_CHECKING:  # train.stage imports this module
@@ -116,7 +117,7 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
     accum = accumulation_steps(cfg.batch, world_size())
     lr = lr_at(state.step, cfg.optim, cfg.run.max_steps)
     set_lr(engine.optimizer.param_groups, lr)
-    t_start, wait, cells, tokens, bad = time.perf_counter(), 0.0, 0, 0, False
+    t_start, wait, cells, tokens, bad, flops = time.perf_counter(), 0.0, 0, 0, False, 0.0
     sums: dict[str, float] = {}
     for k in range(accum):
         t0 = time.perf_counter()
@@ -137,23 +138,28 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
         for key, value in {"loss": loss.detach(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(value) / accum
         cells, tokens = cells + batch.num_cells, tokens + batch.num_tokens
+        flops += stage.flops_fn(batch) if stage.flops_fn is not None else 0.0
     norm = engine.get_global_grad_norm()
     local = {f"train/{k}": v for k, v in sums.items()}
     local.update(
         {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")},
         cells=float(cells),
         tokens=float(tokens),
+        flops=flops,
         wait=wait,
         seconds=time.perf_counter() - t_start,
     )
     return local, bad
 
 
-def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device: torch.device) -> None:
-    """All-reduce the step's metrics, derive throughput, and write them (rank 0)."""
+def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device, peak) -> None:
+    """All-reduce the step's metrics, derive throughput (and MFU), and write them (rank 0)."""
     mean = all_reduce_mean(local)
     world = world_size()
     cells, tokens, seconds = mean.pop("cells") * world, mean.pop("tokens") * world, mean["seconds"]
+    flops = mean.pop("flops") * world
+    if flops > 0:
+        mean.update(throughput_metrics(flops, seconds, world, peak))
     state.cells_seen += int(round(cells))
     mean.update(
         {
@@ -207,6 +213,7 @@ def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, track
     batches = iter(batches_forever(stage.train_stream))
     stop_requested = install_sigterm_handler()
     every_ckpt, every_eval = cfg.checkpoint.every_steps, cfg.run.eval_every
+    peak = peak_tflops(engine.device, cfg.precision.dtype, cfg.logging.peak_tflops)
     while state.step < cfg.run.max_steps:
         local, skipped = _one_step(engine, stage, cfg, batches, state)
         state.step += 1
@@ -220,7 +227,7 @@ def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, track
                 )
         if ema is not None and ema.due(state.step) and not skipped:  # nothing new to average
             ema.update(master_weights(engine), state.step)  # fp32 masters, not bf16 copies
-        _log(tracker, state, local, run_dir, engine.device)
+        _log(tracker, state, local, run_dir, engine.device, peak)
         if stage.eval_fn is not None and every_eval and state.step % every_eval == 0:
             _evaluate(stage, engine, ema, state, run_dir, tracker)
         stop = any_rank(stop_requested())

@@ -52,6 +52,7 @@ class Stage:
     use_ema: bool = False  # keep an EMA of the weights (evaluated and exported when True)
     client_extra: dict[str, Any] = field(default_factory=dict)  # vocabularies etc. (checkpoint)
     closers: list[Callable[[], None]] = field(default_factory=list)  # called when the run ends
+    flops_fn: Callable[[Any], float] | None = None  # micro-batch -> model training FLOPs (MFU)
 
     def close(self) -> None:
         """Release stream threads and other resources."""

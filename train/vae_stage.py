@@ -36,6 +36,7 @@ from train.distributed import all_reduce_mean, rank
 from train.export import write_export
 from train.loop import LoopConfig, step_generator
 from train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
+from train.throughput import vae_flops_fn
 
 _DERIVED_V = 1  # placeholder for model.num_genes until the copy's genes.tsv is read
 _VAL_KEYS = ("nll", "mse", "pearson", "zero_agreement")
@@ -183,7 +184,7 @@ def build_stage(
     stage = Stage(
         name="vae", model=model, loss_fn=vae_loss, train_stream=train,
         export_fn=make_vae_export(cfg, train), eval_fn=evaluate, client_extra=extra,
-        closers=closers,
+        closers=closers, flops_fn=vae_flops_fn(cfg.model),
     )  # fmt: skip
     return stage, cfg
 
