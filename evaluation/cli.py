@@ -1,4 +1,4 @@
-"""Command line of the evaluation: h5ad files in, report folder out.
+"""Command line of the evaluation: h5ad files or SOMA Experiments in, report folder out.
 
 Examples::
 
@@ -24,8 +24,8 @@ from evaluation.report import write_report
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Return the parsed command line."""
     p = argparse.ArgumentParser(description="Evaluate generated single-cell expression.")
-    p.add_argument("--real-test", type=Path, help="held-out real counts (h5ad)")
-    p.add_argument("--real-train", type=Path, help="training real counts (h5ad)")
+    p.add_argument("--real-test", type=Path, help="held-out real counts (h5ad or SOMA)")
+    p.add_argument("--real-train", type=Path, help="training real counts (h5ad or SOMA)")
     p.add_argument(
         "--fixture",
         choices=["pbmc68k"],
@@ -79,6 +79,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_cells(path: str | Path) -> ad.AnnData:
+    """Return the cells of an .h5ad file or a SOMA Experiment (folder or URI) as AnnData.
+
+    From SOMA: measurement RNA (else the first), X layer `counts` (generated) or `raw`
+    (Census, training copies), else the first; var indexed by feature_id.
+    """
+    if str(path).endswith(".h5ad"):
+        return ad.read_h5ad(path)
+    import tiledbsoma
+    import tiledbsoma.io
+
+    try:
+        exp = tiledbsoma.Experiment.open(str(path))
+    except Exception as exc:  # tiledbsoma raises several types for a missing/foreign folder
+        raise SystemExit(f"{path} is neither an .h5ad file nor a SOMA Experiment ({exc})") from exc
+    with exp:
+        ms = "RNA" if "RNA" in exp.ms else next(iter(exp.ms))
+        layers = list(exp.ms[ms].X)
+        layer = next((name for name in ("counts", "raw") if name in layers), layers[0])
+        obs_id = "obs_id" if "obs_id" in exp.obs.schema.names else None
+        return tiledbsoma.io.to_anndata(
+            exp, measurement_name=ms, X_layer_name=layer, obs_id_name=obs_id,
+            var_id_name="feature_id",
+        )  # fmt: skip
+
+
 def load_generated(specs: list[str], seeds: list[int] | None) -> dict[str, ad.AnnData]:
     """Return name -> AnnData from ``NAME=PATH`` specs, keeping only the requested seeds."""
     out = {}
@@ -86,7 +112,7 @@ def load_generated(specs: list[str], seeds: list[int] | None) -> dict[str, ad.An
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--generated expects NAME=PATH, got {spec!r}")
-        a = ad.read_h5ad(path)
+        a = read_cells(path)
         if seeds is not None and "seed" in a.obs:
             a = a[np.isin(a.obs["seed"].to_numpy(), seeds)].copy()
         out[name] = a
@@ -101,7 +127,7 @@ def load_real(args: argparse.Namespace) -> tuple[ad.AnnData, ad.AnnData, ad.AnnD
         return s["reference"], s["test"], s["floor"], PBMC_LABEL_KEY
     if args.real_test is None or args.real_train is None:
         raise SystemExit("--real-test and --real-train are required without --fixture")
-    test, train = ad.read_h5ad(args.real_test), ad.read_h5ad(args.real_train)
+    test, train = read_cells(args.real_test), read_cells(args.real_train)
     labels = [a.obs[args.label_key].astype(str).to_numpy() for a in (train, test)]
     floor_idx, ref_idx = carve_floor(labels[0], labels[1], seed=args.seed)
     return train[ref_idx].copy(), test, train[floor_idx].copy(), args.label_key

@@ -189,12 +189,12 @@ def _source_latents(args, ex: Exports, plan: Plan, device) -> torch.Tensor | Non
     return z[torch.from_numpy(index).to(device)]
 
 
-def generate_parts(args, ex: Exports, plan: Plan, guidance, flow, rank: int, world: int, device):
-    """Generate this rank's batches; return (parts, velocity evaluations)."""
+def generate_parts(args, ex: Exports, plan: Plan, guidance, flow, rank, world, device, sink):
+    """Generate this rank's batches, handing each Part to `sink`; return velocity evaluations."""
     batches = plan.batches(args.batch_size)
     start = _source_latents(args, ex, plan, device)
     mine = list(range(rank, len(batches), world))
-    parts, nfe = [], 0
+    nfe = 0
     bar = tqdm(total=sum(len(batches[k]) for k in mine), unit="cell", disable=rank != 0,
                desc="generate", dynamic_ncols=True)  # fmt: skip
     for k in mine:
@@ -203,11 +203,25 @@ def generate_parts(args, ex: Exports, plan: Plan, guidance, flow, rank: int, wor
         s = None if start is None else start[torch.from_numpy(rows).to(device)]
         z, n = sample_latents(ex, plan, rows, guidance, flow, gen, device, s)
         counts, means = decode(ex, z, plan.library_size[rows], gen, not args.no_means)
-        parts.append(Part(rows, counts, means, z.flatten(1).cpu().numpy().astype(np.float32)))
+        sink(Part(rows, counts, means, z.flatten(1).cpu().numpy().astype(np.float32)))
         nfe += n
         bar.update(len(rows))
     bar.close()
-    return parts, nfe
+    return nfe
+
+
+H5AD_MEANS_LIMIT_GB = 8.0  # dense means above this go to SOMA (or are left out)
+
+
+def check_h5ad_size(fmt: str, cells: int, genes: int, means: bool) -> None:
+    """Refuse an .h5ad whose dense means layer would not fit comfortably in memory."""
+    gigabytes = cells * genes * 4 / 1e9
+    if fmt == "h5ad" and means and gigabytes > H5AD_MEANS_LIMIT_GB:
+        raise ConditionError(
+            f"the means layer of {cells} cells x {genes} genes is {gigabytes:.0f} GB dense, held "
+            "in memory for an .h5ad; write a SOMA Experiment (--format soma, streamed batch by "
+            "batch) or pass --no-means"
+        )
 
 
 def _settings(args, ex: Exports, plan: Plan, guidance, flow, nfe: int, seconds: float) -> dict:
@@ -257,15 +271,17 @@ def run(argv: list[str] | None = None) -> Path:
     flow = FlowConfig(sampler=sampler, num_steps=args.steps, atol=args.atol, rtol=args.rtol,
                       t_start=t_start)  # fmt: skip
     latent_width = ex.vae.cfg.num_inducing_points * ex.vae.cfg.latent_dim
+    check_h5ad_size(fmt, plan.num_cells, len(ex.genes), not args.no_means)
     if fmt == "soma" and rank == 0:
         create_soma(args.out, plan, ex.genes, latent_width, not args.no_means)
     barrier()
     t0 = time.perf_counter()
-    parts, nfe = generate_parts(args, ex, plan, guidance, flow, rank, world, device)
+    parts: list[Part] = []
+    # SOMA: every batch is written as soon as it exists (bounded memory); h5ad: kept until the end.
+    sink = (lambda part: write_soma_part(args.out, plan, part)) if fmt == "soma" else parts.append
+    nfe = generate_parts(args, ex, plan, guidance, flow, rank, world, device, sink)
     settings = _settings(args, ex, plan, guidance, flow, nfe, time.perf_counter() - t0)
     if fmt == "soma":
-        for part in parts:
-            write_soma_part(args.out, plan, part)
         barrier()
         if rank == 0:
             finish_soma(args.out, settings)

@@ -214,22 +214,34 @@ def test_vae_prior_samples_standard_normal_latents(exports, tmp_path) -> None:
 
 def test_soma_output_equals_h5ad_output(exports, tmp_path) -> None:
     import tiledbsoma
-    import tiledbsoma.io
+
+    from evaluation.cli import read_cells
 
     args = ("--condition", "cell_type=*", "--n-cells", "3", "--batch-size", "4")
     h5 = _gen(exports, tmp_path, *args)
     _gen_soma = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]), "--sampler",
                  "euler", "--steps", "4", "--out", str(tmp_path / "soma"), *args]  # fmt: skip
     cli.run(_gen_soma)
+    back = read_cells(tmp_path / "soma")  # what the evaluation reads
+    assert list(back.obs_names) == list(h5.obs_names)
+    assert list(back.var_names) == list(h5.var_names)
+    assert (sp.csr_matrix(back.X) != h5.X).nnz == 0
+    assert list(back.obs["cell_type"]) == list(h5.obs["cell_type"].astype(str))
     with tiledbsoma.Experiment.open(str(tmp_path / "soma")) as exp:
-        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
-        coo = exp.ms["RNA"].X["counts"].read().tables().concat().to_pandas()
         latent = exp.ms["RNA"].obsm["latent"].read().to_numpy()
-    X = sp.csr_matrix((coo["soma_data"], (coo["soma_dim_0"], coo["soma_dim_1"])), shape=h5.shape)
-    assert (X != h5.X).nnz == 0
+        means = exp.ms["RNA"].X["means"].read().to_numpy()
     np.testing.assert_array_equal(latent, h5.obsm["latent"])
-    assert list(obs["cell_type"]) == list(h5.obs["cell_type"].astype(str))
+    np.testing.assert_array_equal(means, h5.layers["means"])
     assert not (tmp_path / ".soma.tmp").exists()
+
+
+def test_large_h5ad_means_are_refused_before_any_work() -> None:
+    from generation.cli import check_h5ad_size
+
+    check_h5ad_size("soma", 10**6, 36_000, means=True)  # streamed: fine
+    check_h5ad_size("h5ad", 10**6, 36_000, means=False)  # no dense layer: fine
+    with pytest.raises(ConditionError, match="--format soma"):
+        check_h5ad_size("h5ad", 10**6, 36_000, means=True)
 
 
 def test_two_processes_write_what_one_process_writes(exports, tmp_path) -> None:
