@@ -37,7 +37,6 @@ class GuidanceConfig:
     t_min: float = 0.05  # classifier guidance only for t >= t_min
     max_factor: float = 20.0  # clip of the (1 - t)/t factor
     interp_method: str = "auto"  # cfg | classifier | auto (classifier when one exists)
-    t_start: float = 0.0  # > 0: trajectories start from encoded source cells noised to t_start
 
 
 def check_guidance(ex: Exports, plan: Plan, g: GuidanceConfig) -> GuidanceConfig:
@@ -78,9 +77,8 @@ def check_guidance(ex: Exports, plan: Plan, g: GuidanceConfig) -> GuidanceConfig
                 "for it, or a denoiser trained with that condition"
             )
     return GuidanceConfig(
-        mode, dict(g.cfg_weights), dict(g.classifier_scales), g.t_min, g.max_factor, interp,
-        g.t_start,
-    )  # fmt: skip
+        mode, dict(g.cfg_weights), dict(g.classifier_scales), g.t_min, g.max_factor, interp
+    )
 
 
 def _codes(ex: Exports, plan: Plan, rows: np.ndarray, attrs, override=None) -> torch.Tensor:

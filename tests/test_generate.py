@@ -316,3 +316,25 @@ def test_command_line_error_is_one_line(exports, tmp_path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown value 'Neuron'")
+
+
+def test_trajectory_from_real_cells_starts_near_their_latents(exports, tmp_path) -> None:
+    # Started at t = 0.95 from encoded cells of A, the ODE moves the latents only a little;
+    # started from noise it lands far from them.
+    import torch
+
+    from generation.encode import encode_cells
+    from models.pretrained import load_vae
+
+    ref = _reference((6, 0, 0))  # six cells of type B
+    ref.write_h5ad(tmp_path / "src.h5ad")
+    traj = ("--interpolate", "cell_type=B:T", "--interp-steps", "2", "--n-cells", "6",
+            "--interp-method", "cfg")  # fmt: skip
+    near = _gen(exports, tmp_path, *traj, "--interp-source", str(tmp_path / "src.h5ad"),
+                "--t-start", "0.95", name="near.h5ad")  # fmt: skip
+    far = _gen(exports, tmp_path, *traj, name="far.h5ad")
+    genes = pd.read_csv(exports["vae"] / "genes.tsv", sep="\t", dtype=str)
+    z = encode_cells(load_vae(exports["vae"]), ref, genes, torch.device("cpu")).flatten(1).numpy()
+    gap_near = np.abs(near.obsm["latent"][:6] - z).mean()
+    gap_far = np.abs(far.obsm["latent"][:6] - z).mean()
+    assert gap_near < 0.3 * gap_far
