@@ -153,11 +153,20 @@ def build_plan(args: argparse.Namespace, ex: Exports) -> Plan:
     return grid_plan(conditions, args.n_cells, args.seeds, libs)
 
 
-def batch_generator(plan: Plan, batches: list[np.ndarray], k: int) -> torch.Generator:
-    """Return batch k's CPU generator, seeded by (plan seed, index among that seed's batches)."""
-    seed = int(plan.seed[batches[k][0]])
-    index = sum(int(plan.seed[b[0]]) == seed for b in batches[:k])
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+def batch_generators(plan: Plan, batches: list[np.ndarray]) -> list[tuple[int, int]]:
+    """Return per batch (plan seed, index among that seed's batches): its RNG stream's key."""
+    counts: dict[int, int] = {}
+    keys = []
+    for b in batches:
+        seed = int(plan.seed[b[0]])
+        keys.append((seed, counts.get(seed, 0)))
+        counts[seed] = counts.get(seed, 0) + 1
+    return keys
+
+
+def generator_of(key: tuple[int, int]) -> torch.Generator:
+    """Return the CPU generator of a batch key (seed, index)."""
+    state = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -194,12 +203,13 @@ def generate_parts(args, ex: Exports, plan: Plan, guidance, flow, rank, world, d
     batches = plan.batches(args.batch_size)
     start = _source_latents(args, ex, plan, device)
     mine = list(range(rank, len(batches), world))
+    keys = batch_generators(plan, batches)
     nfe = 0
     bar = tqdm(total=sum(len(batches[k]) for k in mine), unit="cell", disable=rank != 0,
                desc="generate", dynamic_ncols=True)  # fmt: skip
     for k in mine:
         rows = batches[k]
-        gen = batch_generator(plan, batches, k)
+        gen = generator_of(keys[k])
         s = None if start is None else start[torch.from_numpy(rows).to(device)]
         z, n = sample_latents(ex, plan, rows, guidance, flow, gen, device, s)
         counts, means = decode(ex, z, plan.library_size[rows], gen, not args.no_means)

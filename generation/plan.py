@@ -99,24 +99,27 @@ class LibrarySizes:
                 return entry["mean"], entry["std"]
         return self.stats["all"]["mean"], self.stats["all"]["std"]
 
+    def _row_params(self, attrs: list[str], row: np.ndarray, interp) -> tuple[float, ...]:
+        given = {a: v for a, v in zip(attrs, row, strict=True) if v != UNSET}
+        if interp is None:
+            return (*self._params(given),) * 2
+        attr, a, b = interp
+        return (*self._params({**given, attr: a}), *self._params({**given, attr: b}))
+
     def draw(self, values: dict[str, np.ndarray], seeds: np.ndarray, alpha=None, interp=None):
         """Return (N,) library sizes; trajectory rows interpolate log-space parameters in α."""
         n = len(seeds)
         if self.fixed is not None:
             return np.full(n, float(self.fixed))
-        mean, std = np.empty(n), np.empty(n)
-        for i in range(n):
-            row = {a: v[i] for a, v in values.items() if v[i] != UNSET}
-            if interp is not None:
-                attr, a, b = interp
-                m0, s0 = self._params({**row, attr: a})
-                m1, s1 = self._params({**row, attr: b})
-                mean[i], std[i] = (
-                    (1 - alpha[i]) * m0 + alpha[i] * m1,
-                    (1 - alpha[i]) * s0 + alpha[i] * s1,
-                )
-            else:
-                mean[i], std[i] = self._params(row)
+        attrs = list(values)
+        rows = np.stack([values[a] for a in attrs], axis=1) if attrs else np.zeros((n, 0))
+        # One parameter lookup per distinct condition row, not per cell (atlas-sized plans).
+        keys = np.array(["\x1f".join(map(str, r)) for r in rows]) if attrs else np.zeros(n, str)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        params = np.array([self._row_params(attrs, rows[i], interp) for i in first])  # (U, 4)
+        p = params[inverse.ravel()]  # (N, 4): mean, std at A (or the only) and at B
+        a = np.zeros(n) if alpha is None else np.asarray(alpha, dtype=float)
+        mean, std = (1 - a) * p[:, 0] + a * p[:, 2], (1 - a) * p[:, 1] + a * p[:, 3]
         out = np.empty(n)
         for s in np.unique(seeds):  # one stream per seed: independent of the other seeds
             sel = seeds == s
