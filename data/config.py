@@ -17,6 +17,7 @@ class DataConfig:
 
     source: str = ""  # training-copy folder (mode=copy) or SOMA experiment URI (mode=direct)
     mode: Literal["copy", "direct"] = "copy"  # read a training copy or query any experiment
+    row_store: Literal["auto", "off"] = "auto"  # copy mode: read X from <copy>/rows if present
     measurement: str = "RNA"  # SOMA measurement name holding X and var (direct mode)
     layer: str = "raw"  # X layer with raw counts (float32, no explicit zeros)
     obs_filter: str = ""  # SOMA value_filter on obs, applied once at selection ("" = all cells)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from data import materialize as mat
 from data import shuffle_spill as spill
+from data.rowstore import build_row_store, has_row_store
 from data.sources import Source, parse_source
 from data.validate import IngestError, check_feature_ids
 
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-index", type=int, default=0, help="this process, 0..K-1")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ingest")
     p.add_argument("--finalize", action="store_true", help="only write side files + manifest")
+    p.add_argument("--no-row-store", action="store_true",
+                   help="skip the copy's memory-mapped row store (data/rowstore.py)")  # fmt: skip
     p.add_argument(
         "--max-blocks", type=int, default=None, help="stop after this many gather blocks"
     )
@@ -202,14 +205,24 @@ def _get_plan(args, source: Source, opts: mat.CopyOptions, out: Path) -> dict:
     return _get_plan(args, source, opts, out)
 
 
+def _finish(out: Path, args: argparse.Namespace) -> dict:
+    """Finalize the copy (manifest), then add its row store unless --no-row-store."""
+    manifest = mat.finalize(out)
+    if not args.no_row_store:
+        build_row_store(out)
+    return manifest
+
+
 def run(args: argparse.Namespace) -> dict | None:
     """Run one ingest worker; returns the manifest if this call completed the copy."""
     out = Path(args.out)
     if args.finalize:
-        return mat.finalize(out)
+        return _finish(out, args)
     if (out / "manifest.json").is_file():
         if args.resume:
             logger.info("%s is already a complete training copy", out)
+            if not args.no_row_store and not has_row_store(out):
+                build_row_store(out)
             return mat.open_copy_manifest(out)
         raise IngestError(f"{out} already holds a complete training copy; choose another --out")
     tiledb_config = dict(kv.split("=", 1) for kv in args.tiledb_config)
@@ -229,7 +242,7 @@ def run(args: argparse.Namespace) -> dict | None:
         for b in todo:
             bar.update(spill.gather_block(out, plan, b))
     if all(mat.block_done(out, b) for b in range(plan["n_blocks"])):
-        return mat.finalize(out)
+        return _finish(out, args)
     logger.info("worker %d done; waiting for other blocks before finalize", args.worker_index)
     return None
 

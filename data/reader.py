@@ -20,6 +20,7 @@ import tiledbsoma
 from data.config import DataConfig
 from data.materialize import open_copy_manifest
 from data.pipeline import Csr, csr_from_sorted_coo
+from data.rowstore import RowStore, has_row_store
 from data.split import hash_coded_strings, hash_int_keys, hash_strings
 from data.vocab import GeneVocab, load_labels
 
@@ -116,6 +117,17 @@ class CopySource(_Source):
             self.joinids = np.arange(int(self.manifest["n_cells"]), dtype=np.int64)
         self.nnz = np.asarray(self._nnz[self.joinids])
         self.dropped_genes = 0
+        self._rows = self._row_store(root)
+
+    def _row_store(self, root: Path) -> RowStore | None:
+        """The copy's row store when present, enabled and of this copy; else None (TileDB)."""
+        if self.cfg.row_store == "off" or not has_row_store(root):
+            return None
+        rows = RowStore(root)
+        if rows.meta.get("copy_fingerprint") != self.manifest.get("fingerprint", ""):
+            log.warning("%s/rows belongs to another copy; reading X through TileDB", root)
+            return None
+        return rows
 
     def _side_codes(self, side: Path, column: str) -> np.ndarray:
         path = side / f"codes_{column}.npy"
@@ -150,6 +162,8 @@ class CopySource(_Source):
 
     def read_piece(self, joinids: np.ndarray) -> Piece:
         """Read sorted joinids: one contiguous slice (inclusive) unless the rows are sparse."""
+        if self._rows is not None:
+            return Piece(joinids, self._rows.read(joinids), None, 0)
         lo, hi = int(joinids[0]), int(joinids[-1])
         dense = len(joinids) * 2 >= hi - lo + 1
         dim0, dim1, data = read_coo(self._x(), slice(lo, hi) if dense else joinids)
