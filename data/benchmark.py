@@ -67,33 +67,33 @@ def _ml_batches(
         yield X.shape[0], (X.nnz if sparse else -1), codes
 
 
-def _our_stream(uri: str, mode: str, vocab: str, seed: int, threads: int):
+def _our_stream(uri: str, mode: str, vocab: str, seed: int, threads: int, row_store="auto"):
     from data.config import DataConfig
     from data.stream import CellStream
 
     cfg = DataConfig(
         source=uri, mode=mode, vocab_path=vocab if mode == "direct" else "",
         condition_columns=["dataset_id"], micro_batch=BATCH, seed=seed, reader_threads=threads,
-        unknown_genes="drop",
+        unknown_genes="drop", row_store=row_store,
     )  # fmt: skip
     return CellStream(cfg, split="all", rank=0, world_size=1)
 
 
-def _our_batches(uri: str, mode: str, vocab: str, seed: int, threads: int):
-    stream = _our_stream(uri, mode, vocab, seed, threads)
+def _our_batches(uri: str, mode: str, vocab: str, seed: int, threads: int, row_store: str):
+    stream = _our_stream(uri, mode, vocab, seed, threads, row_store)
     for b in stream:
         yield b.num_cells, b.num_tokens, b.conditions[:, 0].numpy()
 
 
-def _resume_latency(uri: str, mode: str, vocab: str, seed: int, threads: int) -> list[float]:
+def _resume_latency(uri, mode, vocab, seed, threads, row_store) -> list[float]:
     """Seconds from constructing a stream and restoring a mid-epoch state to its first batch."""
-    probe = _our_stream(uri, mode, vocab, seed, threads)
+    probe = _our_stream(uri, mode, vocab, seed, threads, row_store)
     n, state = len(probe), probe.state_dict()
     probe.close()
     latencies = []
     for frac in (0.05, 0.37, 0.71, 0.98):
         t0 = time.perf_counter()
-        stream = _our_stream(uri, mode, vocab, seed, threads)
+        stream = _our_stream(uri, mode, vocab, seed, threads, row_store)
         stream.load_state_dict({**state, "batch_in_epoch": int(frac * (n - 1))})
         next(iter(stream))
         latencies.append(time.perf_counter() - t0)
@@ -106,7 +106,9 @@ def run_worker(args: argparse.Namespace) -> dict:
     if args.loader == "ml":
         batches = _ml_batches(args.uri, args.seed, args.io_batch, not args.dense)
     else:
-        batches = _our_batches(args.uri, args.mode, args.vocab, args.seed, args.threads)
+        batches = _our_batches(
+            args.uri, args.mode, args.vocab, args.seed, args.threads, args.row_store
+        )
     cells = nnz = 0
     entropies: list[float] = []
     t_start = time.perf_counter()
@@ -129,7 +131,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     }  # fmt: skip
     if args.loader == "ours":
         out["resume_first_batch_s"] = _resume_latency(
-            args.uri, args.mode, args.vocab, args.seed, args.threads
+            args.uri, args.mode, args.vocab, args.seed, args.threads, args.row_store
         )
     return out
 
@@ -142,12 +144,13 @@ def _spawn(
     opts: argparse.Namespace,
     io_batch: int = ML_IO,
     dense: bool = False,
+    row_store: str = "auto",
 ) -> dict:
     cmd = [
         sys.executable, "-m", "data.benchmark", "worker", "--loader", loader, "--uri", uri,
         "--mode", mode, "--vocab", vocab, "--seconds", str(opts.seconds),
         "--max-cells", str(opts.max_cells), "--threads", str(opts.threads),
-        "--io-batch", str(io_batch), *(["--dense"] if dense else []),
+        "--io-batch", str(io_batch), *(["--dense"] if dense else []), "--row-store", row_store,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -158,6 +161,7 @@ def _spawn(
 def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[str, Path]:
     """Return (Census-layout experiment URI, training copy folder), building what is missing."""
     from data import ingest
+    from data.rowstore import build_row_store, has_row_store
     from data.synthetic import write_synthetic_experiment
 
     name = f"synthetic_{cells}x{genes}_d{datasets}"
@@ -166,6 +170,10 @@ def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[
         f"cells={cells},genes={genes},datasets={datasets},cell_types=12,seed=0",
     )
     copy = cache / name / "training_copy"
+    if (copy / "manifest.json").is_file() and not has_row_store(copy):
+        t0 = time.perf_counter()
+        build_row_store(copy)  # copies built before the row store existed
+        print(f"row store of {copy}: {time.perf_counter() - t0:.0f} s", flush=True)
     if not (copy / "manifest.json").is_file():
         argv = ["--source", census_uri, "--out", str(copy), "--conditions", "dataset_id",
                 "cell_type", "--resume"]  # fmt: skip
@@ -198,13 +206,17 @@ def run_benchmark(opts: argparse.Namespace) -> dict:
         ml = _spawn("ml", uri, mode, vocab, opts)
         ml_small = _spawn("ml", uri, mode, vocab, opts, ML_IO_SMALL)
         ours = _spawn("ours", str(copy) if mode == "copy" else uri, mode, vocab, opts)
+        extra = ()
+        if mode == "copy":  # the same copy read through TileDB instead of its row store
+            tiledb = _spawn("ours", str(copy), mode, vocab, opts, row_store="off")
+            extra = (("atlasldm, TileDB read", tiledb),)
         nnz_per_cell = ml["nnz"] / ml["cells"]
         ml_dense["nnz_per_cpu_s"] = ml_dense["nnz_per_cpu_s"] or (
             nnz_per_cell * ml_dense["cells"] / ml_dense["cpu_seconds"]
         )
         runs = (
             ("ml default(dense)", ml_dense), ("ml sparse", ml),
-            (f"ml sparse io={ML_IO_SMALL}", ml_small), ("atlasldm", ours),
+            (f"ml sparse io={ML_IO_SMALL}", ml_small), *extra, ("atlasldm", ours),
         )  # fmt: skip
         for name, r in runs:
             r["diversity_vs_random"] = r["entropy"] / rand
@@ -227,6 +239,8 @@ def run_benchmark(opts: argparse.Namespace) -> dict:
             "speedup_vs_sparse": ratios["ml sparse"],
             "speedup_vs_sparse_small_io": ratios[f"ml sparse io={ML_IO_SMALL}"],
         }  # fmt: skip
+        if extra:
+            summary["cases"][case]["atlasldm_tiledb_read"] = extra[0][1]
     return summary
 
 
@@ -252,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--seed", type=int, default=0)
     worker.add_argument("--io-batch", type=int, default=ML_IO, help="tiledbsoma-ml io_batch_size")
     worker.add_argument("--dense", action="store_true", help="tiledbsoma-ml dense X (default)")
+    worker.add_argument("--row-store", choices=["auto", "off"], default="auto")
     return p
 
 
