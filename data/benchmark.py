@@ -101,6 +101,21 @@ def _resume_latency(uri, mode, vocab, seed, threads, row_store) -> list[float]:
     return latencies
 
 
+def peak_rss_gb() -> float:
+    """This process's peak RSS in GiB: VmHWM of its own address space.
+
+    getrusage's ru_maxrss survives fork and exec, so a worker started by a parent that once held
+    more memory (e.g. while building a row store) would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     """Time one loader on one experiment; returns its figures (run in a fresh process)."""
     if args.loader == "ml":
@@ -127,7 +142,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "cells": cells, "nnz": nnz, "seconds": wall, "cells_per_s": cells / wall,
         "nnz_per_cpu_s": nnz / cpu, "cpu_seconds": cpu, "first_batch_s": t_warm - t_start,
         "entropy": float(np.mean(entropies)),
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
     }  # fmt: skip
     if args.loader == "ours":
         out["resume_first_batch_s"] = _resume_latency(
