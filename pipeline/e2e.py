@@ -100,6 +100,8 @@ def train(stage: str, root: Path, copy: Path, quick: bool, launcher: str) -> Pat
     args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={root}", f"run.name={stage}"]
     if stage == "vae":
         args.append(f"data.source={copy}")
+    if launcher == "deepspeed":  # 2 ranks: same 64-cell global batch, 32 cells per rank
+        args.append("batch.micro_cells=32")
     if quick:
         steps = QUICK[stage]
         args += [f"run.max_steps={steps}", f"run.eval_every={steps}",
