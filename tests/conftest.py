@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import tiledbsoma
 from data import soma
 from data.ingest import main as ingest_main
 from data.materialize import open_copy_manifest
+from train.checkpoint import write_latest
 
 SMALL_SYNTHETIC = "synthetic:cells=3000,genes=300,datasets=5,cell_types=6,seed=0"
 
@@ -54,3 +57,30 @@ def read_training_copy(out: Path) -> tuple:
 def read_copy():
     """The `read_training_copy` function, for tests that inspect copies."""
     return read_training_copy
+
+
+def fork_training_run(src: Path, dst: Path, step: int) -> Path:
+    """Copy run `src` as it was right after its checkpoint at `step` (a run stopped there).
+
+    Later checkpoints, the export and universal conversions are left out, `latest` points at
+    `step`, and metric lines of later steps (which the resumed run must make again) are dropped.
+    """
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        late = [n for n in names if n.startswith("step_") and int(n[5:]) > step]
+        return late + [n for n in names if n in ("export", "universal")]
+
+    shutil.copytree(src, dst, ignore=ignore)
+    write_latest(dst / "checkpoints", f"step_{step:07d}")
+    metrics = dst / "metrics.jsonl"
+    if metrics.is_file():
+        rows = metrics.read_text().splitlines()
+        kept = [r for r in rows if json.loads(r)["step"] <= step]
+        metrics.write_text("".join(r + "\n" for r in kept))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def fork_run():
+    """The `fork_training_run` function, for resume tests."""
+    return fork_training_run

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -60,18 +59,6 @@ def _losses(log: Path) -> dict[int, dict]:
         return {}
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     return {row["step"]: row for row in rows}
-
-
-def _fork(src: Path, dst: Path, step: int) -> Path:
-    """Copy run `src` as it was after the checkpoint at `step` (a run that stopped there)."""
-
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        late = [n for n in names if n.startswith("step_") and int(n[5:]) > step]
-        return late + [n for n in names if n in ("export", "universal")]
-
-    shutil.copytree(src, dst, ignore=ignore)
-    write_latest(dst / "checkpoints", f"step_{step:07d}")
-    return dst
 
 
 def _assert_weights(a: Path, b: Path, atol: float = 0.0) -> None:
@@ -125,9 +112,9 @@ def test_kill_during_save_keeps_previous_then_exact_resume(baselines, tmp_path):
 
 
 @pytest.mark.integration
-def test_zero3_exact_resume(baselines, tmp_path):
+def test_zero3_exact_resume(baselines, tmp_path, fork_run):
     base, ref = baselines[3]
-    run = _fork(base, tmp_path / "z3", 4)
+    run = fork_run(base, tmp_path / "z3", 4)
     _, resumed = _launch(run, 3, 2)
     _assert_losses(resumed, ref, range(5, 9), exact=True)
     _assert_weights(run, base)
@@ -135,15 +122,15 @@ def test_zero3_exact_resume(baselines, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_world_2_to_1_to_2(baselines, tmp_path, stage):
+def test_resume_world_2_to_1_to_2(baselines, tmp_path, stage, fork_run):
     base, ref = baselines[stage]
-    one = _fork(base, tmp_path / "w1", 4)
+    one = fork_run(base, tmp_path / "w1", 4)
     _, resumed = _launch(one, stage, 1)  # 2 -> 1 ranks via universal checkpoint
     _assert_losses(resumed, ref, range(5, 9), exact=False)
     _assert_weights(one, base, atol=1e-5)
     if stage == 3:
         return  # 1 -> 2 is checked once (ZeRO-2) to keep the suite short
-    two = _fork(one, tmp_path / "w2", 6)
+    two = fork_run(one, tmp_path / "w2", 6)
     _, resumed = _launch(two, stage, 2)  # 1 -> 2 ranks
     _assert_losses(resumed, ref, range(7, 9), exact=False)
     _assert_weights(two, base, atol=1e-5)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from data.config import DataConfig
 from data.stream import CellStream
 from models.dit import DiT, DiTConfig
 from models.vae import VAE, VAEConfig
-from train.checkpoint import COMPLETE, CRASH_ENV, read_latest, write_latest
+from train.checkpoint import COMPLETE, CRASH_ENV, read_latest
 from train.config import BatchConfig, CheckpointConfig, PrecisionConfig, RunConfig, TrainConfig
 from train.export import read_export
 from train.loop import LoopConfig, LoopState, TrainingError
@@ -92,21 +91,6 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
         row = json.loads(line)
         out.setdefault(row["step"], {}).update(row)
     return out
-
-
-def _fork(src: Path, dst: Path, step: int) -> Path:
-    """Copy run `src` as it was right after its checkpoint at `step` (a run stopped there)."""
-
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        late = [n for n in names if n.startswith("step_") and int(n[5:]) > step]
-        return late + [n for n in names if n in ("export", "universal")]
-
-    shutil.copytree(src, dst, ignore=ignore)
-    write_latest(dst / "checkpoints", f"step_{step:07d}")
-    rows = (dst / "metrics.jsonl").read_text().splitlines()
-    kept = [r for r in rows if json.loads(r)["step"] <= step]  # later steps must be re-made
-    (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +158,9 @@ def _assert_same_export(got: Path, ref: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
 
 
-def test_vae_resume_is_exact(vae_run, tmp_path):
+def test_vae_resume_is_exact(vae_run, tmp_path, fork_run):
     run_dir, args = vae_run
-    resumed = _fork(run_dir, tmp_path / "resumed", 3)
+    resumed = fork_run(run_dir, tmp_path / "resumed", 3)
     args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
     proc = _launch("train_vae.py", args, launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
@@ -184,17 +168,17 @@ def test_vae_resume_is_exact(vae_run, tmp_path):
     _assert_same_export(resumed, run_dir)
 
 
-def test_vae_resumes_at_another_world_size(vae_run, tmp_path):
+def test_vae_resumes_at_another_world_size(vae_run, tmp_path, fork_run):
     """2 ranks -> 1 -> 2 through DeepSpeed universal checkpoints; the stream continues
     elastically (a world size's own batch order, so losses are not compared step by step)."""
     run_dir, args = vae_run
     full, root = _metrics(run_dir), f"run.root={tmp_path}"
-    one = _fork(run_dir, tmp_path / "world1", 3)
+    one = fork_run(run_dir, tmp_path / "world1", 3)
     # One process; a checkpoint every step (all kept) gives a world-1 tag (step 4) to resume from.
     ckpt = ["checkpoint.every_steps=1", "checkpoint.keep_last_k=4"]
     proc = _launch("train_vae.py", [*args, root, "run.name=world1", *ckpt])
     assert "resumed from step_0000003" in proc.stdout
-    two = _fork(one, tmp_path / "world2", 4)
+    two = fork_run(one, tmp_path / "world2", 4)
     proc = _launch("train_vae.py", [*args, root, "run.name=world2"], launcher="torchrun")
     assert "resumed from step_0000004" in proc.stdout
     for run, tag in ((one, "step_0000003"), (two, "step_0000004")):
@@ -431,7 +415,7 @@ def test_too_many_nan_steps_stop_with_a_clear_message(tmp_path):
     assert state.bad_steps == 3
 
 
-def test_vae_zero3_matches_zero2_and_resumes_exactly(vae_run, tmp_path):
+def test_vae_zero3_matches_zero2_and_resumes_exactly(vae_run, tmp_path, fork_run):
     """ZeRO-3 partitions the VAE's weights; every parameter must still be gathered on use."""
     run_dir, args = vae_run
     z3_args = [*args, "zero.stage=3", f"run.root={tmp_path}"]
@@ -439,7 +423,7 @@ def test_vae_zero3_matches_zero2_and_resumes_exactly(vae_run, tmp_path):
     zero2, zero3 = _metrics(run_dir), _metrics(tmp_path / "z3")
     for step in range(1, 7):
         assert zero3[step]["train/loss"] == pytest.approx(zero2[step]["train/loss"], rel=1e-5)
-    resumed = _fork(tmp_path / "z3", tmp_path / "z3_resumed", 3)
+    resumed = fork_run(tmp_path / "z3", tmp_path / "z3_resumed", 3)
     proc = _launch("train_vae.py", [*z3_args, "run.name=z3_resumed"], launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
     again = _metrics(resumed)
