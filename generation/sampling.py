@@ -108,7 +108,7 @@ def _base_velocity(ex: Exports, plan: Plan, rows: np.ndarray, g: GuidanceConfig,
     if not den.columns:
         return velocity_from_model(den.net, None)
     labels = _codes(ex, plan, rows, den.columns).to(device)  # (B, A)
-    given = {a for a in den.columns if np.any(plan.values.get(a, np.array([""]))[rows] != "")}
+    given = {a for a in den.columns if a in plan.values and np.any(plan.values[a][rows] != "")}
     weights = [g.cfg_weights.get(a, 1.0) if a in given else None for a in den.columns]
     vocab_sizes = [len(ex.vocab.values(a)) for a in den.columns]
     return cfg_velocity(den.net, labels, weights, vocab_sizes, g.cfg_mode, den.scheme)

@@ -338,3 +338,16 @@ def test_trajectory_from_real_cells_starts_near_their_latents(exports, tmp_path)
     gap_near = np.abs(near.obsm["latent"][:6] - z).mean()
     gap_far = np.abs(far.obsm["latent"][:6] - z).mean()
     assert gap_near < 0.3 * gap_far
+
+
+def test_attributes_left_out_of_the_request_stay_unconditioned(exports, tmp_path) -> None:
+    # A denoiser conditioned on cell type and donor, asked for cell types only: the donor is
+    # null in every evaluation, which equals the same request with donor weight left out.
+    two = write_dit(tmp_path / "dit2", exports["vae"], columns=("cell_type", "donor_id"))
+    args = ["--vae", str(exports["vae"]), "--denoiser", str(two), "--sampler", "euler",
+            "--steps", "3", "--condition", "cell_type=*", "--n-cells", "5"]  # fmt: skip
+    out = ad.read_h5ad(cli.run([*args, "--out", str(tmp_path / "a.h5ad")]))
+    assert out.n_obs == 15 and "donor_id" not in out.obs
+    both = ad.read_h5ad(cli.run([*args, "--condition", "donor_id=d1", "--out",
+                                 str(tmp_path / "b.h5ad")]))  # fmt: skip
+    assert not np.allclose(both.obsm["latent"], out.obsm["latent"])  # the donor does matter
