@@ -173,7 +173,7 @@ def interpolation_plan(
     values = {k: np.full(n, v[0], dtype=object) for k, v in conditions.items()}
     values[attr] = np.full(n, f"{a}->{b}", dtype=object)
     values, seed = _repeat_seeds(values, n, seeds)
-    alpha = np.tile(alphas, len(list(seeds)))
+    alpha = np.tile(alphas, len(seeds))
     fixed = {k: v for k, v in values.items() if k != attr}
     lib = libs.draw(fixed, seed, alpha, (attr, a, b))
     return Plan(values, lib, seed, alpha, (attr, a, b), library_source="statistics")
@@ -224,8 +224,8 @@ def match_plan(
             f"the --match reference has non-positive or NaN library sizes ({source})"
         )
     extra = {
-        "matched_obs_name": np.tile(reference.obs_names.to_numpy(dtype=object), len(list(seeds)))
+        "matched_obs_name": np.tile(reference.obs_names.to_numpy(dtype=object), len(seeds))
     }
     return Plan(
-        values, np.tile(lib, len(list(seeds))), seed, library_source=source, extra_obs=extra
+        values, np.tile(lib, len(seeds)), seed, library_source=source, extra_obs=extra
     )

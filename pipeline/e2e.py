@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +114,7 @@ def real_splits(copy: Path, root: Path) -> tuple[Path, Path]:
     config = DataConfig(source=str(copy), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
     paths = root / "real_test.h5ad", root / "real_train.h5ad"
     for split, path in zip(("val", "train"), paths, strict=True):
-        split_to_anndata(replace(config), split).write_h5ad(path)
+        split_to_anndata(config, split).write_h5ad(path)
     return paths
 
 
