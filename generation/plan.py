@@ -223,9 +223,5 @@ def match_plan(
         raise ConditionError(
             f"the --match reference has non-positive or NaN library sizes ({source})"
         )
-    extra = {
-        "matched_obs_name": np.tile(reference.obs_names.to_numpy(dtype=object), len(seeds))
-    }
-    return Plan(
-        values, np.tile(lib, len(seeds)), seed, library_source=source, extra_obs=extra
-    )
+    extra = {"matched_obs_name": np.tile(reference.obs_names.to_numpy(dtype=object), len(seeds))}
+    return Plan(values, np.tile(lib, len(seeds)), seed, library_source=source, extra_obs=extra)
