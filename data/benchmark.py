@@ -81,8 +81,11 @@ def _our_stream(uri: str, mode: str, vocab: str, seed: int, threads: int, row_st
 
 def _our_batches(uri: str, mode: str, vocab: str, seed: int, threads: int, row_store: str):
     stream = _our_stream(uri, mode, vocab, seed, threads, row_store)
-    for b in stream:
-        yield b.num_cells, b.num_tokens, b.conditions[:, 0].numpy()
+    try:
+        for b in stream:
+            yield b.num_cells, b.num_tokens, b.conditions[:, 0].numpy()
+    finally:  # stop prefetching before the resume timings
+        stream.close()
 
 
 def _resume_latency(uri, mode, vocab, seed, threads, row_store) -> list[float]:
@@ -118,6 +121,8 @@ def peak_rss_gb() -> float:
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Time one loader on one experiment; returns its figures (run in a fresh process)."""
+    import data.stream  # noqa: F401  (torch and TileDB imports are not the loader's start-up)
+
     if args.loader == "ml":
         batches = _ml_batches(args.uri, args.seed, args.io_batch, not args.dense)
     else:
@@ -137,6 +142,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         if cells >= args.max_cells or time.perf_counter() - t_warm > args.seconds:
             break
     wall, cpu = time.perf_counter() - t_warm, time.process_time() - cpu_warm
+    batches.close()
     nnz = max(nnz, 0)  # dense runs: the caller fills nnz/s from the sparse run's nnz per cell
     out = {
         "cells": cells, "nnz": nnz, "seconds": wall, "cells_per_s": cells / wall,

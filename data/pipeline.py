@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 R = TypeVar("R")
 
-# Bytes held per nnz while a read is in flight (Arrow int64 row, int64 col, float32 value)
-# plus the CSR result (int32 token, float32 count) and one gathered copy (loader.md §3.6).
-BYTES_PER_NNZ = 28
-MAX_ROUND_CELLS = 65536  # cells per rank per IO round at most, when K is derived
+# Bytes a round holds per nnz: its read pieces (int32 token, float32 count). Batches are copied
+# out of them a few at a time and the Arrow buffers of a read live for one chunk only; the
+# budget keeps half of the memory for those, side arrays, Python and torch (loader.md §3.6).
+BYTES_PER_NNZ = 8
+# Cells per rank per IO round at most, when K is derived. A round's first batch waits for the
+# whole round to be read, so this bounds the first batch after a (re)start: ~3 s for 24,576
+# cells of a Census-layout experiment on 2 cores (docs/loader: benchmark).
+MAX_ROUND_CELLS = 24576
+BATCH_LOOKAHEAD = 4  # batches gathered ahead of the consumer
 
 
 @dataclass
@@ -45,41 +50,60 @@ def csr_from_sorted_coo(rows: np.ndarray, n_rows: int, cols: np.ndarray, vals: n
     Entries are put in (row, col) order unless already in it, so the output never depends on the
     order TileDB returned them in. Unordered reads (Census tiling: one run per tile) are a few
     sorted runs, which a stable (tim)sort merges in near-linear time; lexsort took 10 s on 23M.
+    When row, col and the float32 value bits fit in 64 bits, they are sorted as one packed key,
+    which avoids an argsort and three gathers (half the time on 512 Census rows).
     """
-    if len(rows) > 1:
-        key = rows.astype(np.int64) << 32  # (row, col) as one int64; cols < 2^32
-        key |= cols
-        if not np.all(key[1:] > key[:-1]):
-            order = np.argsort(key, kind="stable")
-            rows, cols, vals = rows[order], cols[order], vals[order]
+    vals = vals.astype(np.float32, copy=False)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return Csr(indptr, cols.astype(np.int32, copy=False), vals.astype(np.float32, copy=False))
+    if len(rows) <= 1:
+        return Csr(indptr, cols.astype(np.int32), vals)
+    col_bits = max(int(cols.max()), 1).bit_length()
+    if n_rows.bit_length() + col_bits + 32 <= 64:
+        key = rows.astype(np.uint64) << np.uint64(col_bits + 32)
+        key |= cols.astype(np.uint64) << np.uint64(32)
+        key |= vals.view(np.uint32)
+        if not np.all(key[1:] > key[:-1]):
+            key.sort(kind="stable")
+        tokens = (key >> np.uint64(32)).astype(np.int32) & np.int32((1 << col_bits) - 1)
+        return Csr(indptr, tokens, key.astype(np.uint32).view(np.float32))
+    key = rows.astype(np.int64) << 32  # (row, col) as one int64; cols < 2^32
+    key |= cols
+    if not np.all(key[1:] > key[:-1]):
+        order = np.argsort(key, kind="stable")
+        cols, vals = cols[order], vals[order]
+    return Csr(indptr, cols.astype(np.int32, copy=False), vals)
 
 
-def gather_positions(
-    starts: np.ndarray, lengths: np.ndarray, out: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (entry positions of rows given by starts/lengths, concatenated; new indptr).
+def row_sums(csr: Csr) -> np.ndarray:
+    """Return float32 (n,) per-row sums of `csr.data`, accumulated in float64."""
+    lengths = np.diff(csr.indptr)
+    sums = np.zeros(len(lengths), dtype=np.float64)
+    nonempty = lengths > 0
+    if len(csr.data):
+        sums[nonempty] = np.add.reduceat(csr.data.astype(np.float64), csr.indptr[:-1][nonempty])
+    return sums.astype(np.float32)
 
-    With `out` (an int64 scratch buffer at least as long as the result) the positions are a view
-    into it, built by a cumulative sum of jumps without any fresh allocation: first-touch page
-    faults of fresh per-batch arrays profiled at ~25 ms per 665k entries in the pipeline.
-    """
+
+def drop_zero_tokens(csr: Csr) -> tuple[Csr, int]:
+    """Remove entries whose token is 0 (genes outside the vocabulary); return (CSR, removed)."""
+    keep = csr.indices != 0
+    removed = int(len(keep) - np.count_nonzero(keep))
+    if not removed:
+        return csr, 0
+    rows = np.repeat(np.arange(len(csr.indptr) - 1), np.diff(csr.indptr))
+    indptr = np.zeros_like(csr.indptr)
+    np.cumsum(np.bincount(rows[keep], minlength=len(indptr) - 1), out=indptr[1:])
+    return Csr(indptr, csr.indices[keep], csr.data[keep]), removed
+
+
+def gather_positions(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (entry positions of rows given by starts/lengths, concatenated; new indptr)."""
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     total = int(indptr[-1])
-    if out is None or len(out) < total or total == 0:
-        positions = np.repeat(starts - indptr[:-1], lengths) + np.arange(total, dtype=np.int64)
-        return positions, indptr
-    nonempty = lengths > 0
-    first, st, ln = indptr[:-1][nonempty], starts[nonempty], lengths[nonempty]
-    buf = out[:total]
-    buf.fill(1)  # consecutive entries of a row are one apart
-    buf[first[1:]] = st[1:] - (st[:-1] + ln[:-1] - 1)  # jump to the next row's start
-    buf[0] = st[0]
-    np.cumsum(buf, out=buf)
-    return buf, indptr
+    positions = np.repeat(starts - indptr[:-1], lengths) + np.arange(total, dtype=np.int64)
+    return positions, indptr
 
 
 def gather_rows(csr: Csr, rows: np.ndarray) -> Csr:
@@ -167,19 +191,47 @@ class Metrics:
 
 
 class RoundPipeline:
-    """Runs each round's read jobs on reader threads and its assembly on one assembler thread."""
+    """Reader threads for each round's read jobs, one thread that prepares rounds from their
+    pieces, and one that gathers batches a few ahead of the consumer (`lookahead`).
+
+    Batches are gathered one at a time rather than a whole round up front: the first batch of a
+    round waits for its reads and one gather only, and at most BATCH_LOOKAHEAD gathered batches
+    exist beside the prepared rounds.
+    """
 
     def __init__(self, reader_threads: int, prefetch_rounds: int):
         self.reader_threads = reader_threads
         self.prefetch_rounds = prefetch_rounds
         self._io: ThreadPoolExecutor | None = None
         self._asm: ThreadPoolExecutor | None = None
+        self._gather: ThreadPoolExecutor | None = None
 
-    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
-        if self._io is None or self._asm is None:
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor, ThreadPoolExecutor]:
+        if self._io is None or self._asm is None or self._gather is None:
             self._io = ThreadPoolExecutor(self.reader_threads, thread_name_prefix="soma-read")
-            self._asm = ThreadPoolExecutor(1, thread_name_prefix="csr-assemble")
-        return self._io, self._asm
+            self._asm = ThreadPoolExecutor(1, thread_name_prefix="round-prepare")
+            # Its own thread: a prepare task blocks on its reads and must not stall gathers.
+            self._gather = ThreadPoolExecutor(1, thread_name_prefix="batch-gather")
+        return self._io, self._asm, self._gather
+
+    def lookahead(self, gather: Callable[[int], R], count: int) -> Iterator[R]:
+        """Yield gather(0), ..., gather(count - 1), computing up to BATCH_LOOKAHEAD ahead."""
+        if self.reader_threads == 0:
+            yield from (gather(i) for i in range(count))
+            return
+        pool = self._pools()[2]
+        pending: deque[Future] = deque(
+            pool.submit(gather, i) for i in range(min(BATCH_LOOKAHEAD, count))
+        )
+        try:
+            for nxt in range(BATCH_LOOKAHEAD, count + BATCH_LOOKAHEAD):
+                result = pending.popleft().result()
+                if nxt < count:
+                    pending.append(pool.submit(gather, nxt))
+                yield result
+        finally:
+            for future in pending:  # abandoned iteration
+                future.cancel()
 
     def map_rounds(
         self,
@@ -192,7 +244,7 @@ class RoundPipeline:
             for plan in plans:
                 yield assemble(plan, [job() for job in jobs(plan)])
             return
-        io, asm = self._pools()
+        io, asm, _ = self._pools()
 
         def launch(plan: P) -> Future:
             futures = [io.submit(job) for job in jobs(plan)]
@@ -213,8 +265,12 @@ class RoundPipeline:
                 future.cancel()
 
     def close(self) -> None:
-        """Stop the threads (queued work is cancelled)."""
-        for pool in (self._io, self._asm):
+        """Cancel queued work and wait for the running jobs (at most one per thread).
+
+        Not waiting would leave prefetch reads running after close, taking CPU from whatever
+        runs next (a resumed stream's first round read ~1.5 s slower beside them).
+        """
+        for pool in (self._io, self._asm, self._gather):
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-        self._io = self._asm = None
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._io = self._asm = self._gather = None

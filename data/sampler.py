@@ -3,10 +3,21 @@
 Rows are positions 0..N-1 in the sorted selection. They are cut into chunks of C consecutive
 rows: F = N // C full chunks plus, when C does not divide N, one partial chunk of N % C rows.
 
-* Epoch e permutes the F full chunks with Philox keyed by (seed, e); the partial chunk is
-  appended after them. The list is cut into IO rounds of W*K chunks starting at `start_chunk`
-  (0, or the round boundary an elastic resume restarted from); rank r takes chunks
-  [r*K, (r+1)*K) of every round, so all ranks draw from one global permutation.
+* Epoch e permutes the F full chunks with a **stratified permutation** drawn from Philox keyed
+  by (seed, e) (`stratified_permutation`): every aligned run of 2^k consecutive chunks of the
+  order holds one chunk from each 1/2^k of the selection, and any run is spread nearly as well,
+  so each rank's round covers the whole joinid range. On a Census-layout experiment, where
+  datasets are contiguous, a round then samples the datasets in proportion even with large
+  chunks; on a pre-permuted copy it is simply a random order. The order depends on (seed, e, F)
+  only, never on W or K, which elastic resume relies on. The partial chunk comes last.
+  The list is cut into IO rounds of W*K chunks starting at `start_chunk` (0, or the round
+  boundary an elastic resume restarted from), so all ranks draw from one global permutation.
+  A round is a W x K block of consecutive chunks; in round i, rank r takes from column k the
+  chunk in row pi_k((r + i) mod W), pi_k a permutation of the W rows drawn from (seed, e, k).
+  Each rank's K chunks are thus as spread as a run of K, and over any W consecutive rounds a
+  rank takes every row of every column: with the stratified order, one chunk of each 1/(W*K)
+  of the selection (taking row r of every block would give rank r the same 1/W of every
+  stratum all epoch).
 * Rows of a rank's round are permuted with Philox keyed by (seed, e, round's first chunk, r)
   and cut into K*C/b micro-batches (K*C is a multiple of b, so no row carries over).
 * **Tail policy.** The rows after the last full round (T < W*K*C + C rows: the remaining chunks
@@ -42,6 +53,26 @@ def philox(seed: int, *words: int | str) -> np.random.Generator:
     """Return a Philox generator whose 128-bit key is a hash of (seed, *words), counter 0."""
     digest = hashlib.blake2b(repr((int(seed), *words)).encode(), digest_size=16).digest()
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+
+
+def stratified_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Return a random permutation of range(n) whose consecutive runs are spread over the range.
+
+    Owen-scrambled radical inverse: the bits of order position p, least significant first,
+    choose the path of id(p) down a binary tree over [0, 2^B) whose two children are swapped at
+    random at every node (2^B - 1 coin flips). Any aligned run of 2^k positions then holds
+    exactly one id from each of the 2^k equal intervals of [0, 2^B); ids >= n are skipped, which
+    keeps the spread of every run. Each id's position is uniform, as in a plain permutation.
+    """
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)
+    bits = (n - 1).bit_length()
+    positions = np.arange(1 << bits, dtype=np.int64)
+    ids = np.zeros_like(positions)  # after level l: the top l bits of each id
+    for level in range(bits):
+        flips = rng.integers(0, 2, size=1 << level, dtype=np.int64)  # one per tree node
+        ids = (ids << 1) | (((positions >> level) & 1) ^ flips[ids])
+    return ids[ids < n]
 
 
 @dataclass(frozen=True)
@@ -99,11 +130,16 @@ class LockstepSampler:
         self._order = lru_cache(maxsize=2)(self._chunk_order)
 
     def _chunk_order(self, epoch: int) -> np.ndarray:
-        return philox(self.seed, "chunks", epoch).permutation(self.F).astype(np.int64)
+        return stratified_permutation(self.F, philox(self.seed, "chunks", epoch))
 
     def chunk_order(self, epoch: int) -> np.ndarray:
         """Return the permuted full-chunk ids of `epoch`, int64 (F,)."""
         return self._order(epoch)
+
+    def _block_rows(self, epoch: int) -> np.ndarray:
+        """Return (W, K) int64: column k is the permutation pi_k of the round's W block rows."""
+        rows = np.tile(np.arange(self.W, dtype=np.int64)[:, None], (1, self.K))
+        return philox(self.seed, "ranks", epoch).permuted(rows, axis=0)
 
     def layout(self, start_chunk: int = 0) -> tuple[int, int, int]:
         """Return (full rounds, tail rows T, tail batches per rank) from `start_chunk` on."""
@@ -145,7 +181,8 @@ class LockstepSampler:
         first = start_chunk + index * self.W * self.K
         order = self.chunk_order(epoch)
         if index < rounds:
-            chunks = order[first + self.rank * self.K : first + (self.rank + 1) * self.K]
+            block = order[first : first + self.W * self.K].reshape(self.W, self.K)
+            chunks = block[self._block_rows(epoch)[(self.rank + index) % self.W], np.arange(self.K)]
             sizes = np.full(self.per_round, self.b, dtype=np.int64)
         elif index == rounds and tail_batches > 0:
             chunks, sizes = order[first:], self.tail_batch_sizes(tail, tail_batches, self.rank)

@@ -32,7 +32,6 @@ from data.pipeline import (
     Metrics,
     RoundPipeline,
     chunks_per_rank_from_budget,
-    gather_positions,
     truncate_rows,
 )
 from data.reader import Piece, open_source
@@ -44,6 +43,10 @@ FORMAT_VERSION = 1
 # Per-query result buffers: tiledbsoma's 1 GiB default is allocated per read and per thread
 # and made 256-row reads ~1.5x slower; larger results arrive in several tables anyway.
 DEFAULT_TILEDB_CONFIG = {"soma.init_buffer_bytes": str(64 * 1024**2)}
+# Direct mode reads chunks this long as one slice each; shorter ones go in one point query per
+# job (Census layout, 2 cores: 64-row chunks 1.5x faster in one query, 1,024-row ones 1.2x
+# faster as slices).
+SLICE_READ_MIN_CELLS = 256
 _ASSUMED_NNZ = 2000.0  # per cell, for the memory budget when obs has no nnz column
 
 
@@ -76,11 +79,25 @@ def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
 
 
 @dataclass
-class RoundData:
-    """One assembled round of one rank: its plan and its batches in emission order."""
+class PreparedRound:
+    """One rank's round, read; its batches are copied out of the read pieces one by one.
+
+    The pieces are never concatenated: a round-sized copy is a fresh allocation above glibc's
+    mmap threshold, and its first-touch page faults cost ~1 s per 350 MB round on this machine.
+    """
 
     plan: RoundPlan
-    batches: list[CsrBatch]
+    pieces: list[Piece]  # ascending joinids
+    piece: np.ndarray  # int64 (n,), piece of each emitted row
+    starts: np.ndarray  # int64 (n,), entry offset of each emitted row in its piece
+    lengths: np.ndarray  # int64 (n,), expressed genes of each emitted row
+    library: np.ndarray  # float32 (n,), emission order
+    conditions: np.ndarray  # int64 (n, A), emission order
+    joinids: np.ndarray  # int64 (n,), emission order
+    bounds: np.ndarray  # int64 (n_batches + 1,), batch b is rows bounds[b]:bounds[b + 1]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
 
 
 class CellStream(torch.utils.data.IterableDataset):
@@ -120,7 +137,6 @@ class CellStream(torch.utils.data.IterableDataset):
         )  # fmt: skip
         self._pipeline = RoundPipeline(config.reader_threads, config.prefetch_rounds)
         self._epoch = self._start = self._batch = 0
-        self._scratch = np.zeros(0, dtype=np.int64)  # reused gather-positions buffer
         log.info(
             "stream rank %d/%d: %d cells (%s), C=%d K=%d prefetch=%d threads=%d, mean nnz %.0f, "
             "%d batches/epoch", self.rank, self.world_size, self.num_cells, split, C, K,
@@ -184,9 +200,10 @@ class CellStream(torch.utils.data.IterableDataset):
             for p in self.sampler.rounds(epoch, start, first)
             if p.first_batch + len(p.batch_sizes) > first
         )
-        for data in self._pipeline.map_rounds(plans, self._jobs, self._assemble):
-            for i, batch in enumerate(data.batches):
-                self._batch = data.plan.first_batch + i + 1
+        for prepared in self._pipeline.map_rounds(plans, self._jobs, self._prepare):
+            batches = self._pipeline.lookahead(partial(self._gather_batch, prepared), len(prepared))
+            for i, batch in enumerate(batches):
+                self._batch = prepared.plan.first_batch + i + 1
                 self._metrics.add(cells=batch.num_cells, nnz=batch.num_tokens, batches=1)
                 yield batch
         if (self._epoch, self._start) == (epoch, start):
@@ -198,8 +215,9 @@ class CellStream(torch.utils.data.IterableDataset):
         plans = eval_rounds(
             self.num_cells, self.world_size, self.rank, self.config.micro_batch, rows_per_round
         )
-        for data in self._pipeline.map_rounds(plans, self._jobs, self._assemble):
-            yield from data.batches
+        for prepared in self._pipeline.map_rounds(plans, self._jobs, self._prepare):
+            gather = partial(self._gather_batch, prepared)
+            yield from self._pipeline.lookahead(gather, len(prepared))
 
     def _jobs(self, plan: RoundPlan) -> list[Callable[[], Piece]]:
         """Split the round's rows into read jobs of sorted, contiguous selection runs."""
@@ -209,8 +227,9 @@ class CellStream(torch.utils.data.IterableDataset):
         # A run may skip a few rows (a resumed round's consumed ones): one slice read beats
         # many small ones, and the reader drops rows it was not asked for.
         runs = np.split(positions, np.flatnonzero(np.diff(positions) > self.sampler.C) + 1)
-        # >= 2 jobs per thread for balance; <= ~16k rows per job bounds the per-job arrays
-        n_jobs = max(2 * self.config.reader_threads, -(-len(positions) // 16384), 1)
+        # >= 2 jobs per thread for balance; <= ~4k rows per job bounds the per-job arrays and
+        # how long close() waits for a running job
+        n_jobs = max(2 * self.config.reader_threads, -(-len(positions) // 4096), 1)
         starts = np.cumsum([0] + [len(r) for r in runs[:-1]])
         group = (starts * n_jobs) // len(positions)  # contiguous groups of ~equal rows
         return [
@@ -220,64 +239,62 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def _read(self, runs: list[np.ndarray]) -> list[Piece]:
         t0 = time.perf_counter()
-        if self.config.mode == "direct":  # one multi-row query: shared tiles are read once
-            runs = [np.concatenate(runs)]
+        if self.config.mode == "direct" and self.sampler.C < SLICE_READ_MIN_CELLS:
+            runs = [np.concatenate(runs)]  # one query for short runs: shared tiles read once
         pieces = [self.source.read_piece(self.source.joinids[run]) for run in runs]
         self._metrics.add(read_s=time.perf_counter() - t0)
         return pieces
 
-    def _assemble(self, plan: RoundPlan, groups: list[list[Piece]]) -> RoundData:
-        """Concatenate the round's pieces (ascending joinids), then gather batch by batch.
-
-        Gathering per batch keeps index temporaries batch-sized: round-sized ones cost more in
-        page faults than in copying.
-        """
+    def _prepare(self, plan: RoundPlan, groups: list[list[Piece]]) -> PreparedRound:
+        """Locate each emitted row (plan order) in the round's pieces; no entry is copied."""
         t0 = time.perf_counter()
         pieces = [p for group in groups for p in group]
-        offsets = np.cumsum([0] + [len(p.csr.indices) for p in pieces])
-        starts = _cat(
-            [p.csr.indptr[:-1] + o for p, o in zip(pieces, offsets, strict=False)], np.int64
-        )
+        sizes = [len(p.joinids) for p in pieces]
+        piece = np.repeat(np.arange(len(pieces), dtype=np.int64), sizes)
+        starts = _cat([p.csr.indptr[:-1] for p in pieces], np.int64)
         lengths = _cat([np.diff(p.csr.indptr) for p in pieces], np.int64)
-        indices = _cat([p.csr.indices for p in pieces], np.int32)
-        data = _cat([p.csr.data for p in pieces], np.float32)
         wanted = self.source.joinids[plan.rows]  # emission order
         rows = np.searchsorted(_cat([p.joinids for p in pieces], np.int64), wanted)
         library, conditions = self.source.cell_meta(plan.rows)
         if library is None:
             library = _cat([p.library_size for p in pieces], np.float32)[rows]
-        bounds = np.concatenate([[0], np.cumsum(plan.batch_sizes)])
-        batches, truncated = [], 0
-        longest = max(
-            (int(lengths[rows[s:e]].sum()) for s, e in zip(bounds[:-1], bounds[1:], strict=True)),
-            default=0,
-        )
-        if len(self._scratch) < longest:  # grows rarely; only the assembler thread uses it
-            self._scratch = np.empty(2 * longest, dtype=np.int64)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            positions, indptr = gather_positions(
-                starts[rows[s:e]], lengths[rows[s:e]], self._scratch
-            )
-            csr = Csr(indptr, indices[positions], data[positions])
-            csr, cut = truncate_rows(csr, wanted[s:e], self.config.max_genes, self.config.seed)
-            truncated += int(cut.sum())
-            batches.append(
-                CsrBatch.from_numpy(
-                    csr.indices,
-                    csr.data,
-                    csr.indptr,
-                    library[s:e],
-                    conditions[s:e],
-                    self.source.condition_names,
-                    wanted[s:e],
-                )  # fmt: skip
-            )
+        prepared = PreparedRound(
+            plan, pieces, piece[rows], starts[rows], lengths[rows], library, conditions, wanted,
+            np.concatenate([[0], np.cumsum(plan.batch_sizes)]),
+        )  # fmt: skip
         self._metrics.add(
             assemble_s=time.perf_counter() - t0,
-            truncated_cells=truncated,
             dropped_unknown_nnz=sum(p.dropped_nnz for p in pieces),
         )
-        return RoundData(plan, batches)
+        return prepared
+
+    def _gather_batch(self, prepared: PreparedRound, index: int) -> CsrBatch:
+        """Copy batch `index` of a prepared round out of its pieces, row by row (memcpy each)."""
+        t0 = time.perf_counter()
+        s, e = prepared.bounds[index], prepared.bounds[index + 1]
+        spans = list(
+            zip(
+                prepared.piece[s:e].tolist(),
+                prepared.starts[s:e].tolist(),
+                (prepared.starts[s:e] + prepared.lengths[s:e]).tolist(),
+                strict=True,
+            )
+        )
+        csrs = [p.csr for p in prepared.pieces]
+        indices = _cat([csrs[j].indices[a:b] for j, a, b in spans], np.int32)
+        data = _cat([csrs[j].data[a:b] for j, a, b in spans], np.float32)
+        indptr = np.zeros(e - s + 1, dtype=np.int64)
+        np.cumsum(prepared.lengths[s:e], out=indptr[1:])
+        joinids = prepared.joinids[s:e]
+        csr, cut = truncate_rows(
+            Csr(indptr, indices, data), joinids, self.config.max_genes, self.config.seed
+        )
+        batch = CsrBatch.from_numpy(
+            csr.indices, csr.data, csr.indptr, prepared.library[s:e], prepared.conditions[s:e],
+            self.source.condition_names, joinids,
+        )  # fmt: skip
+        self._metrics.add(assemble_s=time.perf_counter() - t0, truncated_cells=int(cut.sum()))
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Return the position; identical on every rank (safe for rank-0 client_state)."""

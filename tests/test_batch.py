@@ -8,7 +8,15 @@ import scipy.sparse as sp
 import torch
 
 from data.batch import CsrBatch
-from data.pipeline import Csr, gather_positions, gather_rows, truncate_rows
+from data.pipeline import (
+    Csr,
+    csr_from_sorted_coo,
+    drop_zero_tokens,
+    gather_positions,
+    gather_rows,
+    row_sums,
+    truncate_rows,
+)
 
 
 def random_csr(n_rows=7, n_genes=50, density=0.2, seed=0) -> sp.csr_matrix:
@@ -109,16 +117,47 @@ def test_dataloader_passes_batches_through():
     assert isinstance(out, CsrBatch) and torch.equal(out.counts, batch.counts)
 
 
-def test_gather_positions_with_scratch_buffer_and_empty_rows():
+def test_gather_positions_with_empty_rows():
     starts = np.array([5, 0, 9, 9, 2, 40], dtype=np.int64)
     lengths = np.array([3, 0, 2, 0, 4, 1], dtype=np.int64)
     expected = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
-    scratch = np.full(64, -7, dtype=np.int64)
-    for out in (None, scratch):
-        positions, indptr = gather_positions(starts, lengths, out)
-        np.testing.assert_array_equal(positions, expected)
-        np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(lengths)]))
+    positions, indptr = gather_positions(starts, lengths)
+    np.testing.assert_array_equal(positions, expected)
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(lengths)]))
     # leading empty row, and all rows empty
-    positions, _ = gather_positions(np.array([3, 7]), np.array([0, 2]), scratch)
+    positions, _ = gather_positions(np.array([3, 7]), np.array([0, 2]))
     np.testing.assert_array_equal(positions, [7, 8])
-    assert len(gather_positions(np.array([3]), np.array([0]), scratch)[0]) == 0
+    assert len(gather_positions(np.array([3]), np.array([0]))[0]) == 0
+
+
+@pytest.mark.parametrize("n_rows", [40, 1 << 21])  # packed-key sort, and the argsort fallback
+def test_csr_from_sorted_coo_orders_any_input(n_rows):
+    rng = np.random.default_rng(n_rows)
+    ref = sp.random(40, 3000, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    ref.data = rng.integers(1, 500, ref.nnz).astype(np.float32)
+    ref.data[:3] = [0.5, 1e-30, 3.4e38]  # any float32 bit pattern survives the packed key
+    coo = ref.tocoo()
+    rows = coo.row.astype(np.int64) * (n_rows // 40)  # spread rows over n_rows
+    order = rng.permutation(coo.nnz)  # TileDB's unordered result
+    csr = csr_from_sorted_coo(rows[order], n_rows, coo.col[order].astype(np.int32), coo.data[order])
+    want = sp.csr_matrix((coo.data, (rows, coo.col)), shape=(n_rows, 3000))
+    want.sort_indices()
+    np.testing.assert_array_equal(csr.indptr, want.indptr)
+    np.testing.assert_array_equal(csr.indices, want.indices)
+    np.testing.assert_array_equal(csr.data, want.data)
+    assert csr.indices.dtype == np.int32 and csr.data.dtype == np.float32
+
+
+def test_row_sums_and_drop_zero_tokens_keep_library_exact():
+    m = random_csr(n_rows=9, n_genes=30, density=0.3, seed=4)  # row 2 is empty
+    m.indices[m.indices < 6] = 0  # genes outside the vocabulary carry token 0
+    m = sp.csr_matrix((m.data, m.indices, m.indptr), shape=m.shape)  # keep explicit entries
+    csr = Csr(m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data)
+    np.testing.assert_array_equal(row_sums(csr), np.asarray(m.sum(axis=1)).ravel())
+    kept, removed = drop_zero_tokens(csr)
+    assert removed == int((m.indices == 0).sum()) > 0
+    for i in range(9):
+        a, b = kept.indptr[i], kept.indptr[i + 1]
+        row = m.indices[m.indptr[i] : m.indptr[i + 1]]
+        np.testing.assert_array_equal(kept.indices[a:b], row[row != 0])
+    assert drop_zero_tokens(kept) == (kept, 0)

@@ -13,7 +13,7 @@ def test_defaults_and_derived_chunk():
     assert cfg.mode == "copy" and cfg.effective_chunk_cells == 256
     assert cfg.memory_budget_gb == 4.0 and cfg.reader_threads == 2 and cfg.max_genes == 8192
     direct = load_config(DataConfig, overrides=["mode=direct", "vocab_path=genes.tsv"])
-    assert direct.effective_chunk_cells == 64
+    assert direct.effective_chunk_cells == 512
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.pipeline import BYTES_PER_NNZ, chunks_per_rank_from_budget
-from data.sampler import LockstepSampler, elastic_restart, eval_rounds
+from data.pipeline import BYTES_PER_NNZ, MAX_ROUND_CELLS, chunks_per_rank_from_budget
+from data.sampler import LockstepSampler, elastic_restart, eval_rounds, stratified_permutation
 
 
 def epoch_batches(n, C, K, b, W, seed=0, epoch=0, drop_last=False, start=0):
@@ -147,7 +147,7 @@ def test_chunks_per_rank_from_budget():
     assert smaller < k
     # A tiny budget still yields one valid round; tiny cells are capped by round size.
     assert chunks_per_rank_from_budget(1e6, 256, 1024, 0.001, 1) == 4
-    assert chunks_per_rank_from_budget(1, 256, 256, 4.0, 1) * 256 <= 65536
+    assert chunks_per_rank_from_budget(1, 256, 256, 4.0, 1) * 256 <= MAX_ROUND_CELLS
 
 
 @pytest.mark.parametrize(("n", "W"), [(1001, 2), (997, 4), (5000, 3)])
@@ -157,3 +157,51 @@ def test_tail_full_batches_then_one_smaller(n, W):
     lasts = [len(batches[-1]) for batches in per_rank]
     assert max(lasts) - min(lasts) <= 1 and min(lasts) > 0
     assert all(len(x) == b for batches in per_rank for x in batches[:-1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stratified_permutation_spreads_every_aligned_run(seed):
+    n = 256
+    perm = stratified_permutation(n, np.random.default_rng(seed))
+    assert np.array_equal(np.sort(perm), np.arange(n))
+    for k in range(1, 9):
+        run = 1 << k
+        for start in range(0, n, run):  # one id from each 1/run of the range
+            assert len(np.unique(perm[start : start + run] * run // n)) == run
+
+
+def mean_strata_per_run(perms: list[np.ndarray], n: int, run: int) -> float:
+    """Mean number of distinct 1/run strata of [0, n) in the aligned runs of `run` positions."""
+    return float(
+        np.mean(
+            [
+                len(np.unique(p[i : i + run] * run // n))
+                for p in perms
+                for i in range(0, n - run, run)
+            ]
+        )
+    )
+
+
+def test_stratified_permutation_random_and_spread_for_any_length():
+    n, K = 1000, 8
+    perms = [stratified_permutation(n, np.random.default_rng(s)) for s in range(20)]
+    assert all(np.array_equal(np.sort(p), np.arange(n)) for p in perms)
+    assert len({p[:50].tobytes() for p in perms}) == len(perms)
+    assert len({int(p[0]) for p in perms}) > 12  # any chunk may come first
+    # Runs of K cover more of the K strata than a uniform permutation's (5.26 of 8 expected).
+    rng = np.random.default_rng(0)
+    uniform = [rng.permutation(n) for _ in range(20)]
+    assert mean_strata_per_run(perms, n, K) > 6.5 > 5.5 > mean_strata_per_run(uniform, n, K)
+
+
+def test_each_rank_covers_every_stratum_every_w_rounds():
+    """Rank r's chunks of any W consecutive rounds hold one chunk of each 1/(W*K) of the rows."""
+    n, C, K, b, W = 8192, 64, 2, 64, 4
+    for r in range(W):
+        s = LockstepSampler(n, C, K, b, W, r, seed=5)
+        plans = list(s.rounds(epoch=1))
+        for first in range(0, len(plans) - W + 1, W):
+            rows = np.concatenate([p.rows for p in plans[first : first + W]])
+            strata = np.unique(rows // (n // (W * K)))
+            assert len(strata) == W * K, f"rank {r} rounds {first}..: strata {strata}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -272,13 +273,14 @@ def test_direct_unknown_genes_error_names_gene(census_like):
         make_direct(census_like)
 
 
-def test_direct_drop_counts_and_keeps_library(census_like):
+@pytest.mark.parametrize("chunk", [64, 256])  # one point query per job; one slice per chunk
+def test_direct_drop_counts_and_keeps_library(census_like, chunk):
     _, _, x = census_like
     with tiledbsoma.Experiment.open(census_like[0]) as exp:
         primary = exp.obs.read(value_filter="is_primary_data == True", column_names=["soma_joinid"])
         primary = np.sort(primary.concat()["soma_joinid"].to_numpy())
     primary = primary[np.diff(x.indptr)[primary] >= 1]  # min_genes=1 via obs nnz
-    kw = dict(unknown_genes="drop", obs_filter="is_primary_data == True")
+    kw = dict(unknown_genes="drop", obs_filter="is_primary_data == True", chunk_cells=chunk)
     per_rank = [list(make_direct(census_like, 2, r, **kw)) for r in range(2)]
     assert len({len(p) for p in per_rank}) == 1
     assert np.array_equal(np.sort(np.concatenate([ids(p) for p in per_rank])), primary)
@@ -312,3 +314,23 @@ def test_direct_drop_counts_and_keeps_library(census_like):
     s = make_direct(census_like, 1, 0, **kw)
     list(s)
     assert s.metrics()["dropped_unknown_nnz"] == x[primary][:, 50:].nnz > 0
+
+
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_direct_resume_is_exact(census_like, chunk):
+    kw = dict(unknown_genes="drop", obs_filter="is_primary_data == True", chunk_cells=chunk)
+    full, states = run_epochs(make_direct(census_like, 2, 1, **kw), 1)
+    for pos in [0, 3, len(full) // 2 - 1, len(full) - 2]:
+        resumed = make_direct(census_like, 2, 1, reader_threads=0, **kw)
+        resumed.load_state_dict(states[pos])
+        rest, _ = run_epochs(resumed, 1)
+        same_batches(rest, full[pos + 1 :])
+
+
+def test_close_stops_reader_threads(small_synthetic_copy):
+    """close() returns after the running reads: nothing keeps using the CPU behind it."""
+    stream = make(small_synthetic_copy, reader_threads=2, prefetch_rounds=2)
+    next(iter(stream))
+    stream.close()
+    names = ("soma-read", "round-prepare", "batch-gather")
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(names)]
