@@ -46,6 +46,10 @@ TINY_VAE = [
 TINY_DIT = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "model.freq_dim=32"]
 
 
+SHM = Path("/dev/shm")
+SHM_LEFT: dict[str, set[Path]] = {}  # shared-memory files a run left behind, by fixture
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -98,8 +102,16 @@ def vae_run(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """A finished 6-step VAE run at ZeRO-2 on 2 ranks (deepspeed launcher); (run dir, args)."""
     root = tmp_path_factory.mktemp("runs")
     args = [DEBUG, *TINY_VAE, f"data.source={pbmc_copy}", f"run.root={root}", "zero.stage=2"]
+    before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     _launch("train_vae.py", [*args, "run.name=full"], launcher="deepspeed")
+    SHM_LEFT["vae_run"] = set(SHM.glob("deepspeed_allreduce_buffer_*")) - before
     return root / "full", args
+
+
+def test_cpu_run_leaves_no_shared_memory(vae_run):
+    # DeepSpeed's CPU allreduce op never unlinks its per-rank /dev/shm buffers (RAM);
+    # train.distributed does at exit.
+    assert "vae_run" in SHM_LEFT and not SHM_LEFT["vae_run"]
 
 
 def test_vae_loss_decreases_and_export_is_complete(vae_run):
