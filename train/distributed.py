@@ -55,7 +55,8 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":
+        if device.type == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ["WORLD_SIZE"]:
+            # DeepSpeed's CPU comm op maps a shm buffer only when all ranks are local (shm.cpp)
             atexit.register(_unlink_shm_buffer, shm_buffer_path())
     return device
 
