@@ -43,7 +43,10 @@ class CsrBatch:
             cu_seqlens=torch.from_numpy(cu),
             library_size=torch.from_numpy(np.ascontiguousarray(library_size, dtype=np.float32)),
             conditions=torch.from_numpy(
-                np.ascontiguousarray(conditions, dtype=np.int64).reshape(len(cu) - 1, -1)
+                # explicit A: reshape(B, -1) is ambiguous when B = 0 (an empty tail batch)
+                np.ascontiguousarray(conditions, dtype=np.int64).reshape(
+                    len(cu) - 1, len(condition_names)
+                )
             ),
             condition_names=tuple(condition_names),
             soma_joinid=torch.from_numpy(np.ascontiguousarray(soma_joinid, dtype=np.int64)),

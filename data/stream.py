@@ -78,6 +78,18 @@ def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
+def stream_layout(
+    config: DataConfig, num_cells: int, world_size: int, mean_nnz: float
+) -> tuple[int, int]:
+    """Return (C, K), the chunk length and chunks per rank round, the stream uses for a shape."""
+    C = config.effective_chunk_cells
+    K = config.chunks_per_rank_round or chunks_per_rank_from_budget(
+        mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds,
+        max_chunks=num_cells // C // world_size,
+    )  # fmt: skip
+    return C, K
+
+
 @dataclass
 class PreparedRound:
     """One rank's round, read; its batches are copied out of the read pieces one by one.
@@ -118,13 +130,9 @@ class CellStream(torch.utils.data.IterableDataset):
         self.context = tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config)
         self.source = open_source(config, self.context)
         self._select()
-        C = config.effective_chunk_cells
         nnz = self.source.nnz
         mean_nnz = float(np.mean(nnz)) if nnz is not None and len(nnz) else _ASSUMED_NNZ
-        K = config.chunks_per_rank_round or chunks_per_rank_from_budget(
-            mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds,
-            max_chunks=self.num_cells // C // self.world_size,
-        )  # fmt: skip
+        C, K = stream_layout(config, self.num_cells, self.world_size, mean_nnz)
         self.sampler = LockstepSampler(
             self.num_cells, C, K, config.micro_batch, self.world_size, self.rank, config.seed,
             config.drop_last,
