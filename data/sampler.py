@@ -1,42 +1,40 @@
-"""Deterministic lockstep global sampler (loader.md §3.3): pure numpy, no IO.
+"""Deterministic lockstep global sampler: pure numpy, no IO (docs/loader.md).
 
 Rows are positions 0..N-1 in the sorted selection. They are cut into chunks of C consecutive
 rows: F = N // C full chunks plus, when C does not divide N, one partial chunk of N % C rows.
 
-* Epoch e permutes the F full chunks with a **stratified permutation** drawn from Philox keyed
-  by (seed, e) (`stratified_permutation`): every aligned run of 2^k consecutive chunks of the
-  order holds one chunk from each 1/2^k of the selection, and any run is spread nearly as well,
-  so each rank's round covers the whole joinid range. On a Census-layout experiment, where
-  datasets are contiguous, a round then samples the datasets in proportion even with large
-  chunks; on a pre-permuted copy it is simply a random order. The order depends on (seed, e, F)
-  only, never on W or K, which elastic resume relies on. The partial chunk comes last.
-  The list is cut into IO rounds of W*K chunks starting at `start_chunk` (0, or the round
-  boundary an elastic resume restarted from), so all ranks draw from one global permutation.
-  A round is a W x K block of consecutive chunks; in round i, rank r takes from column k the
-  chunk in row pi_k((r + i) mod W), pi_k a permutation of the W rows drawn from (seed, e, k).
-  Each rank's K chunks are thus as spread as a run of K, and over any W consecutive rounds a
-  rank takes every row of every column: with the stratified order, one chunk of each 1/(W*K)
-  of the selection (taking row r of every block would give rank r the same 1/W of every
-  stratum all epoch).
-* Rows of a rank's round are permuted with Philox keyed by (seed, e, round's first chunk, r)
-  and cut into K*C/b micro-batches (K*C is a multiple of b, so no row carries over).
-* **Tail policy.** The rows after the last full round (T < W*K*C + C rows: the remaining chunks
-  in permuted order, then the partial chunk) are rotated by an offset drawn from
-  (seed, e, first tail chunk) and split evenly by rows across ranks (sizes differ by at most
-  one). Every rank then emits the same number of tail batches:
+* **Chunk order.** Epoch e orders the F full chunks by a *stratified permutation* drawn from
+  Philox keyed by (seed, e) (`stratified_permutation`): every run of consecutive chunks of the
+  order is spread over the whole selection about as evenly as a run of its length can be. On a
+  Census-layout experiment, where datasets are contiguous, any run then samples the datasets in
+  proportion; on a pre-permuted training copy it is simply a random order. The order depends
+  on (seed, e, F) only, never on the world size.
+* **Segments.** An epoch is one segment, the whole order, unless an elastic resume cut it: then
+  the epoch goes on with a new segment, the chunks the interrupted layout had not finished
+  (`Restart`, `segment_chunks`). A segment of L chunks under layout (W ranks, K chunks per rank
+  round) has R = L // (W*K) full rounds per rank.
+* **Rank-contiguous layout.** Rank r owns the run `segment[r*R*K : (r+1)*R*K]` and reads it K
+  chunks per round. A rank's round is a run of K chunks (spread over the selection, so its
+  batches mix the datasets) and its epoch is a run of R*K chunks (spread, so its epoch mix is
+  the global mix up to about one chunk per dataset boundary), at every world size.
+* Rows of a rank's round are permuted with Philox keyed by (seed, e, segment, round, r) and cut
+  into K*C/b micro-batches (K*C is a multiple of b, so no row carries over).
+* **Tail policy.** The rows after the ranks' full rounds (T < W*K*C + C rows: the remaining
+  chunks of the segment, then the partial chunk) are rotated by an offset drawn from
+  (seed, e, segment) and split evenly by rows across ranks (sizes differ by at most one). Every
+  rank then emits the same number of tail batches:
   - `drop_last=False` (default): ceil(T / (W*b)) batches per rank, holding its T//W or T//W+1
-    rows: full batches of b cells and a smaller last one (its size differs by at most one cell
-    across ranks). When that last batch would be empty, the rank's tail rows are spread over
-    near-equal batches instead. Every selected row is emitted exactly once per epoch across
-    ranks, ranks are disjoint, and all ranks take the same number of steps (equal batch COUNT is
-    what ZeRO collectives need). A batch is empty only when a rank has fewer tail rows than tail
-    batches (T < W, or b = 1).
+    rows: full batches of b cells and a smaller last one. When that last batch would be empty,
+    the rank's tail rows are spread over near-equal batches instead. A batch is empty (B = 0)
+    only when a rank has fewer tail rows than tail batches (T < W, or b = 1); the training loop
+    runs such a step on a stand-in cell with zero weight, so collectives stay in lockstep.
   - `drop_last=True`: floor(T / (W*b)) full batches per rank; every batch has exactly b cells
-    and at most W*b-1 cells of an epoch are dropped. The dropped cells are a window of the
-    rotated, permuted tail, so they differ from epoch to epoch.
-  Steps per rank per epoch = (full rounds) * K*C/b + tail batches, identical on every rank.
-* The position (epoch, start_chunk, batches consumed) is the whole state: any batch is found by
-  regenerating permutations from their counters, with no replay (`locate`, `round_plan`).
+    and fewer than W*b cells of an epoch are dropped, a different window of the rotated tail
+    each epoch.
+  Every selected row is emitted exactly once per epoch across ranks (drop_last=False), ranks are
+  disjoint, and all ranks take the same number of steps: (full rounds) * K*C/b + tail batches.
+* The position (epoch, restarts, batches consumed in the segment) is the whole state: any batch
+  is found by regenerating permutations from their counters, with no replay.
 """
 
 from __future__ import annotations
@@ -75,12 +73,78 @@ def stratified_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
     return ids[ids < n]
 
 
+@lru_cache(maxsize=4)
+def chunk_order(seed: int, epoch: int, num_chunks: int) -> np.ndarray:
+    """Return epoch `epoch`'s stratified order of `num_chunks` full chunks (shared by ranks)."""
+    order = stratified_permutation(num_chunks, philox(seed, "chunks", epoch))
+    order.flags.writeable = False  # cached and shared: nobody may edit it in place
+    return order
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Where an earlier layout of the same epoch stopped; an elastic resume starts a segment."""
+
+    world_size: int  # W of the interrupted layout
+    chunks_per_rank: int  # K of the interrupted layout
+    round: int  # its interrupted round (== its full rounds R when it stopped in the tail)
+    skip: bool  # True: that round's unconsumed cells are skipped; False: it is replayed
+
+
+def _full_rounds(length: int, restart: Restart) -> int:
+    return length // (restart.world_size * restart.chunks_per_rank)
+
+
+def _remaining_length(length: int, restart: Restart) -> int:
+    """Chunks of a segment of `length` chunks left after `restart` (see `_remaining`)."""
+    W, K = restart.world_size, restart.chunks_per_rank
+    R = _full_rounds(length, restart)
+    tail = length - W * R * K
+    if restart.round >= R:  # stopped in the tail
+        return 0 if restart.skip else tail
+    return W * (R - restart.round - restart.skip) * K + tail
+
+
+def _remaining(segment: np.ndarray, restart: Restart) -> np.ndarray:
+    """Return the chunks of `segment` that the layout in `restart` had not finished.
+
+    Each rank's unfinished rounds stay a run of the order, and the runs are concatenated, so
+    the new layout's ranks still read runs of the stratified order.
+    """
+    W, K = restart.world_size, restart.chunks_per_rank
+    R = _full_rounds(len(segment), restart)
+    tail = segment[W * R * K :]
+    if restart.round >= R:
+        return tail[:0] if restart.skip else tail
+    first = restart.round + restart.skip
+    runs = [segment[r * R * K + first * K : (r + 1) * R * K] for r in range(W)]
+    return np.concatenate([*runs, tail])
+
+
+def segment_length(num_chunks: int, restarts: tuple[Restart, ...]) -> int:
+    """Return the chunks of the segment that follows `restarts` (no permutation needed)."""
+    length = num_chunks
+    for restart in restarts:
+        length = _remaining_length(length, restart)
+    return length
+
+
+@lru_cache(maxsize=4)
+def segment_chunks(
+    seed: int, epoch: int, num_chunks: int, restarts: tuple[Restart, ...]
+) -> np.ndarray:
+    """Return the segment's chunk ids in order: the epoch order cut by every restart in turn."""
+    segment = chunk_order(seed, epoch, num_chunks)
+    for restart in restarts:
+        segment = _remaining(segment, restart)
+    return segment
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """The rows one rank emits in one IO round, in emission order, and its batch sizes."""
 
     index: int  # round index within the epoch segment
-    first_chunk: int  # position of the round's first chunk in the permuted chunk list
     first_batch: int  # batch index (within the epoch segment) of the round's first batch
     rows: np.ndarray  # int64 (n,), positions into the sorted selection, emission order
     batch_sizes: np.ndarray  # int64 (n_batches,), sum == n
@@ -91,15 +155,23 @@ class RoundPlan:
             return self
         rows = int(self.batch_sizes[:batches].sum())
         return RoundPlan(
-            self.index, self.first_chunk, self.first_batch + batches,
-            self.rows[rows:], self.batch_sizes[batches:],
-        )  # fmt: skip
+            self.index, self.first_batch + batches, self.rows[rows:], self.batch_sizes[batches:]
+        )
 
 
 def _split_sizes(total: int, parts: int) -> np.ndarray:
     """Return `parts` near-equal sizes summing to `total`, larger ones first."""
     q, rem = divmod(total, parts)
     return np.array([q + 1] * rem + [q] * (parts - rem), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """How a segment splits: full rounds per rank, tail rows, tail batches per rank."""
+
+    full_rounds: int
+    tail_rows: int
+    tail_batches: int
 
 
 class LockstepSampler:
@@ -116,112 +188,122 @@ class LockstepSampler:
         seed: int,
         drop_last: bool = False,
     ):
-        if (chunks_per_rank * chunk_cells) % micro_batch or chunk_cells < 1:
+        if chunk_cells < 1 or chunks_per_rank < 1 or (chunks_per_rank * chunk_cells) % micro_batch:
             raise ValueError(
                 f"K*C = {chunks_per_rank}*{chunk_cells} must be a positive multiple of "
                 f"micro_batch={micro_batch}; change chunks_per_rank_round or micro_batch"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.N, self.C, self.K, self.b = num_rows, chunk_cells, chunks_per_rank, micro_batch
-        self.W, self.rank, self.seed, self.drop_last = world_size, rank, seed, drop_last
-        self.F = num_rows // chunk_cells  # full chunks; the partial chunk (if any) is chunk F
-        self.per_round = self.K * self.C // self.b  # batches per rank per full round
-        self._order = lru_cache(maxsize=2)(self._chunk_order)
+        self.num_rows, self.chunk_cells, self.chunks_per_rank = (
+            num_rows,
+            chunk_cells,
+            chunks_per_rank,
+        )
+        self.micro_batch, self.world_size, self.rank = micro_batch, world_size, rank
+        self.seed, self.drop_last = seed, drop_last
+        self.num_chunks = num_rows // chunk_cells  # full chunks; the partial one is chunk F
+        self.batches_per_round = chunks_per_rank * chunk_cells // micro_batch
 
-    def _chunk_order(self, epoch: int) -> np.ndarray:
-        return stratified_permutation(self.F, philox(self.seed, "chunks", epoch))
-
-    def chunk_order(self, epoch: int) -> np.ndarray:
-        """Return the permuted full-chunk ids of `epoch`, int64 (F,)."""
-        return self._order(epoch)
-
-    def _block_rows(self, epoch: int) -> np.ndarray:
-        """Return (W, K) int64: column k is the permutation pi_k of the round's W block rows."""
-        rows = np.tile(np.arange(self.W, dtype=np.int64)[:, None], (1, self.K))
-        return philox(self.seed, "ranks", epoch).permuted(rows, axis=0)
-
-    def layout(self, start_chunk: int = 0) -> tuple[int, int, int]:
-        """Return (full rounds, tail rows T, tail batches per rank) from `start_chunk` on."""
-        if not 0 <= start_chunk <= self.F:
-            raise ValueError(f"start_chunk={start_chunk} outside [0, {self.F}]")
-        rounds = (self.F - start_chunk) // (self.W * self.K)
-        tail = self.N - (start_chunk + rounds * self.W * self.K) * self.C
-        per_step = self.W * self.b
+    def layout(self, restarts: tuple[Restart, ...] = ()) -> SegmentLayout:
+        """Return the split of the segment that follows `restarts` (() = the whole epoch)."""
+        length = segment_length(self.num_chunks, restarts)
+        W, K, C = self.world_size, self.chunks_per_rank, self.chunk_cells
+        rounds = length // (W * K)
+        tail = (length - W * K * rounds) * C + self.num_rows % C
+        per_step = W * self.micro_batch
         tail_batches = tail // per_step if self.drop_last else -(-tail // per_step)
-        return rounds, tail, tail_batches
+        return SegmentLayout(rounds, tail, tail_batches)
 
-    def num_batches(self, start_chunk: int = 0) -> int:
-        """Return the batches every rank emits in an epoch segment starting at `start_chunk`."""
-        rounds, _, tail_batches = self.layout(start_chunk)
-        return rounds * self.per_round + tail_batches
+    def num_batches(self, restarts: tuple[Restart, ...] = ()) -> int:
+        """Return the batches every rank emits in the segment that follows `restarts`."""
+        layout = self.layout(restarts)
+        return layout.full_rounds * self.batches_per_round + layout.tail_batches
 
-    def locate(self, start_chunk: int, batch: int) -> tuple[int, int]:
+    def locate(self, restarts: tuple[Restart, ...], batch: int) -> tuple[int, int]:
         """Return (round, micro-batch within round) of segment batch index `batch`."""
-        rounds, _, _ = self.layout(start_chunk)
-        if batch < rounds * self.per_round:
-            return divmod(batch, self.per_round)
-        return rounds, batch - rounds * self.per_round
+        rounds = self.layout(restarts).full_rounds
+        if batch < rounds * self.batches_per_round:
+            return divmod(batch, self.batches_per_round)
+        return rounds, batch - rounds * self.batches_per_round
 
-    def tail_batch_sizes(self, tail_rows: int, tail_batches: int, rank: int) -> np.ndarray:
+    def tail_batch_sizes(self, layout: SegmentLayout, rank: int) -> np.ndarray:
         """Return the tail batch sizes of `rank` (int64, one per tail batch)."""
-        if tail_batches == 0:
+        if layout.tail_batches == 0:
             return np.zeros(0, dtype=np.int64)
+        b = self.micro_batch
         if self.drop_last:
-            return np.full(tail_batches, self.b, dtype=np.int64)
-        rows = int(_split_sizes(tail_rows, self.W)[rank])
-        last = rows - (tail_batches - 1) * self.b  # >= 0 because rows <= tail_batches * b
+            return np.full(layout.tail_batches, b, dtype=np.int64)
+        rows = int(_split_sizes(layout.tail_rows, self.world_size)[rank])
+        last = rows - (layout.tail_batches - 1) * b  # >= 0 because rows <= tail_batches * b
         if last > 0:  # full batches, then one smaller batch
-            return np.array([self.b] * (tail_batches - 1) + [last], dtype=np.int64)
-        return _split_sizes(rows, tail_batches)  # rare: avoid an empty last batch
+            return np.array([b] * (layout.tail_batches - 1) + [last], dtype=np.int64)
+        return _split_sizes(rows, layout.tail_batches)  # rare: avoid an empty last batch
 
-    def round_plan(self, epoch: int, start_chunk: int, index: int) -> RoundPlan:
-        """Return this rank's plan for round `index` of the segment starting at `start_chunk`."""
-        rounds, tail, tail_batches = self.layout(start_chunk)
-        first = start_chunk + index * self.W * self.K
-        order = self.chunk_order(epoch)
-        if index < rounds:
-            block = order[first : first + self.W * self.K].reshape(self.W, self.K)
-            chunks = block[self._block_rows(epoch)[(self.rank + index) % self.W], np.arange(self.K)]
-            sizes = np.full(self.per_round, self.b, dtype=np.int64)
-        elif index == rounds and tail_batches > 0:
-            chunks, sizes = order[first:], self.tail_batch_sizes(tail, tail_batches, self.rank)
+    def step_cells(self, restarts: tuple[Restart, ...], batch: int) -> int:
+        """Return the cells all ranks together emit at segment batch `batch`."""
+        layout = self.layout(restarts)
+        index, micro = self.locate(restarts, batch)
+        if index < layout.full_rounds:
+            return self.world_size * self.micro_batch
+        return sum(int(self.tail_batch_sizes(layout, r)[micro]) for r in range(self.world_size))
+
+    def round_plan(self, epoch: int, restarts: tuple[Restart, ...], index: int) -> RoundPlan:
+        """Return this rank's plan for round `index` of the segment that follows `restarts`."""
+        layout = self.layout(restarts)
+        segment = segment_chunks(self.seed, epoch, self.num_chunks, restarts)
+        K, C = self.chunks_per_rank, self.chunk_cells
+        if index < layout.full_rounds:
+            first = (self.rank * layout.full_rounds + index) * K
+            chunks = segment[first : first + K]
+            sizes = np.full(self.batches_per_round, self.micro_batch, dtype=np.int64)
+        elif index == layout.full_rounds and layout.tail_batches > 0:
+            chunks = segment[self.world_size * layout.full_rounds * K :]
+            sizes = self.tail_batch_sizes(layout, self.rank)
         else:
             raise IndexError(f"round {index} is past the end of the epoch")
-        rows = (chunks[:, None] * self.C + np.arange(self.C, dtype=np.int64)).ravel()
-        if index == rounds:
-            rows = np.concatenate([rows, np.arange(self.F * self.C, self.N, dtype=np.int64)])
-            rows = self._tail_slice(rows, epoch, first, int(sizes.sum()))
-        perm = philox(self.seed, "rows", epoch, first, self.rank).permutation(len(rows))
-        first_batch = index * self.per_round
-        return RoundPlan(index, first, first_batch, rows[perm], sizes)
+        rows = (chunks[:, None] * C + np.arange(C, dtype=np.int64)).ravel()
+        if index == layout.full_rounds:
+            partial = np.arange(self.num_chunks * C, self.num_rows, dtype=np.int64)
+            rows = self._tail_slice(np.concatenate([rows, partial]), epoch, restarts, sizes)
+        key = (self.seed, "rows", epoch, len(restarts), index, self.rank)
+        perm = philox(*key).permutation(len(rows))
+        return RoundPlan(index, index * self.batches_per_round, rows[perm], sizes)
 
-    def _tail_slice(self, tail: np.ndarray, epoch: int, first: int, take: int) -> np.ndarray:
-        """Return this rank's `take` rows of the tail after an epoch-dependent rotation."""
-        offset = int(philox(self.seed, "tail", epoch, first).integers(len(tail)))
+    def _tail_slice(
+        self, tail: np.ndarray, epoch: int, restarts: tuple[Restart, ...], sizes: np.ndarray
+    ) -> np.ndarray:
+        """Return this rank's rows of the tail after an epoch-dependent rotation."""
+        take = int(sizes.sum())
+        if len(tail) == 0 or take == 0:
+            return tail[:0]
+        offset = int(philox(self.seed, "tail", epoch, len(restarts)).integers(len(tail)))
         if self.drop_last:
             start = self.rank * take
         else:
-            start = int(_split_sizes(len(tail), self.W)[: self.rank].sum())
+            start = int(_split_sizes(len(tail), self.world_size)[: self.rank].sum())
         return tail[(offset + start + np.arange(take)) % len(tail)]
 
-    def rounds(self, epoch: int, start_chunk: int = 0, from_batch: int = 0) -> Iterator[RoundPlan]:
-        """Yield round plans from the one holding segment batch `from_batch` to the epoch end."""
-        total_rounds = self.layout(start_chunk)[0] + (self.layout(start_chunk)[2] > 0)
-        first_round = self.locate(start_chunk, from_batch)[0]
-        for index in range(first_round, total_rounds):
-            yield self.round_plan(epoch, start_chunk, index)
+    def rounds(
+        self, epoch: int, restarts: tuple[Restart, ...] = (), from_batch: int = 0
+    ) -> Iterator[RoundPlan]:
+        """Yield round plans from the one holding segment batch `from_batch` to the segment end."""
+        layout = self.layout(restarts)
+        total_rounds = layout.full_rounds + (layout.tail_batches > 0)
+        for index in range(self.locate(restarts, from_batch)[0], total_rounds):
+            yield self.round_plan(epoch, restarts, index)
 
-    def consumed_in_round(self, start_chunk: int, batch: int) -> tuple[int, int, int]:
+    def consumed_in_round(self, restarts: tuple[Restart, ...], batch: int) -> tuple[int, int, int]:
         """Return (round, cells all ranks consumed in it before `batch`, cells in the round)."""
-        rounds, tail, tail_batches = self.layout(start_chunk)
-        index, micro = self.locate(start_chunk, batch)
-        if index < rounds:
-            return index, micro * self.b * self.W, self.W * self.K * self.C
+        layout = self.layout(restarts)
+        index, micro = self.locate(restarts, batch)
+        if index < layout.full_rounds:
+            W, b = self.world_size, self.micro_batch
+            return index, micro * b * W, W * self.chunks_per_rank * self.chunk_cells
         done = sum(
-            int(self.tail_batch_sizes(tail, tail_batches, r)[:micro].sum()) for r in range(self.W)
+            int(self.tail_batch_sizes(layout, r)[:micro].sum()) for r in range(self.world_size)
         )
-        return index, done, tail
+        return index, done, layout.tail_rows
 
 
 def eval_rounds(
@@ -241,31 +323,41 @@ def eval_rounds(
     for index, b0 in enumerate(range(0, n_batches, per_round)):
         b1 = min(b0 + per_round, n_batches)
         rows = np.arange(offsets[b0], offsets[b1], dtype=np.int64)
-        yield RoundPlan(index, 0, b0, rows, sizes[b0:b1])
+        yield RoundPlan(index, b0, rows, sizes[b0:b1])
+
+
+@dataclass(frozen=True)
+class ElasticRestart:
+    """The outcome of mapping a saved position onto a new layout."""
+
+    restarts: tuple[Restart, ...] | None  # the new segment's restarts; None = next epoch
+    replayed_cells: int  # cells consumed before the save that the new segment emits again
+    skipped_cells: int  # cells of the epoch that will not be emitted (skip_round only)
 
 
 def elastic_restart(
-    old: LockstepSampler, start_chunk: int, batch: int, policy: str
-) -> tuple[int | None, int, int]:
-    """Map a position saved under another (W, K, b) to a new segment start.
+    old: LockstepSampler, restarts: tuple[Restart, ...], batch: int, policy: str
+) -> ElasticRestart:
+    """Map a position saved under another (W, K, b) layout to a new segment of the same epoch.
 
     Args:
-        old: a sampler with the saved world size, K and micro-batch (any rank).
-        start_chunk: the saved segment start.
+        old: a sampler with the saved layout (any rank; same C as the saved position).
+        restarts: the saved segment's restarts.
         batch: batches consumed in the saved segment.
         policy: "restart_round" replays the interrupted round's consumed cells (no cell of the
             epoch is lost); "skip_round" continues after it (its unconsumed cells are skipped).
-
-    Returns:
-        (new start_chunk, or None to continue with the next epoch; replayed cells; skipped cells).
     """
-    if batch >= old.num_batches(start_chunk):
-        return None, 0, 0
-    index, done, size = old.consumed_in_round(start_chunk, batch)
-    rounds = old.layout(start_chunk)[0]
-    first = start_chunk + index * old.W * old.K
-    if policy == "restart_round":
-        return first, done, 0
-    if policy != "skip_round":
+    if policy not in ("restart_round", "skip_round"):
         raise ValueError(f"elastic={policy!r} must be 'restart_round' or 'skip_round'")
-    return (first + old.W * old.K if index < rounds else None), 0, size - done
+    if batch >= old.num_batches(restarts):
+        return ElasticRestart(None, 0, 0)
+    index, done, size = old.consumed_in_round(restarts, batch)
+    skip = policy == "skip_round"
+    new = (*restarts, Restart(old.world_size, old.chunks_per_rank, index, skip))
+    in_tail = index >= old.layout(restarts).full_rounds
+    rows_left = (
+        segment_length(old.num_chunks, new) * old.chunk_cells + old.num_rows % old.chunk_cells
+    )
+    if (skip and in_tail) or rows_left == 0:
+        new = None  # nothing of the epoch is left
+    return ElasticRestart(new, 0 if skip else done, size - done if skip else 0)

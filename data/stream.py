@@ -35,11 +35,15 @@ from data.pipeline import (
     truncate_rows,
 )
 from data.reader import Piece, open_source
-from data.sampler import LockstepSampler, RoundPlan, elastic_restart, eval_rounds
+from data.sampler import LockstepSampler, Restart, RoundPlan, elastic_restart, eval_rounds
 from data.split import Split, split_mask
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rank-contiguous layout, per-epoch C, restarts (1: global rounds)
+# Direct mode lowers the default chunk length until every rank reads at least this many chunks
+# per epoch: a rank's batches can only mix as many datasets as its round has chunks, and its
+# epoch mix is off by about one chunk per dataset boundary (see docs/loader.md, diversity).
+MIN_RANK_CHUNKS = 256
 # Per-query result buffers: tiledbsoma's 1 GiB default is allocated per read and per thread
 # and made 256-row reads ~1.5x slower; larger results arrive in several tables anyway.
 DEFAULT_TILEDB_CONFIG = {"soma.init_buffer_bytes": str(64 * 1024**2)}
@@ -78,15 +82,39 @@ def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
-def stream_layout(
-    config: DataConfig, num_cells: int, world_size: int, mean_nnz: float
-) -> tuple[int, int]:
-    """Return (C, K), the chunk length and chunks per rank round, the stream uses for a shape."""
+def auto_chunk_cells(config: DataConfig, num_cells: int, world_size: int) -> int:
+    """Return C: the configured or default chunk length, lowered in direct mode for small N/W.
+
+    Only a fully derived direct-mode layout adapts (chunk_cells = chunks_per_rank_round = 0):
+    the default halves until each rank gets MIN_RANK_CHUNKS chunks per epoch. A training copy
+    is pre-shuffled, so its chunks are random cells and their length does not matter for mixing.
+    """
     C = config.effective_chunk_cells
-    K = config.chunks_per_rank_round or chunks_per_rank_from_budget(
-        mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds,
-        max_chunks=num_cells // C // world_size,
-    )  # fmt: skip
+    if config.mode != "direct" or config.chunk_cells or config.chunks_per_rank_round:
+        return C
+    while C > 1 and num_cells // C // world_size < MIN_RANK_CHUNKS:
+        C //= 2
+    return C
+
+
+def stream_layout(
+    config: DataConfig,
+    num_cells: int,
+    world_size: int,
+    mean_nnz: float,
+    chunk_cells: int | None = None,
+) -> tuple[int, int]:
+    """Return (C, K), the chunk length and chunks per rank round, the stream uses for a shape.
+
+    `chunk_cells` forces C (a resumed epoch keeps the C it started with).
+    """
+    C = chunk_cells or auto_chunk_cells(config, num_cells, world_size)
+    K = config.chunks_per_rank_round
+    if not K or (K * C) % config.micro_batch:
+        K = chunks_per_rank_from_budget(
+            mean_nnz, C, config.micro_batch, config.memory_budget_gb, config.prefetch_rounds,
+            max_chunks=num_cells // C // world_size,
+        )  # fmt: skip
     return C, K
 
 
@@ -131,12 +159,11 @@ class CellStream(torch.utils.data.IterableDataset):
         self.source = open_source(config, self.context)
         self._select()
         nnz = self.source.nnz
-        mean_nnz = float(np.mean(nnz)) if nnz is not None and len(nnz) else _ASSUMED_NNZ
-        C, K = stream_layout(config, self.num_cells, self.world_size, mean_nnz)
-        self.sampler = LockstepSampler(
-            self.num_cells, C, K, config.micro_batch, self.world_size, self.rank, config.seed,
-            config.drop_last,
-        )  # fmt: skip
+        self._mean_nnz = float(np.mean(nnz)) if nnz is not None and len(nnz) else _ASSUMED_NNZ
+        self._samplers: dict[int, LockstepSampler] = {}
+        self._natural_C = stream_layout(config, self.num_cells, self.world_size, self._mean_nnz)[0]
+        self._epoch, self._C, self._restarts, self._batch = 0, self._natural_C, (), 0
+        C, K = self.sampler.chunk_cells, self.sampler.chunks_per_rank
         self.fingerprint = self._fingerprint()
         self._metrics = Metrics(
             chunk_cells=C, chunks_per_rank_round=K, prefetch_rounds=config.prefetch_rounds,
@@ -144,12 +171,29 @@ class CellStream(torch.utils.data.IterableDataset):
             dropped_unknown_genes=self.source.dropped_genes, replayed_cells=0, skipped_cells=0,
         )  # fmt: skip
         self._pipeline = RoundPipeline(config.reader_threads, config.prefetch_rounds)
-        self._epoch = self._start = self._batch = 0
         log.info(
             "stream rank %d/%d: %d cells (%s), C=%d K=%d prefetch=%d threads=%d, mean nnz %.0f, "
             "%d batches/epoch", self.rank, self.world_size, self.num_cells, split, C, K,
-            config.prefetch_rounds, config.reader_threads, mean_nnz, len(self),
+            config.prefetch_rounds, config.reader_threads, self._mean_nnz, len(self),
         )  # fmt: skip
+
+    @property
+    def sampler(self) -> LockstepSampler:
+        """The sampler of the current epoch (its C is the natural one except in a resumed epoch)."""
+        return self._sampler_for(self._C)
+
+    def _sampler_for(self, C: int) -> LockstepSampler:
+        if C not in self._samplers:
+            cfg = self.config
+            _, K = stream_layout(cfg, self.num_cells, self.world_size, self._mean_nnz, C)
+            self._samplers[C] = LockstepSampler(
+                self.num_cells, C, K, cfg.micro_batch, self.world_size, self.rank, cfg.seed,
+                cfg.drop_last,
+            )  # fmt: skip
+        return self._samplers[C]
+
+    def _move_to_epoch(self, epoch: int) -> None:
+        self._epoch, self._C, self._restarts, self._batch = epoch, self._natural_C, (), 0
 
     @property
     def num_cells(self) -> int:
@@ -187,13 +231,17 @@ class CellStream(torch.utils.data.IterableDataset):
         return digest.hexdigest()
 
     def __len__(self) -> int:
-        """Batches per epoch per rank (identical on every rank)."""
-        return self.sampler.num_batches(0)
+        """Batches per epoch per rank (identical on every rank), of the current epoch's layout."""
+        return self.sampler.num_batches(self._restarts)
+
+    def step_cells(self) -> int:
+        """Cells all ranks together emit at the next batch (for cell-weighted losses)."""
+        return self.sampler.step_cells(self._restarts, self._batch)
 
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of `epoch`; a no-op when already in it (keeps a resumed position)."""
         if epoch != self._epoch:
-            self._epoch, self._start, self._batch = epoch, 0, 0
+            self._move_to_epoch(epoch)
 
     def __iter__(self) -> Iterator[CsrBatch]:
         """Yield this rank's remaining batches of the current epoch, then advance the epoch."""
@@ -202,10 +250,10 @@ class CellStream(torch.utils.data.IterableDataset):
                 "CellStream runs its own reader threads; every DataLoader worker process would "
                 "repeat the same batches. Use DataLoader(stream, batch_size=None, num_workers=0)"
             )
-        epoch, start, first = self._epoch, self._start, self._batch
+        epoch, restarts, first = self._epoch, self._restarts, self._batch
         plans = (
             p.without_first(first - p.first_batch)
-            for p in self.sampler.rounds(epoch, start, first)
+            for p in self.sampler.rounds(epoch, restarts, first)
             if p.first_batch + len(p.batch_sizes) > first
         )
         for prepared in self._pipeline.map_rounds(plans, self._jobs, self._prepare):
@@ -214,12 +262,12 @@ class CellStream(torch.utils.data.IterableDataset):
                 self._batch = prepared.plan.first_batch + i + 1
                 self._metrics.add(cells=batch.num_cells, nnz=batch.num_tokens, batches=1)
                 yield batch
-        if (self._epoch, self._start) == (epoch, start):
-            self._epoch, self._start, self._batch = epoch + 1, 0, 0
+        if (self._epoch, self._restarts) == (epoch, restarts):
+            self._move_to_epoch(epoch + 1)
 
     def iter_eval(self) -> Iterator[CsrBatch]:
         """Yield every selected cell once, unshuffled; ranks disjoint with equal batch counts."""
-        rows_per_round = self.sampler.K * self.sampler.C
+        rows_per_round = self.sampler.chunks_per_rank * self.sampler.chunk_cells
         plans = eval_rounds(
             self.num_cells, self.world_size, self.rank, self.config.micro_batch, rows_per_round
         )
@@ -234,7 +282,9 @@ class CellStream(torch.utils.data.IterableDataset):
             return []
         # A run may skip a few rows (a resumed round's consumed ones): one slice read beats
         # many small ones, and the reader drops rows it was not asked for.
-        runs = np.split(positions, np.flatnonzero(np.diff(positions) > self.sampler.C) + 1)
+        runs = np.split(
+            positions, np.flatnonzero(np.diff(positions) > self.sampler.chunk_cells) + 1
+        )
         # >= 2 jobs per thread for balance; <= ~4k rows per job bounds the per-job arrays and
         # how long close() waits for a running job
         n_jobs = max(2 * self.config.reader_threads, -(-len(positions) // 4096), 1)
@@ -247,7 +297,7 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def _read(self, runs: list[np.ndarray]) -> list[Piece]:
         t0 = time.perf_counter()
-        if self.config.mode == "direct" and self.sampler.C < SLICE_READ_MIN_CELLS:
+        if self.config.mode == "direct" and self.sampler.chunk_cells < SLICE_READ_MIN_CELLS:
             runs = [np.concatenate(runs)]  # one query for short runs: shared tiles read once
         pieces = [self.source.read_piece(self.source.joinids[run]) for run in runs]
         self._metrics.add(read_s=time.perf_counter() - t0)
@@ -307,49 +357,75 @@ class CellStream(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """Return the position; identical on every rank (safe for rank-0 client_state)."""
         s = self.sampler
-        round_index, micro = s.locate(self._start, self._batch)
+        round_index, micro = s.locate(self._restarts, self._batch)
+        restarts = [[r.world_size, r.chunks_per_rank, r.round, r.skip] for r in self._restarts]
         return {
-            "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-            "seed": self.config.seed, "epoch": self._epoch, "start_chunk": self._start,
-            "batch_in_epoch": self._batch, "round": round_index, "microbatch_in_round": micro,
-            "world_size": s.W, "K": s.K, "C": s.C, "micro_batch": s.b, "drop_last": s.drop_last,
-        }  # fmt: skip
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "seed": self.config.seed,
+            "epoch": self._epoch,
+            "C": s.chunk_cells,
+            "restarts": restarts,
+            "batch_in_epoch": self._batch,
+            "round": round_index,
+            "microbatch_in_round": micro,
+            "world_size": s.world_size,
+            "K": s.chunks_per_rank,
+            "micro_batch": s.micro_batch,
+            "drop_last": s.drop_last,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Seek to a saved position (O(1)); with another W/K/b, restart the interrupted round."""
+        """Seek to a saved position (O(1)); with another W/K/b, restart the interrupted round.
+
+        The saved epoch finishes with the C it started with; the next epoch uses this layout's.
+        """
         self._check_state(state)
+        if state["format_version"] == 1:
+            self._load_v1(state)
+            return
+        restarts = tuple(Restart(*r) for r in state["restarts"])
+        self._epoch, self._C, self._restarts, self._batch = (
+            state["epoch"], state["C"], restarts, state["batch_in_epoch"],
+        )  # fmt: skip
         s = self.sampler
-        same = (state["world_size"], state["K"], state["micro_batch"], state["drop_last"]) == (
-            s.W,
-            s.K,
-            s.b,
-            s.drop_last,
-        )
-        if same:
-            self._epoch, self._start, self._batch = (
-                state["epoch"],
-                state["start_chunk"],
-                state["batch_in_epoch"],
-            )
+        saved = (state["world_size"], state["K"], state["micro_batch"], state["drop_last"])
+        if saved == (s.world_size, s.chunks_per_rank, s.micro_batch, s.drop_last):
             return
         old = LockstepSampler(
-            self.num_cells, s.C, state["K"], state["micro_batch"], state["world_size"], 0,
+            self.num_cells, state["C"], state["K"], state["micro_batch"], state["world_size"], 0,
             state["seed"], state["drop_last"],
         )  # fmt: skip
-        start, replayed, skipped = elastic_restart(
-            old, state["start_chunk"], state["batch_in_epoch"], self.config.elastic
-        )
-        epoch = state["epoch"] if start is not None else state["epoch"] + 1
-        self._epoch, self._start, self._batch = epoch, start or 0, 0
-        self._metrics.add(replayed_cells=replayed, skipped_cells=skipped)
+        moved = elastic_restart(old, restarts, state["batch_in_epoch"], self.config.elastic)
+        if moved.restarts is None:
+            self._move_to_epoch(state["epoch"] + 1)
+        else:
+            self._restarts, self._batch = moved.restarts, 0
+        self._metrics.add(replayed_cells=moved.replayed_cells, skipped_cells=moved.skipped_cells)
         log.warning(
-            "elastic resume W=%d K=%d -> W=%d K=%d (%s): epoch %d from chunk %d, "
-            "%d cells replayed, %d skipped", state["world_size"], state["K"], s.W, s.K,
-            self.config.elastic, epoch, self._start, replayed, skipped,
+            "elastic resume W=%d K=%d -> W=%d K=%d (%s): epoch %d, segment %d, "
+            "%d cells replayed, %d skipped", state["world_size"], state["K"], s.world_size,
+            s.chunks_per_rank, self.config.elastic, self._epoch, len(self._restarts),
+            moved.replayed_cells, moved.skipped_cells,
         )  # fmt: skip
 
+    def _load_v1(self, state: dict[str, Any]) -> None:
+        """A position of the old global-round layout: replay its epoch from the start.
+
+        Its rounds are not this layout's, so the consumed cells cannot be mapped; replaying
+        the epoch loses no cell (each of its cells is seen at least once in that epoch).
+        """
+        mid_epoch = state["batch_in_epoch"] > 0 or state.get("start_chunk", 0) > 0
+        self._move_to_epoch(state["epoch"])
+        if mid_epoch:
+            log.warning(
+                "loader state format 1 (global-round layout) at epoch %d batch %d: replaying "
+                "that epoch from its start under the rank-contiguous layout",
+                state["epoch"], state["batch_in_epoch"],
+            )  # fmt: skip
+
     def _check_state(self, state: dict[str, Any]) -> None:
-        if state.get("format_version") != FORMAT_VERSION:
+        if state.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(
                 f"loader state format_version={state.get('format_version')} is not "
                 f"{FORMAT_VERSION}; this checkpoint was written by another loader version"
@@ -360,10 +436,10 @@ class CellStream(torch.utils.data.IterableDataset):
                 f"{self.fingerprint[:12]}): the copy, query, split, min/max_genes or chunk_cells "
                 "changed; resume with the original data config or start a new run"
             )
-        if state["seed"] != self.config.seed or state["C"] != self.sampler.C:
+        if state["seed"] != self.config.seed:
             raise ValueError(
-                f"loader state has seed={state['seed']}, C={state['C']} but the config has "
-                f"seed={self.config.seed}, C={self.sampler.C}; restore the original values"
+                f"loader state has seed={state['seed']} but the config has "
+                f"seed={self.config.seed}; restore the original value"
             )
 
     def metrics(self) -> dict[str, Any]:
