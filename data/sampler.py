@@ -240,14 +240,6 @@ class LockstepSampler:
             return np.array([b] * (layout.tail_batches - 1) + [last], dtype=np.int64)
         return _split_sizes(rows, layout.tail_batches)  # rare: avoid an empty last batch
 
-    def step_cells(self, restarts: tuple[Restart, ...], batch: int) -> int:
-        """Return the cells all ranks together emit at segment batch `batch`."""
-        layout = self.layout(restarts)
-        index, micro = self.locate(restarts, batch)
-        if index < layout.full_rounds:
-            return self.world_size * self.micro_batch
-        return sum(int(self.tail_batch_sizes(layout, r)[micro]) for r in range(self.world_size))
-
     def round_plan(self, epoch: int, restarts: tuple[Restart, ...], index: int) -> RoundPlan:
         """Return this rank's plan for round `index` of the segment that follows `restarts`."""
         layout = self.layout(restarts)
@@ -256,33 +248,41 @@ class LockstepSampler:
         if index < layout.full_rounds:
             first = (self.rank * layout.full_rounds + index) * K
             chunks = segment[first : first + K]
+            rows = (chunks[:, None] * C + np.arange(C, dtype=np.int64)).ravel()
             sizes = np.full(self.batches_per_round, self.micro_batch, dtype=np.int64)
         elif index == layout.full_rounds and layout.tail_batches > 0:
-            chunks = segment[self.world_size * layout.full_rounds * K :]
             sizes = self.tail_batch_sizes(layout, self.rank)
+            tail_chunks = segment[self.world_size * layout.full_rounds * K :]
+            rows = self._tail_rows(tail_chunks, layout, epoch, len(restarts), int(sizes.sum()))
         else:
             raise IndexError(f"round {index} is past the end of the epoch")
-        rows = (chunks[:, None] * C + np.arange(C, dtype=np.int64)).ravel()
-        if index == layout.full_rounds:
-            partial = np.arange(self.num_chunks * C, self.num_rows, dtype=np.int64)
-            rows = self._tail_slice(np.concatenate([rows, partial]), epoch, restarts, sizes)
         key = (self.seed, "rows", epoch, len(restarts), index, self.rank)
         perm = philox(*key).permutation(len(rows))
         return RoundPlan(index, index * self.batches_per_round, rows[perm], sizes)
 
-    def _tail_slice(
-        self, tail: np.ndarray, epoch: int, restarts: tuple[Restart, ...], sizes: np.ndarray
+    def _tail_rows(
+        self, chunks: np.ndarray, layout: SegmentLayout, epoch: int, segment: int, take: int
     ) -> np.ndarray:
-        """Return this rank's rows of the tail after an epoch-dependent rotation."""
-        take = int(sizes.sum())
-        if len(tail) == 0 or take == 0:
-            return tail[:0]
-        offset = int(philox(self.seed, "tail", epoch, len(restarts)).integers(len(tail)))
+        """Return this rank's `take` rows of the tail, a window of it after a random rotation.
+
+        The tail is the rows of `chunks` followed by the partial chunk; only the window is
+        materialised, so W ranks cost O(T) together, not O(W*T).
+        """
+        if take == 0:
+            return np.zeros(0, dtype=np.int64)
+        T, C = layout.tail_rows, self.chunk_cells
+        offset = int(philox(self.seed, "tail", epoch, segment).integers(T))
         if self.drop_last:
             start = self.rank * take
         else:
-            start = int(_split_sizes(len(tail), self.world_size)[: self.rank].sum())
-        return tail[(offset + start + np.arange(take)) % len(tail)]
+            start = int(_split_sizes(T, self.world_size)[: self.rank].sum())
+        at = (offset + start + np.arange(take, dtype=np.int64)) % T
+        in_chunks = at < len(chunks) * C
+        rows = np.empty(take, dtype=np.int64)
+        rows[in_chunks] = chunks[at[in_chunks] // C] * C + at[in_chunks] % C
+        # tail position len(chunks)*C + j is row F*C + j of the partial chunk
+        rows[~in_chunks] = self.num_chunks * C + at[~in_chunks] - len(chunks) * C
+        return rows
 
     def rounds(
         self, epoch: int, restarts: tuple[Restart, ...] = (), from_batch: int = 0

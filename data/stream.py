@@ -234,10 +234,6 @@ class CellStream(torch.utils.data.IterableDataset):
         """Batches per epoch per rank (identical on every rank), of the current epoch's layout."""
         return self.sampler.num_batches(self._restarts)
 
-    def step_cells(self) -> int:
-        """Cells all ranks together emit at the next batch (for cell-weighted losses)."""
-        return self.sampler.step_cells(self._restarts, self._batch)
-
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of `epoch`; a no-op when already in it (keeps a resumed position)."""
         if epoch != self._epoch:
