@@ -8,6 +8,9 @@ With `--loop`, the same model and data train through the project's one loop (`tr
 instead, checkpointing every step; `--nan-at S` makes the last rank's first micro-batch of step S
 return a NaN loss (the NaN guard test reads the checkpoints around it).
 
+With `--threads-log DIR`, setup gets `--threads-per-rank` (run.threads_per_rank) and each rank
+writes its torch thread counts after training to DIR/rank<R>.json (tests/test_threads.py).
+
 Usage: torchrun --standalone --nproc_per_node 2 tests/ds_toy_job.py --run-dir D --stage 2 ...
        python tests/ds_toy_job.py ...   (a world of one)
 """
@@ -46,9 +49,11 @@ from train.distributed import (
     deepspeed_config,
     init_distributed,
     is_main,
+    local_world_size,
     master_weights,
     rank,
     save_deepspeed_config,
+    usable_cores,
     world_size,
 )
 from train.export import write_export
@@ -107,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--export-name", default="export")
+    parser.add_argument("--threads-per-rank", type=int, default=0)
+    parser.add_argument("--threads-log", default="")
     args, _ = parser.parse_known_args(argv)  # ignores the deepspeed launcher's --local_rank
+    if args.threads_log:  # setup with the thread override; the plain call below is then a no-op
+        init_distributed(args.threads_per_rank)
     init_distributed()
     if args.loop:
         loop_main(args)
@@ -130,6 +139,19 @@ def main(argv: list[str] | None = None) -> None:
     if is_main():
         ema_json = json.dumps({k: v.tolist() for k, v in ema.state_dict().items()})
         write_export(run_dir / "export", final, {"kind": "toy"}, {"ema.json": ema_json})
+    if args.threads_log:
+        _write_threads(Path(args.threads_log))
+
+
+def _write_threads(folder: Path) -> None:
+    # After training, so the counts are the ones DeepSpeed and the steps left in place.
+    record = {
+        "rank": rank(), "threads": torch.get_num_threads(),
+        "interop": torch.get_num_interop_threads(), "cores": usable_cores(),
+        "local_ranks": local_world_size(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank()}.json").write_text(json.dumps(record))
 
 
 def train(

@@ -113,6 +113,16 @@ class RunConfig:
     seed: int = 0  # base seed; per-step generators are seeded by (seed, step, rank)
     max_steps: int = 1000  # optimiser steps to train in total (the LR schedule spans these)
     eval_every: int = 0  # optimiser steps between evaluations; 0 = never
+    # torch intra-op threads per rank. 0 = OMP_NUM_THREADS if exported, else usable cores //
+    # local ranks; a value > 0 wins over OMP_NUM_THREADS (more threads than cores busy-wait).
+    threads_per_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads_per_rank < 0:
+            raise ConfigError(
+                f"run.threads_per_rank = {self.threads_per_rank} is negative; "
+                "set 0 (one share of the cores per local rank) or a positive count"
+            )
 
 
 def run_dir(run: RunConfig) -> Path:

@@ -33,10 +33,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> torch.device:
+def init_distributed(threads_per_rank: int = 0) -> torch.device:
     """Initialise the process group (nccl on CUDA, gloo on CPU) and return this rank's device.
 
-    Idempotent. Without launcher variables this process becomes rank 0 of a world of one.
+    Idempotent. Without launcher variables this process becomes rank 0 of a world of one. The
+    call that creates the process group also sets this rank's torch threads (`set_rank_threads`;
+    `threads_per_rank` is `run.threads_per_rank`, 0 = automatic).
     """
     if "RANK" not in os.environ:
         # Single-process fallback: a world of one on a free local port.
@@ -54,11 +56,82 @@ def init_distributed() -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        set_rank_threads(threads_per_rank)  # before any parallel work, so inter-op can be set
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ["WORLD_SIZE"]:
             # DeepSpeed's CPU comm op maps a shm buffer only when all ranks are local (shm.cpp)
             atexit.register(_unlink_shm_buffer, shm_buffer_path())
     return device
+
+
+def usable_cores() -> int:
+    """Return the cores this process may run on: its CPU affinity where the OS reports one.
+
+    The affinity, not `os.cpu_count()`, is what a SLURM task or a `taskset`/`numactl` binding
+    actually gets.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Return the number of ranks on this node.
+
+    LOCAL_WORLD_SIZE (torchrun, accelerate), else LOCAL_SIZE (the deepspeed launcher), else 1
+    (a plain process).
+    """
+    env = os.environ if env is None else env
+    value = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or "1"
+    return max(1, int(value))
+
+
+def _omp_num_threads(value: str | None) -> int:
+    """Return the outermost count of an OMP_NUM_THREADS value ("8", or "8,2" for nested levels).
+
+    0 when it is unset, zero or not a number: then it expresses no choice to respect.
+    """
+    head = (value or "").split(",")[0].strip()
+    return int(head) if head.isdigit() else 0
+
+
+def rank_threads(
+    cores: int, local_ranks: int, override: int = 0, omp_num_threads: str | None = None
+) -> int:
+    """Return torch's intra-op thread count for one rank.
+
+    Precedence: `override` (`run.threads_per_rank`) when > 0, then an exported OMP_NUM_THREADS,
+    then an equal share of `cores` among `local_ranks`, at least 1. Ranks whose threads add up
+    to more than the cores make OpenMP workers busy-wait on each other (docs/threads.md).
+    """
+    if override > 0:
+        return override
+    from_env = _omp_num_threads(omp_num_threads)
+    if from_env > 0:
+        return from_env
+    return max(1, cores // max(1, local_ranks))
+
+
+def set_rank_threads(override: int = 0) -> int:
+    """Set this rank's torch intra-op threads (and inter-op ones while torch allows); return it.
+
+    Logs "threads per rank: N (cores C, local ranks L)" on global rank 0.
+    """
+    cores, local = usable_cores(), local_world_size()
+    threads = rank_threads(cores, local, override, os.environ.get("OMP_NUM_THREADS"))
+    torch.set_num_threads(threads)
+    _set_interop_threads(threads)
+    if os.environ.get("RANK", "0") == "0":  # the process group may not exist yet
+        print(f"threads per rank: {threads} (cores {cores}, local ranks {local})", flush=True)
+    return threads
+
+
+def _set_interop_threads(threads: int) -> None:
+    # torch raises once inter-op work has started or the count was set before (e.g. by the
+    # caller); intra-op threads are what eager training uses, so keep going either way.
+    if torch.get_num_interop_threads() != threads:
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(threads)
 
 
 def shm_buffer_path() -> Path:
