@@ -10,6 +10,8 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data.config import DataConfig
 from data.split import hash_int_keys, val_mask
@@ -334,3 +336,59 @@ def test_close_stops_reader_threads(small_synthetic_copy):
     stream.close()
     names = ("soma-read", "round-prepare", "batch-gather")
     assert not [t.name for t in threading.enumerate() if t.name.startswith(names)]
+
+
+# --- every shape: tails, W > N, micro_batch 1 ------------------------------------------------
+
+
+def epoch_per_rank(make_rank, W: int) -> list[list]:
+    per_rank = [list(make_rank(r)) for r in range(W)]
+    assert len({len(x) for x in per_rank}) == 1, "ranks take different step counts"
+    for batches in per_rank:
+        for batch in batches:  # empty tail batches are well-formed
+            assert batch.conditions.shape == (batch.num_cells, len(batch.condition_names))
+            assert batch.library_size.shape == (batch.num_cells,)
+    return per_rank
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    W=st.integers(1, 12),
+    b=st.sampled_from([1, 3, 50]),
+    val_fraction=st.sampled_from([0.002, 0.01, 0.2]),
+    drop_last=st.booleans(),
+)
+def test_any_shape_every_rank_survives_copy(small_synthetic_copy, W, b, val_fraction, drop_last):
+    """Tiny validation selections give W > N and empty batches: no crash, no lost cell."""
+    kw = dict(micro_batch=b, chunk_cells=0, chunks_per_rank_round=0, val_fraction=val_fraction)
+    kw["drop_last"] = drop_last
+    per_rank = epoch_per_rank(lambda r: make(small_synthetic_copy, W, r, "val", **kw), W)
+    seen = np.concatenate([ids(x) for x in per_rank] + [np.zeros(0, np.int64)])
+    source = np.load(small_synthetic_copy / "side" / "source_joinid.npy")
+    expected = np.flatnonzero(val_mask(hash_int_keys(source), 0, val_fraction))
+    assert len(np.unique(seen)) == len(seen)
+    if drop_last:
+        assert len(expected) - len(seen) < W * b
+    else:
+        assert np.array_equal(np.sort(seen), expected)
+
+
+def test_reported_empty_tail_direct_mode(tmp_path):
+    """5,003 cells, C=125, K=10, b=50, W=4 crashed rank 3 on a 0-row reshape."""
+    spec = SyntheticSpec(cells=5003, genes=40, datasets=4, seed=2)
+    uri = write_synthetic_experiment(tmp_path / "exp", spec)
+    var = var_frame(spec)
+    GeneVocab(list(var["feature_id"]), list(var["feature_name"])).save(tmp_path / "genes.tsv")
+    cfg = dict(
+        source=uri, mode="direct", vocab_path=str(tmp_path / "genes.tsv"), micro_batch=50,
+        chunk_cells=125, chunks_per_rank_round=10, reader_threads=1,
+        condition_columns=["dataset_id"],
+    )  # fmt: skip
+    for b in (50, 1):
+        kw = {**cfg, "micro_batch": b}
+        per_rank = epoch_per_rank(lambda r, kw=kw: CellStream(DataConfig(**kw), "all", r, 4), 4)
+        seen = np.concatenate([ids(x) for x in per_rank])
+        selected = CellStream(DataConfig(**kw), "all", 0, 4).source.joinids  # min_genes=1
+        assert len(selected) > 4800 and np.array_equal(np.sort(seen), np.sort(selected))
+        if b == 1:  # an odd tail over 4 ranks leaves some rank an empty last batch
+            assert min(batch.num_cells for x in per_rank for batch in x) == 0
