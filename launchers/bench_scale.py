@@ -1,0 +1,15 @@
+"""Scale benchmark of the data path (sampler sweep, multi-rank stream timing, flatness in N):
+`python launchers/bench_scale.py --help`."""
+
+import sys
+
+from data import bench_scale
+
+
+def main() -> int:
+    """Run the scale benchmark with the command-line arguments."""
+    return bench_scale.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
