@@ -314,7 +314,10 @@ def build_corpus(cache: Path, cells: int, genes: int, datasets: int, copy: bool 
     if not vocab.is_file():
         _write_vocab(str(census), vocab)
     have_copy = (training / "manifest.json").is_file()
+    from data.rowstore import has_row_store
+
     return {"census": str(census), "copy": str(training) if have_copy else None,
+            "row_store": have_copy and has_row_store(training),
             "vocab": str(vocab), **info}  # fmt: skip
 
 
@@ -771,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-cells",
         type=int,
-        default=200_000,
+        default=500_000,
         help="timing: cells timed per rank at most (after its first batch)",
     )
     run.add_argument(
