@@ -7,9 +7,11 @@
 Worker 0 stages the source (pbmc68k, synthetic, h5ad) and creates the copy schema; the others
 wait for `.progress/plan.json`. Pass 1 (scatter): worker i spills source chunks i, i+K, ...,
 then takes any chunk still unfinished (from the end), so it never waits on a crashed worker.
-Pass 2 (gather): worker i writes blocks i, i+K, ...; whoever finds every block done writes the
-side files and manifest.json (`--finalize` does only that step). `--max-blocks N` stops after N
-gather blocks (tests use it to simulate a crash). See data/shuffle_spill.py for the spill.
+Pass 2 (gather): worker i writes blocks i, i+K, ..., each into the SOMA experiment and, at its
+offsets, into the preallocated row store (data/rowstore.py); whoever finds every block done
+writes the side files, manifest.json and rows.json (`--finalize` does only that step).
+`--max-blocks N` stops after N gather blocks (tests use it to simulate a crash). See
+data/shuffle_spill.py for the spill.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from tqdm import tqdm
 
 from data import materialize as mat
 from data import shuffle_spill as spill
-from data.rowstore import build_row_store, has_row_store
+from data.rowstore import (
+    RowLayout,
+    RowWriter,
+    complete_store,
+    create_store,
+    load_layout,
+    row_store_dir,
+)
 from data.sources import Source, parse_source
 from data.validate import IngestError, check_feature_ids
 
@@ -194,6 +203,7 @@ def _get_plan(args, source: Source, opts: mat.CopyOptions, out: Path) -> dict:
             raise IngestError(f"{out}: options {diff} differ from the interrupted ingest's plan")
         return plan
     if args.worker_index == 0:
+        shutil.rmtree(row_store_dir(out), ignore_errors=True)  # no plan: none of it is trusted
         source.prepare(out)
         with source.open(out) as exp:
             return mat.plan_copy(exp, out, opts, source.describe())
@@ -206,11 +216,27 @@ def _get_plan(args, source: Source, opts: mat.CopyOptions, out: Path) -> dict:
 
 
 def _finish(out: Path, args: argparse.Namespace) -> dict:
-    """Finalize the copy (manifest), then add its row store unless --no-row-store."""
+    """Finalize the copy (manifest), then complete its row store unless --no-row-store."""
     manifest = mat.finalize(out)
     if not args.no_row_store:
-        build_row_store(out)
+        complete_store(out)
     return manifest
+
+
+def _row_writer(out: Path, plan: dict) -> RowWriter:
+    """Writer into the copy's row store, created at its final size on first use.
+
+    Every worker derives the same layout from the scatter pass's per-chunk statistics (block
+    nonzeros, largest count), so the dtypes and offsets agree without coordination.
+    """
+    folder = row_store_dir(out)
+    layout = load_layout(folder)
+    if layout is None:
+        block_nnz, largest = spill.row_stats(out, plan)
+        layout = RowLayout.from_block_nnz(plan["n_cells"], plan["options"]["block_cells"],
+                                          block_nnz, plan["n_genes"], largest)  # fmt: skip
+        layout = create_store(folder, layout)
+    return RowWriter(folder, layout, mat.progress_dir(out))
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -221,8 +247,8 @@ def run(args: argparse.Namespace) -> dict | None:
     if (out / "manifest.json").is_file():
         if args.resume:
             logger.info("%s is already a complete training copy", out)
-            if not args.no_row_store and not has_row_store(out):
-                build_row_store(out)
+            if not args.no_row_store:
+                complete_store(out)
             return mat.open_copy_manifest(out)
         raise IngestError(f"{out} already holds a complete training copy; choose another --out")
     tiledb_config = dict(kv.split("=", 1) for kv in args.tiledb_config)
@@ -236,15 +262,27 @@ def run(args: argparse.Namespace) -> dict | None:
     todo = [b for b in mine if not mat.block_done(out, b)]
     if args.max_blocks is not None:  # simulates a crash in the gather pass (tests)
         todo = todo[: args.max_blocks]
-    cells = sum(hi - lo for lo, hi in (mat.block_range(plan, b) for b in todo))
-    desc = f"gather w{args.worker_index}"
-    with tqdm(total=int(cells), unit="cell", unit_scale=True, desc=desc, disable=None) as bar:
-        for b in todo:
-            bar.update(spill.gather_block(out, plan, b))
+    _gather(out, plan, todo, args)
     if all(mat.block_done(out, b) for b in range(plan["n_blocks"])):
         return _finish(out, args)
     logger.info("worker %d done; waiting for other blocks before finalize", args.worker_index)
     return None
+
+
+def _gather(out: Path, plan: dict, todo: list[int], args: argparse.Namespace) -> None:
+    """Pass 2: write the blocks `todo`, their rows included unless --no-row-store."""
+    if not todo:
+        return
+    rows = None if args.no_row_store else _row_writer(out, plan)
+    cells = sum(hi - lo for lo, hi in (mat.block_range(plan, b) for b in todo))
+    desc = f"gather w{args.worker_index}"
+    try:
+        with tqdm(total=int(cells), unit="cell", unit_scale=True, desc=desc, disable=None) as bar:
+            for b in todo:
+                bar.update(spill.gather_block(out, plan, b, rows))
+    finally:
+        if rows is not None:
+            rows.close()
 
 
 def _scatter(exp: tiledbsoma.Experiment, out: Path, plan: dict, args: argparse.Namespace) -> None:

@@ -9,7 +9,8 @@ Three steps, safe to split across processes:
    chunks, validated and spilled to `.progress/spill/` grouped by output block (temporary disk
    about 8 bytes per stored count plus the obs rows); then `write_block` writes output rows
    [b*B, (b+1)*B) = source rows order[b*B:(b+1)*B] as one X and one obs fragment, then
-   `.progress/block_<b>.npz` (side values) and `.progress/block_<b>.done`. Rewriting a block
+   `.progress/block_<b>.npz` (side values) and `.progress/block_<b>.done`; with a row store, the
+   block's rows go to `<copy>/rows/` first (data/rowstore.py). Rewriting a block
    writes the same coordinates, so a rerun after a crash is idempotent. Memory: one chunk or
    block at a time, about 60 bytes per stored count plus its obs rows (16,384 cells x 2,000
    counts per cell: about 2 GB).
@@ -270,7 +271,7 @@ def source_obs(exp: tiledbsoma.Experiment, plan: dict, sorted_ids: np.ndarray) -
 
 
 def write_block(
-    out: Path, plan: dict, b: int, X: Any, library: np.ndarray, src_obs: pa.Table
+    out: Path, plan: dict, b: int, X: Any, library: np.ndarray, src_obs: pa.Table, rows=None
 ) -> int:
     """Write output block b from its rows in output order; returns the number of cells written.
 
@@ -281,12 +282,15 @@ def write_block(
         X: scipy CSR (block cells x kept genes), validated counts, sorted column indices.
         library: float32 library size of each row (sum over all source genes).
         src_obs: `source_obs` rows of the block, in output order.
+        rows: a `rowstore.RowWriter` that gets the block's rows before the done marker, or None.
     """
     out, prog = Path(out), progress_dir(out)
     lo, hi = block_range(plan, b)
     ids = np.load(prog / "order.npy", mmap_mode="r")[lo:hi].astype(np.int64)
     if not np.array_equal(src_obs.column("soma_joinid").to_numpy(), ids):
         raise RuntimeError(f"block {b}: gathered rows do not match the permutation")
+    if rows is not None:  # before the done marker: a done block has its rows (or --no-row-store)
+        rows.write_csr(b, X)
     X = X.tocoo()  # row-major with sorted columns = global order (one tile spans all genes)
     nnz = np.bincount(X.row, minlength=ids.size).astype(np.int32)
     copy_uri = str(out / "experiment")

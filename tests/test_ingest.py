@@ -1,21 +1,31 @@
 """Ingest: h5ad round trip, pbmc68k, permutation, bad inputs, resume and worker split."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
+from data import shuffle_spill
+from data.config import DataConfig
 from data.ingest import run_ingest
 from data.materialize import open_copy_manifest
 from data.pbmc import pbmc68k_counts
+from data.rowstore import RowWriter
+from data.rowstore import main as rowstore_main
+from data.stream import CellStream
 from data.synthetic import generate_anndata, parse_spec
 from data.validate import IngestError
 from data.vocab import GeneVocab, load_labels
 
 RESUME_SOURCE = "synthetic:cells=1500,genes=80,datasets=3,cell_types=4,seed=5"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def ingest(out, source, *extra):
@@ -152,6 +162,46 @@ def _same_copy(a, b, read_copy):
     for k in side_a:
         np.testing.assert_array_equal(side_a[k], side_b[k])
     assert man_a["fingerprint"] == man_b["fingerprint"]
+    _same_rows(a, b)
+    np.testing.assert_array_equal(np.load(a / "rows" / "indptr.npy"), Xa.indptr)  # and equal X
+    np.testing.assert_array_equal(np.load(a / "rows" / "genes.npy"), Xa.indices + 1)
+    np.testing.assert_array_equal(np.load(a / "rows" / "counts.npy"), Xa.data)
+
+
+def _same_rows(a, b):
+    """The row stores of two copies hold the same files, element for element."""
+    names = sorted(p.name for p in (a / "rows").iterdir())
+    assert names == ["counts.npy", "genes.npy", "indptr.npy", "layout.json", "rows.json"]
+    assert names == sorted(p.name for p in (b / "rows").iterdir())
+    for name in names[:3]:
+        x, y = np.load(a / "rows" / name), np.load(b / "rows" / name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    for name in names[3:]:
+        assert (a / "rows" / name).read_text() == (b / "rows" / name).read_text(), name
+
+
+def _stream_batches(copy):
+    """Every batch of two epochs of a 2-rank stream over the copy (through its row store)."""
+    cfg = DataConfig(source=str(copy), micro_batch=64, val_fraction=0.2,
+                     condition_columns=["cell_type"])  # fmt: skip
+    batches = []
+    for rank in range(2):
+        stream = CellStream(cfg, "train", rank, 2)
+        for epoch in range(2):
+            stream.set_epoch(epoch)
+            batches.extend(stream)
+        stream.close()
+    return batches
+
+
+def _same_batches(a, b):
+    fields = ("gene_ids", "counts", "cu_seqlens", "library_size", "conditions", "soma_joinid")
+    batches_a, batches_b = _stream_batches(a), _stream_batches(b)
+    assert len(batches_a) == len(batches_b) > 0
+    for x, y in zip(batches_a, batches_b, strict=True):
+        for field in fields:
+            assert torch.equal(getattr(x, field), getattr(y, field)), field
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +228,88 @@ def test_two_workers_equal_single_worker(reference_copy, tmp_path, read_copy):
     out = tmp_path / "copy"
     ingest(out, RESUME_SOURCE, "--block-cells", "256", "--workers", "2", "--worker-index", "0")
     assert not (out / "manifest.json").exists()
-    done = sorted(p.name for p in (out / ".progress").glob("*.done"))
+    done = sorted(p.name for p in (out / ".progress").glob("block_*.done"))
     assert done == [f"block_{b:06d}.done" for b in (0, 2, 4)]
     with pytest.raises(IngestError, match=r"3 blocks not written.*--resume"):
         ingest(out, RESUME_SOURCE, "--finalize")
     ingest(out, RESUME_SOURCE, "--block-cells", "256", "--workers", "2", "--worker-index", "1")
     _same_copy(out, reference_copy, read_copy)
     assert json.loads((out / "manifest.json").read_text())["n_cells"] == 1500
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_concurrent_workers_equal_single_worker(reference_copy, tmp_path, read_copy, workers):
+    """K worker processes at once (they race on the plan, the spill and the row store layout)."""
+    out = tmp_path / "copy"
+    base = [sys.executable, str(REPO / "launchers" / "ingest.py"), "--source", RESUME_SOURCE,
+            "--out", str(out), "--block-cells", "256", "--workers", str(workers),
+            "--log-level", "WARNING"]  # fmt: skip
+    procs = [
+        subprocess.Popen([*base, "--worker-index", str(i)], cwd=REPO, stderr=subprocess.PIPE)
+        for i in range(workers)
+    ]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * workers, errors
+    _same_copy(out, reference_copy, read_copy)
+    _same_batches(out, reference_copy)
+
+
+def test_resume_after_exception_mid_gather(reference_copy, tmp_path, read_copy, monkeypatch):
+    # A worker dies inside a block's row write, after garbage reached the store: the rerun with
+    # --resume must rewrite that block rather than trust the partial part.
+    out, args = tmp_path / "copy", ["--block-cells", "256", "--workers", "2"]
+    real_put, calls = RowWriter._put, []
+
+    def crash_in_second_block(self, name, index, values):
+        calls.append(name)
+        if calls.count("counts") == 2:  # block 2: indptr and genes written, counts half-way
+            real_put(self, name, index, np.full_like(values, 7777))
+            raise RuntimeError("simulated crash")
+        real_put(self, name, index, values)
+
+    monkeypatch.setattr(RowWriter, "_put", crash_in_second_block)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest(out, RESUME_SOURCE, *args, "--worker-index", "0")
+    monkeypatch.setattr(RowWriter, "_put", real_put)
+    prog = out / ".progress"
+    assert sorted(p.name for p in prog.glob("*_00000[02].done")) == [
+        "block_000000.done", "rows_000000.done"]  # fmt: skip
+    assert 7777 in np.load(out / "rows" / "counts.npy")  # the partial part is on disk
+    ingest(out, RESUME_SOURCE, *args, "--worker-index", "1")  # no manifest: block 2 missing
+    assert not (out / "manifest.json").exists()
+    ingest(out, RESUME_SOURCE, *args, "--worker-index", "0", "--resume")
+    _same_copy(out, reference_copy, read_copy)
+
+
+def test_worker_without_row_store_is_filled_at_finalize(reference_copy, tmp_path, read_copy):
+    out, args = tmp_path / "copy", ["--block-cells", "256", "--workers", "2"]
+    ingest(out, RESUME_SOURCE, *args, "--worker-index", "0", "--no-row-store")
+    assert not (out / "rows").exists()  # layout comes from the first worker that writes rows
+    ingest(out, RESUME_SOURCE, *args, "--worker-index", "1")
+    _same_copy(out, reference_copy, read_copy)
+
+
+def test_no_row_store_then_rowstore_command(reference_copy, tmp_path, read_copy):
+    out = ingest(tmp_path / "copy", RESUME_SOURCE, "--block-cells", "256", "--no-row-store")
+    assert not (out / "rows").exists()
+    rowstore_main([str(out), "--block-cells", "256"])  # the serial build of old copies
+    _same_copy(out, reference_copy, read_copy)
+
+
+def test_spill_without_row_stats_gives_the_same_copy(reference_copy, tmp_path, read_copy):
+    """A scatter pass from before rowstats.npy existed: the stats are derived from the spill."""
+    out, args = tmp_path / "copy", ["--block-cells", "256"]
+    ingest(out, RESUME_SOURCE, *args, "--max-blocks", "0")  # scatter only
+    stats = sorted((out / ".progress" / "spill").glob("*.rowstats.npy"))
+    assert len(stats) == 6
+    expected = shuffle_spill.row_stats(out, json.loads((out / ".progress/plan.json").read_text()))
+    for path in stats:
+        path.unlink()
+    ingest(out, RESUME_SOURCE, *args, "--resume")
+    assert json.loads((out / "rows" / "layout.json").read_text())["offsets"][1:] == list(
+        np.cumsum(expected[0])
+    )
+    _same_copy(out, reference_copy, read_copy)
 
 
 def test_h5ad_folder_registers_and_appends(tmp_path, read_copy):

@@ -53,6 +53,7 @@ def test_stream_through_the_row_store_equals_the_tiledb_stream(small_synthetic_c
 
 
 def test_large_counts_fall_back_to_float32(tmp_path) -> None:
+    # Two workers decide the dtype from the scatter pass alike, whichever blocks they write.
     rng = np.random.default_rng(0)
     X = rng.poisson(2.0, (50, 20)).astype(np.float32)
     X[3, 4] = 70_000  # beyond uint16
@@ -61,13 +62,26 @@ def test_large_counts_fall_back_to_float32(tmp_path) -> None:
     )
     obs = pd.DataFrame({"cell_type": ["A", "B"] * 25}, index=[f"c{i}" for i in range(50)])
     ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=var).write_h5ad(tmp_path / "big.h5ad")
-    out = tmp_path / "copy"
-    run_ingest(
-        ["--source", str(tmp_path / "big.h5ad"), "--out", str(out), "--log-level", "WARNING"]
-    )
-    rows = RowStore(out)
-    assert rows.meta["counts_dtype"] == "float32"
-    assert float(np.max(rows.counts)) == 70_000
+    base = ["--source", str(tmp_path / "big.h5ad"), "--log-level", "WARNING", "--block-cells", "8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_ingest([*base, "--out", str(one)]) == 0
+    for i in range(2):
+        run_ingest([*base, "--out", str(two), "--workers", "2", "--worker-index", str(i)])
+    for out in (one, two):
+        rows = RowStore(out)
+        assert rows.meta["counts_dtype"] == "float32"
+        assert float(np.max(rows.counts)) == 70_000
+    for name in ("indptr", "genes", "counts"):
+        np.testing.assert_array_equal(getattr(RowStore(one), name), getattr(RowStore(two), name))
+
+
+def test_row_store_written_by_ingest_equals_the_serial_build(small_synthetic_copy, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(small_synthetic_copy, copy)
+    build_row_store(copy, block_cells=700)  # other blocks than the ingest's 1,024
+    for name in ("indptr.npy", "genes.npy", "counts.npy", "rows.json"):
+        a, b = row_store_dir(copy) / name, row_store_dir(small_synthetic_copy) / name
+        assert a.read_bytes() == b.read_bytes(), name
 
 
 def test_incomplete_or_foreign_row_store_is_not_read(small_synthetic_copy, tmp_path) -> None:
