@@ -1,4 +1,4 @@
-"""CellStream: the lockstep, exactly resumable stream of CsrBatch (loader.md §3).
+"""CellStream: the lockstep, exactly resumable stream of CsrBatch (docs/loader.md).
 
 Usage per rank: `stream = CellStream(cfg, split="train", rank=r, world_size=W)`, then
 `for epoch in ...: stream.set_epoch(epoch); for batch in stream: ...`. `state_dict()` is the
