@@ -125,7 +125,7 @@ def stage_main(
     """
     yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, yamls, overrides)
-    device = init_distributed()
+    device = init_distributed(cfg.run.threads_per_rank)
     accumulation_steps(cfg.batch, world_size())  # fail before any data work
     stage, cfg = build(cfg, device)
     return run(stage, cfg, run_dir_of(cfg), export_only=export_only)
