@@ -6,7 +6,8 @@ is its integer position, so resume is exact. Rank 0 appends one JSON line per op
 
 With `--loop`, the same model and data train through the project's one loop (`train.loop.run`)
 instead, checkpointing every step; `--nan-at S` makes the last rank's first micro-batch of step S
-return a NaN loss (the NaN guard test reads the checkpoints around it).
+return a NaN loss (the NaN guard test reads the checkpoints around it). `--sizes 3,1` gives rank r
+micro-batches of the r-th size (consecutive samples, so `--sizes 4` on one rank is their union).
 
 With `--threads-log DIR`, setup gets `--threads-per-rank` (run.threads_per_rank) and each rank
 writes its torch thread counts after training to DIR/rank<R>.json (tests/test_threads.py).
@@ -87,7 +88,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         optim=OptimConfig(
             lr=1e-2, weight_decay=0.1, warmup_frac=0.25, decay_frac=0.25, grad_clip=1.0
         ),
-        batch=BatchConfig(global_cells=8, micro_cells=2),
+        batch=BatchConfig(global_cells=8, micro_cells=args.micro_cells),
         precision=PrecisionConfig(dtype=args.dtype),
         zero=ZeroConfig(stage=args.stage, offload_optimizer=args.offload),
         ema=EMAConfig(enabled=True, decay=0.9, every=1, start_step=args.ema_start),
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--export-name", default="export")
+    parser.add_argument("--micro-cells", type=int, default=2)
+    parser.add_argument("--sizes", default="")  # cells per rank's micro-batch, e.g. "3,1"
     parser.add_argument("--threads-per-rank", type=int, default=0)
     parser.add_argument("--threads-log", default="")
     args, _ = parser.parse_known_args(argv)  # ignores the deepspeed launcher's --local_rank
@@ -205,13 +208,14 @@ def _kill_hook(kill_at: int) -> Any:
 class ToyLoopStream:
     """This rank's toy micro-batches as the loop's training stream (state: micro-batches read)."""
 
-    def __init__(self, micro: int, nan_position: int) -> None:
+    def __init__(self, micro: int, nan_position: int, sizes: list[int] | None = None) -> None:
         self.micro, self.nan_position, self.position = micro, nan_position, 0
+        self.sizes = sizes or [micro] * world_size()  # cells of each rank's micro-batches
 
     def __iter__(self):
         while True:
-            first = (self.position * world_size() + rank()) * self.micro
-            x, y = ToyStream({"position": first}).next_global(self.micro)
+            first = self.position * sum(self.sizes) + sum(self.sizes[: rank()])
+            x, y = ToyStream({"position": first}).next_global(self.sizes[rank()])
             nan = self.position == self.nan_position
             self.position += 1
             yield SimpleNamespace(x=x, y=y, num_cells=len(x), num_tokens=x.numel(), nan=nan)
@@ -241,11 +245,12 @@ def loop_main(args: argparse.Namespace) -> None:
     accum = accumulation_steps(cfg.batch, world_size())
     # The last rank's first micro-batch of step `nan_at` (1-based) has a NaN loss.
     nan_position = (args.nan_at - 1) * accum if rank() == world_size() - 1 else -1
+    sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
     stage = Stage(
         name="toy", model=model, loss_fn=_toy_loss,
-        train_stream=ToyLoopStream(cfg.batch.micro_cells, nan_position),
+        train_stream=ToyLoopStream(cfg.batch.micro_cells, nan_position, sizes),
         export_fn=lambda folder, weights, info: write_export(
             folder.parent / args.export_name, weights, {"kind": "toy"}
         ),

@@ -212,6 +212,18 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_min(0 if flag else 1) == 0
 
 
+def global_sum(value: float) -> float:
+    """Return the sum of a scalar over ranks (`value` itself without a process group).
+
+    float64, so integer counts such as cells per micro-batch add up exactly.
+    """
+    if not dist.is_initialized() or world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
 def _collective_device() -> torch.device:
     # NCCL only reduces CUDA tensors; gloo only CPU tensors.
     if dist.get_backend() == "nccl":

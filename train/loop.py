@@ -3,6 +3,8 @@
 Per optimiser step: fetch micro-batches -> forward/backward through the DeepSpeed engine ->
 engine step -> EMA update -> log all-reduced means -> eval on cadence -> checkpoint on cadence ->
 stop at `run.max_steps` or on SIGTERM (save, then return). Resume is automatic and happens first.
+Each rank's loss is weighted by its share of the micro-step's cells, and an empty micro-batch (an
+epoch tail) runs on a stand-in cell with weight 0, so every rank joins every collective.
 The loop calls engine methods and the rank helpers of `train.distributed` only.
 """
 
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from data.batch import CsrBatch
 from train.checkpoint import install_sigterm_handler, load_checkpoint, prepare_resume
 from train.checkpoint import save_checkpoint as save_tag
 from train.config import TrainConfig, accumulation_steps, to_yaml
@@ -31,6 +34,7 @@ from train.distributed import (
     build_engine,
     consolidated_state_dict,
     deepspeed_config,
+    global_sum,
     is_main,
     master_weights,
     print0,
@@ -112,8 +116,57 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
     return sum(p.float().sum() for p in params) * 0.0
 
 
+def stand_in_batch(batch: CsrBatch) -> CsrBatch:
+    """Return a one-cell batch with `batch`'s condition attributes, to run in place of an empty one.
+
+    Under ZeRO-3 every rank must gather the same parameters in the same order, and DeepSpeed's
+    gradient hooks must fire on every rank, so a rank without cells cannot skip the forward.
+    The cell is gene token 1 counted once, library size 1, condition codes 0; soma_joinid -1
+    names no cell (a latent-cache lookup then reads the last row, which the zero weight drops).
+    """
+    return CsrBatch.from_numpy(
+        gene_ids=np.array([1]), counts=np.array([1.0]), indptr=np.array([0, 1]),
+        library_size=np.array([1.0]), conditions=np.zeros((1, len(batch.condition_names))),
+        condition_names=batch.condition_names, soma_joinid=np.array([-1]),
+    )  # fmt: skip
+
+
+def cell_weight(cells: int, total: float, world: int) -> float:
+    """Return the factor on a rank's loss that makes the step's gradient a mean over its cells.
+
+    Each rank's loss is a mean over its `cells` and DeepSpeed averages gradients over the
+    `world` ranks, so unequal batches (an epoch tail) would weigh a cell of a small batch more.
+    Scaling by cells * world / total (`total`: cells of all ranks in this micro-step) gives the
+    gradient one rank would compute on their union. Exactly 1.0 when all ranks hold the same
+    cells (runs without a ragged tail stay bit-identical); 0.0 for an empty rank, or everywhere
+    when every rank is empty.
+    """
+    return cells * world / total if total > 0 else 0.0
+
+
+def _micro_step(engine: Any, stage: Stage, cfg: TrainConfig, batch: Any, gen: torch.Generator):
+    """Forward and backward of one micro-batch; return (loss, metrics, True when non-finite).
+
+    The loss returned is the rank's unweighted mean over its cells (what is logged); an empty
+    batch runs on `stand_in_batch` with weight 0 and never counts as non-finite.
+    """
+    cells = batch.num_cells
+    weight = cell_weight(cells, global_sum(cells), world_size())  # collective on every rank
+    with _autocast(cfg.precision.dtype, engine.device):
+        loss, metrics = stage.loss_fn(engine.module, batch if cells else stand_in_batch(batch), gen)
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if bad:
+        loss = _zero_loss(engine.module)
+    engine.backward(loss if weight == 1.0 else loss * weight)
+    return loss.detach(), metrics, bad and cells > 0
+
+
 def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, state: LoopState):
-    """Run one optimiser step; return (local metrics, True when the step was skipped)."""
+    """Run one optimiser step; return (local metrics, True when the step was skipped).
+
+    Metrics are sums over this rank's cells (`_log` divides by the cells of all ranks), so
+    empty micro-batches add nothing and ragged batches are weighted by their cells.
+    """
     accum = accumulation_steps(cfg.batch, world_size())
     lr = lr_at(state.step, cfg.optim, cfg.run.max_steps)
     set_lr(engine.optimizer.param_groups, lr)
@@ -124,21 +177,20 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
         batch = next(batches)
         wait += time.perf_counter() - t0
         gen = step_generator(cfg.run.seed, state.step, rank(), k)
-        with _autocast(cfg.precision.dtype, engine.device):
-            loss, metrics = stage.loss_fn(engine.module, batch, gen)
-        if not bool(torch.isfinite(loss.detach()).all()):
-            bad, loss = True, _zero_loss(engine.module)
-        engine.backward(loss)
+        loss, metrics, bad_micro = _micro_step(engine, stage, cfg, batch, gen)
+        bad = bad or bad_micro
         if k == accum - 1:
             bad = any_rank(bad)  # every rank agrees before the update
         # Skip the update everywhere: weights and Adam state stay exactly as they were, while
         # DeepSpeed still clears the accumulated gradients and keeps its micro-step count.
         with update_skipped(engine) if bad and k == accum - 1 else nullcontext():
             engine.step()
-        for key, value in {"loss": loss.detach(), **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + float(value) / accum
-        cells, tokens = cells + batch.num_cells, tokens + batch.num_tokens
-        flops += stage.flops_fn(batch) if stage.flops_fn is not None else 0.0
+        n = batch.num_cells
+        for key, value in {"loss": loss, **metrics}.items():  # every rank keeps the same keys
+            sums[key] = sums.get(key, 0.0) + (float(value) * n if n else 0.0)
+        cells, tokens = cells + n, tokens + batch.num_tokens
+        if n and stage.flops_fn is not None:
+            flops += stage.flops_fn(batch)
     norm = engine.get_global_grad_norm()
     local = {f"train/{k}": v for k, v in sums.items()}
     local.update(
@@ -152,9 +204,18 @@ def _one_step(engine: Any, stage: Stage, cfg: TrainConfig, batches: Iterator, st
     return local, bad
 
 
+def _cell_means(mean: dict) -> None:
+    """Turn the rank-averaged per-cell sums of `train/*` into means over the step's cells."""
+    cells = mean["cells"]  # ratio of rank means = ratio of sums
+    for key in [k for k in mean if k.startswith("train/")]:
+        # NaN rather than 0.0 when no rank had a cell: there is no loss to report
+        mean[key] = mean[key] / cells if cells > 0 else float("nan")
+
+
 def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device, peak) -> None:
     """All-reduce the step's metrics, derive throughput (and MFU), and write them (rank 0)."""
     mean = all_reduce_mean(local)
+    _cell_means(mean)
     world = world_size()
     cells, tokens, seconds = mean.pop("cells") * world, mean.pop("tokens") * world, mean["seconds"]
     flops = mean.pop("flops") * world
