@@ -290,11 +290,13 @@ def test_vae_zero3_epoch_tail_with_an_empty_rank(pbmc_copy, tmp_path):
         f"data.micro_batch={TAIL['micro']}",  # the stage sets it too, after K*C % b is checked
         f"data.chunk_cells={TAIL['chunk']}", f"data.chunks_per_rank_round={TAIL['k']}",
         f"run.max_steps={TAIL['steps']}", "run.eval_every=0", "checkpoint.every_steps=0",
+        "run.threads_per_rank=3",  # not the automatic 1: the log below proves the key arrives
     ]  # fmt: skip
     launch = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
     launch += ["--master_port", str(_free_port()), str(REPO / "launchers" / "train_vae.py")]
     proc = _run([*launch, *args])
     assert "non-finite loss" not in proc.stdout
+    assert "threads per rank: 3 (" in proc.stdout + proc.stderr
     metrics = _metrics(tmp_path / "tail")
     assert sorted(metrics) == list(range(1, TAIL["steps"] + 1))
     assert all(math.isfinite(m["train/loss"]) and m["train/loss"] > 0 for m in metrics.values())
