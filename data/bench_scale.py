@@ -481,10 +481,13 @@ def worker_flat(args: argparse.Namespace) -> dict[str, Any]:
     state = stream.state_dict()
     text = json.dumps(state)
     nxt = next(it, None)
+    half = proc_memory()  # file-backed pages of the row store count in RSS (RssFile)
     out.update(
         mid_batch=done,
         state_dict_chars=len(text),
-        half_epoch_peak_rss_gb=proc_memory().get("peak_rss_gb"),
+        half_epoch_peak_rss_gb=half.get("peak_rss_gb"),
+        half_epoch_rss_anon_gb=half.get("rss_anon_gb"),
+        half_epoch_rss_file_gb=half.get("rss_file_gb"),
     )
     stream.close()
     next_ids = [] if nxt is None else nxt.soma_joinid[:16].tolist()
@@ -624,6 +627,8 @@ def run_flat(opts: argparse.Namespace, corpora: dict[int, dict]) -> dict[str, An
                 "batches_per_epoch": start["batches_per_epoch"], "mid_batch": start["mid_batch"],
                 "walk_to_mid_s": start["walk_to_mid_s"],
                 "half_epoch_peak_rss_gb": start["half_epoch_peak_rss_gb"],
+                "half_epoch_rss_anon_gb": start.get("half_epoch_rss_anon_gb"),
+                "half_epoch_rss_file_gb": start.get("half_epoch_rss_file_gb"),
                 "steady_batches": start["steady_batches"],
             }  # fmt: skip
             per[mode][n] = row
@@ -636,7 +641,7 @@ def run_flat(opts: argparse.Namespace, corpora: dict[int, dict]) -> dict[str, An
                 f"resume matches {row['resume_matches']}",
                 flush=True,
             )
-    keys = ("peak_rss_gb", "constructed_rss_gb", "startup_s", "construct_s",
+    keys = ("peak_rss_gb", "rss_anon_gb", "constructed_rss_gb", "startup_s", "construct_s",
             "resume_first_batch_s", "resume_total_s", "state_dict_chars")  # fmt: skip
     ratios = {}
     for mode, rows in per.items():
@@ -671,10 +676,23 @@ def run_flat(opts: argparse.Namespace, corpora: dict[int, dict]) -> dict[str, An
     }
 
 
+def _code_state() -> dict[str, Any]:
+    """The measured code: git HEAD and the data/ files modified in the working tree."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "data"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"git_head": head, "data_files_modified": [ln[3:] for ln in dirty.splitlines()]}
+
+
 def run_benchmark(opts: argparse.Namespace) -> dict[str, Any]:
     """Run the selected parts; write and return the report."""
     t0 = time.perf_counter()
-    report: dict[str, Any] = {"argv": opts.argv, "cpu_count": os.cpu_count()}
+    report: dict[str, Any] = {"argv": opts.argv, "cpu_count": os.cpu_count(), **_code_state()}
     if "sweep" in opts.parts:
         report["sweep"] = run_sweep(opts)
     corpora: dict[int, dict] = {}
