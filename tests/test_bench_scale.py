@@ -150,6 +150,7 @@ def test_end_to_end_tiny_corpus(tmp_path: Path, capsys) -> None:
     for run in timing["runs"]:
         assert len(run["ranks"]) == run["W"] == len(run["peak_rss_gb"])
         assert run["cells_per_s_total"] > 0 and all(x > 0 for x in run["cells_per_s_per_rank"])
+        assert run["timed_span_s"] > 0
         assert all(c >= 0 for c in run["cpu_seconds"])
         assert all(0.5 < d < 1.5 for d in run["diversity"])
         assert len({r["batches_per_epoch"] for r in run["ranks"]}) == 1
