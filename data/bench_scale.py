@@ -415,7 +415,7 @@ def worker_time(args: argparse.Namespace) -> dict[str, Any]:
     cells = nnz = batches = 0
     ratios: list[float] = []
     n_labels = len(rand.counts) + 1  # + the null code
-    for batch in _epochs(stream):  # on past the epoch end while below the limits
+    for batch in _epochs(stream, args.epochs):
         if t_warm is None:  # the first batch pays the first round's read; time the rest
             t_warm, cpu_warm = time.perf_counter(), time.process_time()
             first_batch_s, wall_start = t_warm - t_start, time.time()
@@ -424,7 +424,8 @@ def worker_time(args: argparse.Namespace) -> dict[str, Any]:
         codes = batch.conditions[:, 0].numpy()
         size = np.array([len(codes)])
         ratios.extend(rand.ratios(batch_entropies(codes, size, n_labels), size).tolist())
-        if cells >= args.max_cells or time.perf_counter() - t_warm > args.seconds:
+        over = args.max_cells and cells >= args.max_cells
+        if over or time.perf_counter() - t_warm > args.seconds:
             break
     wall = time.perf_counter() - (t_warm or t_start)
     cpu = time.process_time() - (cpu_warm or c0)
@@ -441,15 +442,10 @@ def worker_time(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _epochs(stream: Any) -> Any:
-    """Yield the stream's batches epoch after epoch (stops after an empty epoch)."""
-    while True:
-        empty = True
-        for batch in stream:
-            empty = False
-            yield batch
-        if empty:
-            return
+def _epochs(stream: Any, epochs: int) -> Any:
+    """Yield the stream's batches of `epochs` consecutive epochs."""
+    for _ in range(epochs):
+        yield from stream
 
 
 def worker_flat(args: argparse.Namespace) -> dict[str, Any]:
@@ -572,7 +568,8 @@ def run_timing(opts: argparse.Namespace, corpus: dict, stats: dict) -> dict[str,
             with tempfile.TemporaryDirectory(prefix="bench_scale_barrier_") as barrier:
                 argvs = [
                     _worker_argv("worker-time", mode, *src, opts, rank=r, world_size=w,
-                                 max_cells=opts.max_cells, seconds=opts.seconds,
+                                 epochs=opts.epochs, max_cells=opts.max_cells,
+                                 seconds=opts.seconds,
                                  label_counts=counts, barrier="" if opts.inline else barrier)
                     for r in range(w)
                 ]  # fmt: skip
@@ -805,15 +802,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="timing: world sizes, ranks run as concurrent processes",
     )
     run.add_argument(
+        "--epochs",
+        type=int,
+        default=2,
+        help="timing: full epochs each rank iterates (all ranks together read the corpus "
+        "this many times; the first batch is not timed)",
+    )
+    run.add_argument(
         "--max-cells",
         type=int,
-        default=500_000,
-        help="timing: cells timed per rank after its first batch (epochs repeat until then)",
+        default=0,
+        help="timing: stop a rank after this many timed cells (0 = no limit)",
     )
     run.add_argument(
         "--seconds",
         type=float,
-        default=60.0,
+        default=120.0,
         help="timing: seconds timed per rank at most (after its first batch)",
     )
     run.add_argument(
@@ -842,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     wt, wf = workers
     wt.add_argument("--rank", type=int, default=0, help="this rank")
     wt.add_argument("--world-size", type=int, default=1, help="ranks")
-    wt.add_argument("--max-cells", type=int, default=200_000, help="timed cells at most")
+    wt.add_argument("--epochs", type=int, default=1, help="epochs to iterate")
+    wt.add_argument("--max-cells", type=int, default=0, help="timed cells at most (0 = all)")
     wt.add_argument("--seconds", type=float, default=60.0, help="timed seconds at most")
     wt.add_argument("--label-counts", default="[]", help="JSON dataset_id counts (random ref.)")
     wt.add_argument("--barrier", default="", help="folder of ready files ('' = no barrier)")
