@@ -172,8 +172,7 @@ class CopySource(_Source):
         if path.is_file() and key in self.labels:
             codes = np.load(path, mmap_mode="r")[self.joinids]
             return hash_coded_strings(codes, self.labels[key])
-        values = self._obs_table([key])[key].to_pylist()
-        return hash_strings([("" if v is None else v) for v in values])
+        return hashes_of(dictionary_codes(self._obs_table([key])[key]))
 
     def restrict(self, mask: np.ndarray) -> None:
         """Keep only the candidates where `mask` is True."""
@@ -198,11 +197,33 @@ class CopySource(_Source):
         return np.asarray(self._library[ids], dtype=np.float32), cond
 
 
-def encode_with_null(values: list, vocabulary: list[str]) -> np.ndarray:
+def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """Return (int64 codes into the distinct values, -1 for null; the distinct values).
+
+    Vectorised in Arrow: a Python list per cell would cost seconds and GBs at atlas scale.
+    """
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_dictionary(array.type):
+        array = array.dictionary_encode()
+    codes = array.indices.to_numpy(zero_copy_only=False)
+    codes = np.where(array.is_null().to_numpy(zero_copy_only=False), -1, codes)
+    return codes.astype(np.int64), array.dictionary.to_pylist()
+
+
+def hashes_of(coded: tuple[np.ndarray, list]) -> np.ndarray:
+    """uint64 split hash per cell from (codes, values); a null value hashes as ""."""
+    codes, values = coded
+    table = hash_strings([*("" if v is None else v for v in values), ""])
+    return table[codes]  # code -1 (null) takes the last entry, ""
+
+
+def encode_with_null(column: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
     """Return int64 codes of values in `vocabulary`; unseen or null values get len(vocabulary)."""
+    codes, values = dictionary_codes(column)
     index = {v: i for i, v in enumerate(vocabulary)}
     null = len(vocabulary)
-    return np.fromiter((index.get(v, null) for v in values), dtype=np.int64, count=len(values))
+    lookup = np.array([index.get(v, null) for v in values] + [null], dtype=np.int64)
+    return lookup[codes]  # code -1 (null) takes the last entry
 
 
 class DirectSource(_Source):
@@ -232,17 +253,14 @@ class DirectSource(_Source):
         self.joinids = obs["soma_joinid"].to_numpy().astype(np.int64)
         # obs.nnz counts all measured genes, not only vocabulary genes (documented deviation).
         self.nnz = obs["nnz"].to_numpy() if has_nnz else None
-        columns = {c: obs[c].to_pylist() for c in self.condition_names}
         if cfg.labels_path:
             self.labels = load_labels(cfg.labels_path)
         else:  # derived from the selection: deterministic for a fixed query
-            self.labels = {
-                c: sorted({v for v in vals if v is not None}) for c, vals in columns.items()
-            }
-        self._cond = np.zeros((len(self.joinids), len(columns)), dtype=np.int64)
-        for a, (c, vals) in enumerate(columns.items()):
-            self._cond[:, a] = encode_with_null(vals, self.labels.get(c, []))
-        self._split_values = {k: obs[k].to_pylist() for k in extra}
+            self.labels = {c: _present_values(obs[c]) for c in self.condition_names}
+        self._cond = np.zeros((len(self.joinids), len(self.condition_names)), dtype=np.int64)
+        for a, c in enumerate(self.condition_names):
+            self._cond[:, a] = encode_with_null(obs[c], self.labels.get(c, []))
+        self._split_values = {k: dictionary_codes(obs[k]) for k in extra}
 
     def fingerprint_parts(self) -> dict:
         """Identity of the data: URI, query, vocabulary and labels."""
@@ -258,7 +276,7 @@ class DirectSource(_Source):
         """uint64 hash per candidate of the split key."""
         if key == "soma_joinid":
             return hash_int_keys(self.joinids)
-        return hash_strings([("" if v is None else v) for v in self._split_values[key]])
+        return hashes_of(self._split_values[key])
 
     def restrict(self, mask: np.ndarray) -> None:
         """Keep only the candidates where `mask` is True."""
@@ -279,6 +297,13 @@ class DirectSource(_Source):
     def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Return (None: library size comes from the read, conditions int64 (n, A))."""
         return None, self._cond[positions]
+
+
+def _present_values(column: pa.ChunkedArray) -> list:
+    """Sorted distinct non-null values that occur in `column` (not unused dictionary entries)."""
+    codes, values = dictionary_codes(column)
+    used = np.unique(codes[codes >= 0])
+    return sorted(values[i] for i in used)
 
 
 def open_source(
