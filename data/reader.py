@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import tiledbsoma
 
 from data.config import DataConfig
 from data.materialize import open_copy_manifest
+from data.obs_codes import ObsColumns, hashes_of, present_sorted, read_obs, recode
 from data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from data.rowstore import RowStore, has_row_store
-from data.split import hash_coded_strings, hash_int_keys, hash_strings
+from data.split import hash_coded_strings, hash_int_keys
 from data.vocab import GeneVocab, load_labels
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
     return np.searchsorted(joinids, dim0)
 
 
+OBS_RANGE = 1 << 19  # obs joinids per read at stream start-up
+
+
 class _Source:
     """Shared parts: candidate joinids, aligned metadata, thread-local X handles."""
 
@@ -104,7 +107,8 @@ class _Source:
             self._local.exp, self._local.x = exp, exp.ms[self.cfg.measurement].X[self.cfg.layer]
         return self._local.x
 
-    def _obs_table(self, columns: list[str]) -> pa.Table:
+    def _read_obs(self, columns: list[str], with_nnz: bool = False) -> ObsColumns:
+        """The filtered obs as compact arrays, read chunk by chunk (memory ~20 B per cell)."""
         with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
             names = set(exp.obs.schema.names)
             missing = [c for c in columns if c not in names]
@@ -112,9 +116,23 @@ class _Source:
                 raise KeyError(
                     f"obs of {self.uri} has no column(s) {missing}; have {sorted(names)}"
                 )
-            flt = self.cfg.obs_filter or None
-            cols = ["soma_joinid", *[c for c in columns if c != "soma_joinid"]]
-            return exp.obs.read(value_filter=flt, column_names=cols).concat().sort_by("soma_joinid")
+            cols = ["soma_joinid", *columns, *(["nnz"] if with_nnz else [])]
+            return read_obs(self._obs_ranges(exp.obs, cols), columns, with_nnz)
+
+    def _obs_ranges(self, obs: tiledbsoma.DataFrame, columns: list[str]):
+        """Yield the filtered obs as tables, OBS_RANGE joinids at a time.
+
+        One unbounded read returns a single table whose TileDB buffers peaked at ~110 B per
+        cell; bounded joinid ranges keep that to one range whatever the corpus size.
+        """
+        domain = obs.non_empty_domain()
+        if not domain or domain[0] is None or domain[0][0] is None:
+            return
+        lo, hi = (int(v) for v in domain[0])
+        flt = self.cfg.obs_filter or None
+        for start in range(lo, hi + 1, OBS_RANGE):
+            coords = (slice(start, min(start + OBS_RANGE, hi + 1) - 1),)
+            yield from obs.read(coords=coords, value_filter=flt, column_names=columns)
 
 
 class CopySource(_Source):
@@ -131,7 +149,7 @@ class CopySource(_Source):
         self._nnz = np.load(side / "nnz.npy", mmap_mode="r")
         self._codes = [self._side_codes(side, c) for c in self.condition_names]
         if cfg.obs_filter:
-            self.joinids = self._obs_table([])["soma_joinid"].to_numpy().astype(np.int64)
+            self.joinids = self._read_obs([]).joinids
         else:
             self.joinids = np.arange(int(self.manifest["n_cells"]), dtype=np.int64)
         self.nnz = np.asarray(self._nnz[self.joinids])
@@ -172,7 +190,7 @@ class CopySource(_Source):
         if path.is_file() and key in self.labels:
             codes = np.load(path, mmap_mode="r")[self.joinids]
             return hash_coded_strings(codes, self.labels[key])
-        return hashes_of(dictionary_codes(self._obs_table([key])[key]))
+        return hashes_of(self._read_obs([key]).coded[key])
 
     def restrict(self, mask: np.ndarray) -> None:
         """Keep only the candidates where `mask` is True."""
@@ -195,35 +213,6 @@ class CopySource(_Source):
         for a, codes in enumerate(self._codes):
             cond[:, a] = codes[ids]
         return np.asarray(self._library[ids], dtype=np.float32), cond
-
-
-def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
-    """Return (int64 codes into the distinct values, -1 for null; the distinct values).
-
-    Vectorised in Arrow: a Python list per cell would cost seconds and GBs at atlas scale.
-    """
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_dictionary(array.type):
-        array = array.dictionary_encode()
-    codes = array.indices.to_numpy(zero_copy_only=False)
-    codes = np.where(array.is_null().to_numpy(zero_copy_only=False), -1, codes)
-    return codes.astype(np.int64), array.dictionary.to_pylist()
-
-
-def hashes_of(coded: tuple[np.ndarray, list]) -> np.ndarray:
-    """uint64 split hash per cell from (codes, values); a null value hashes as ""."""
-    codes, values = coded
-    table = hash_strings([*("" if v is None else v for v in values), ""])
-    return table[codes]  # code -1 (null) takes the last entry, ""
-
-
-def encode_with_null(column: pa.ChunkedArray, vocabulary: list[str]) -> np.ndarray:
-    """Return int64 codes of values in `vocabulary`; unseen or null values get len(vocabulary)."""
-    codes, values = dictionary_codes(column)
-    index = {v: i for i, v in enumerate(vocabulary)}
-    null = len(vocabulary)
-    lookup = np.array([index.get(v, null) for v in values] + [null], dtype=np.int64)
-    return lookup[codes]  # code -1 (null) takes the last entry
 
 
 class DirectSource(_Source):
@@ -249,18 +238,18 @@ class DirectSource(_Source):
         self.var_tokens = np.zeros(int(var_ids.max()) + 1 if len(var_ids) else 0, dtype=np.int32)
         self.var_tokens[var_ids] = tokens
         extra = [] if cfg.split_key == "soma_joinid" else [cfg.split_key]
-        obs = self._obs_table([*self.condition_names, *extra, *(["nnz"] if has_nnz else [])])
-        self.joinids = obs["soma_joinid"].to_numpy().astype(np.int64)
+        obs = self._read_obs([*self.condition_names, *extra], with_nnz=has_nnz)
+        self.joinids = obs.joinids
         # obs.nnz counts all measured genes, not only vocabulary genes (documented deviation).
-        self.nnz = obs["nnz"].to_numpy() if has_nnz else None
+        self.nnz = obs.nnz
         if cfg.labels_path:
             self.labels = load_labels(cfg.labels_path)
         else:  # derived from the selection: deterministic for a fixed query
-            self.labels = {c: _present_values(obs[c]) for c in self.condition_names}
-        self._cond = np.zeros((len(self.joinids), len(self.condition_names)), dtype=np.int64)
+            self.labels = {c: present_sorted(obs.coded[c]) for c in self.condition_names}
+        self._cond = np.zeros((len(self.joinids), len(self.condition_names)), dtype=np.int32)
         for a, c in enumerate(self.condition_names):
-            self._cond[:, a] = encode_with_null(obs[c], self.labels.get(c, []))
-        self._split_values = {k: dictionary_codes(obs[k]) for k in extra}
+            self._cond[:, a] = recode(obs.coded[c], self.labels.get(c, []))
+        self._split_values = {k: obs.coded[k] for k in extra}
 
     def fingerprint_parts(self) -> dict:
         """Identity of the data: URI, query, vocabulary and labels."""
@@ -296,14 +285,7 @@ class DirectSource(_Source):
 
     def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Return (None: library size comes from the read, conditions int64 (n, A))."""
-        return None, self._cond[positions]
-
-
-def _present_values(column: pa.ChunkedArray) -> list:
-    """Sorted distinct non-null values that occur in `column` (not unused dictionary entries)."""
-    codes, values = dictionary_codes(column)
-    used = np.unique(codes[codes >= 0])
-    return sorted(values[i] for i in used)
+        return None, self._cond[positions].astype(np.int64)
 
 
 def open_source(

@@ -1,4 +1,4 @@
-"""Vectorised obs label codes and split hashes equal the per-cell Python definitions."""
+"""Obs read in chunks into compact codes equals the per-cell Python definitions."""
 
 from __future__ import annotations
 
@@ -7,41 +7,51 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.reader import _present_values, dictionary_codes, encode_with_null, hashes_of
+from data.obs_codes import dictionary_codes, hashes_of, present_sorted, read_obs, recode
 from data.split import hash_strings
 
-labels = st.lists(st.one_of(st.none(), st.sampled_from(["B", "T", "NK", "mono", "é"])), max_size=60)
+label = st.one_of(st.none(), st.sampled_from(["B", "T", "NK", "mono", "é"]))
 
 
-def as_column(values: list, dictionary: bool, chunks: int) -> pa.ChunkedArray:
-    array = pa.array(values, type=pa.large_string())
+def tables(joinids: list[int], labels: list, dictionary: bool, chunks: int) -> list[pa.Table]:
+    """The obs as `chunks` Arrow tables, in the given (possibly unsorted) joinid order."""
+    array = pa.array(labels, type=pa.large_string())
     if dictionary:
         array = array.dictionary_encode()
-    cut = len(values) // max(chunks, 1)
-    parts = [array[i * cut : (i + 1) * cut] for i in range(chunks - 1)] + [
-        array[(chunks - 1) * cut :]
-    ]
-    return pa.chunked_array(parts, type=array.type)
+    table = pa.table({"soma_joinid": pa.array(joinids, pa.int64()), "cell_type": array,
+                      "nnz": pa.array([j % 7 for j in joinids], pa.int64())})  # fmt: skip
+    cut = -(-len(joinids) // chunks) if joinids else 1
+    return [table.slice(i, cut) for i in range(0, max(len(joinids), 1), cut)]
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    labels,
+    st.lists(label, max_size=60),
     st.booleans(),
-    st.integers(1, 3),
+    st.integers(1, 4),
     st.lists(st.sampled_from(["B", "T", "x"]), unique=True),
+    st.randoms(use_true_random=False),
 )
-def test_codes_and_hashes_match_python(values, dictionary, chunks, vocabulary):
-    column = as_column(values, dictionary, chunks)
+def test_read_obs_matches_python(labels, dictionary, chunks, vocabulary, rnd):
+    joinids = list(range(100, 100 + len(labels)))
+    shuffled = list(zip(joinids, labels, strict=True))
+    rnd.shuffle(shuffled)  # chunks may come back out of joinid order
+    obs = read_obs(tables([j for j, _ in shuffled], [v for _, v in shuffled], dictionary, chunks),
+                   ["cell_type"], with_nnz=True)  # fmt: skip
+    np.testing.assert_array_equal(obs.joinids, joinids)
+    np.testing.assert_array_equal(obs.nnz, [j % 7 for j in joinids])
     index = {v: i for i, v in enumerate(vocabulary)}
-    expected = [index.get(v, len(vocabulary)) for v in values]
-    np.testing.assert_array_equal(encode_with_null(column, vocabulary), expected)
-    assert _present_values(column) == sorted({v for v in values if v is not None})
-    expected_hash = hash_strings(["" if v is None else v for v in values])
-    np.testing.assert_array_equal(hashes_of(dictionary_codes(column)), expected_hash)
+    coded = obs.coded["cell_type"]
+    np.testing.assert_array_equal(
+        recode(coded, vocabulary), [index.get(v, len(index)) for v in labels]
+    )
+    assert present_sorted(coded) == sorted({v for v in labels if v is not None})
+    expected_hash = hash_strings(["" if v is None else v for v in labels])
+    np.testing.assert_array_equal(hashes_of(coded), expected_hash)
 
 
 def test_unused_dictionary_entries_are_not_labels():
     column = pa.chunked_array([pa.DictionaryArray.from_arrays([1, 1, None], ["gone", "kept"])])
-    assert _present_values(column) == ["kept"]
-    np.testing.assert_array_equal(encode_with_null(column, ["kept"]), [0, 0, 1])
+    coded = dictionary_codes(column)
+    assert present_sorted(coded) == ["kept"]
+    np.testing.assert_array_equal(recode(coded, ["kept"]), [0, 0, 1])
