@@ -1,4 +1,4 @@
-"""Scale benchmark harness (data/bench_scale.py): end to end on a tiny corpus, and its checks
+"""Scale benchmark harness (data/bench_scale*.py): end to end on a tiny corpus, and its checks
 really catch a sampler whose ranks overlap or whose ranks take different step counts."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import bench_scale
+from data import bench_scale, bench_scale_sweep
 from data.benchmark import batch_entropy
 from data.sampler import LockstepSampler
 
@@ -25,7 +25,7 @@ def test_batch_entropies_match_benchmark() -> None:
     rng = np.random.default_rng(0)
     sizes = np.array([64, 1, 30, 64, 0, 7])
     labels = rng.integers(0, 5, sizes.sum())
-    got = bench_scale.batch_entropies(labels, sizes, 5)
+    got = bench_scale_sweep.batch_entropies(labels, sizes, 5)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     want = [
         batch_entropy(labels[a:b]) if b > a else 0.0
@@ -33,23 +33,23 @@ def test_batch_entropies_match_benchmark() -> None:
     ]
     assert np.allclose(got, want)
     # Random batches score ~1 against the random reference; one-label batches score 0.
-    rand = bench_scale.RandomEntropy(np.bincount(labels, minlength=5), draws=500)
+    rand = bench_scale_sweep.RandomEntropy(np.bincount(labels, minlength=5), draws=500)
     shuffled = rng.permutation(np.repeat(np.arange(5), 400))
     sizes = np.full(20, 100)
-    ratio = rand.ratios(bench_scale.batch_entropies(shuffled, sizes, 5), sizes)
+    ratio = rand.ratios(bench_scale_sweep.batch_entropies(shuffled, sizes, 5), sizes)
     assert abs(ratio.mean() - 1) < 0.03
     grouped = np.sort(shuffled)
-    assert rand.ratios(bench_scale.batch_entropies(grouped, sizes, 5), sizes).max() < 0.2
+    assert rand.ratios(bench_scale_sweep.batch_entropies(grouped, sizes, 5), sizes).max() < 0.2
 
 
 def test_census_labels_layout() -> None:
-    labels = bench_scale.census_labels(10_000, 20)
+    labels = bench_scale_sweep.census_labels(10_000, 20)
     assert len(labels) == 10_000 and np.all(np.diff(labels) >= 0)  # contiguous blocks
     assert np.array_equal(np.unique(labels), np.arange(20))
-    copy = bench_scale.mode_labels(labels, "copy")
+    copy = bench_scale_sweep.mode_labels(labels, "copy")
     assert np.array_equal(np.sort(copy), labels) and not np.array_equal(copy, labels)
-    assert list(bench_scale.evaluated_ranks(1024, 64)[[0, -1]]) == [0, 1023]
-    assert len(bench_scale.evaluated_ranks(1024, 64)) == 64
+    assert list(bench_scale_sweep.evaluated_ranks(1024, 64)[[0, -1]]) == [0, 1023]
+    assert len(bench_scale_sweep.evaluated_ranks(1024, 64)) == 64
 
 
 def test_sweep_passes_on_the_real_sampler(tmp_path: Path, capsys) -> None:
@@ -113,7 +113,7 @@ class DroppingSampler(UnequalStepsSampler):
     ],  # fmt: skip
 )
 def test_sweep_flags_a_broken_sampler(tmp_path, capsys, monkeypatch, broken, once, balanced):
-    monkeypatch.setattr(bench_scale, "LockstepSampler", broken)
+    monkeypatch.setattr(bench_scale_sweep, "LockstepSampler", broken)  # sweep_config's
     assert bench_scale.main([*SWEEP, "--out", str(tmp_path / "r.json")]) == 1  # check failed
     report = _last_json(capsys)
     assert report["exactly_once"] is once and report["balanced"] is balanced
