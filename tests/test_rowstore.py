@@ -9,6 +9,7 @@ from dataclasses import replace
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -17,6 +18,7 @@ from data.ingest import main as run_ingest
 from data.reader import CopySource
 from data.rowstore import MARKER, RowStore, build_row_store, has_row_store, row_store_dir
 from data.stream import CellStream
+from data.validate import IngestError
 
 
 def _stream_batches(cfg: DataConfig, world: int, epochs: int = 2) -> list:
@@ -96,3 +98,15 @@ def test_incomplete_or_foreign_row_store_is_not_read(small_synthetic_copy, tmp_p
     assert not has_row_store(copy) and CopySource(cfg, None)._rows is None
     build_row_store(copy)  # rebuilt: read again
     assert CopySource(cfg, None)._rows is not None
+
+
+def test_truncated_row_store_names_the_file(small_synthetic_copy, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(small_synthetic_copy, copy)
+    counts = row_store_dir(copy) / "counts.npy"
+    with open(counts, "r+b") as fh:
+        fh.truncate(counts.stat().st_size // 2)
+    store = RowStore(copy)
+    n = int(np.asarray(store.indptr).shape[0]) - 1
+    with pytest.raises(IngestError, match="counts.npy ends before"):
+        store.read(np.arange(n - 10, n))
