@@ -19,6 +19,9 @@ Split = Literal["train", "val", "all"]
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+MASK_BLOCK = 1 << 20  # cells per block of the split computation
+
+
 def splitmix64(x: np.ndarray | int) -> np.ndarray:
     """Return splitmix64 of uint64 values (vectorized, wrapping arithmetic), same shape."""
     z = np.asarray(x).astype(np.uint64, copy=True)
@@ -58,10 +61,15 @@ def val_mask(key_hashes: np.ndarray, seed: int, val_fraction: float) -> np.ndarr
     """Return a bool mask (n,), True where the cell belongs to the validation split."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    mixed = splitmix64(np.asarray(key_hashes, dtype=np.uint64) ^ splitmix64(np.uint64(seed)))
-    # Top 53 bits -> a float in [0, 1) exactly representable, so the comparison is portable.
-    uniform = (mixed >> np.uint64(11)).astype(np.float64) * (2.0**-53)
-    return uniform < val_fraction
+    keys = np.asarray(key_hashes, dtype=np.uint64)
+    salt = splitmix64(np.uint64(seed))
+    out = np.empty(len(keys), dtype=bool)
+    for lo in range(0, len(keys), MASK_BLOCK):  # bounded temporaries at any corpus size
+        mixed = splitmix64(keys[lo : lo + MASK_BLOCK] ^ salt)
+        # Top 53 bits -> a float in [0, 1) exactly representable: a portable comparison.
+        uniform = (mixed >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+        out[lo : lo + MASK_BLOCK] = uniform < val_fraction
+    return out
 
 
 def split_mask(key_hashes: np.ndarray, seed: int, val_fraction: float, split: Split) -> np.ndarray:

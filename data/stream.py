@@ -227,7 +227,7 @@ class CellStream(torch.utils.data.IterableDataset):
             "conditions": list(cfg.condition_columns),
         }  # fmt: skip
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-        digest.update(np.ascontiguousarray(self.source.joinids).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(self.source.joinids)))  # no copy
         return digest.hexdigest()
 
     def __len__(self) -> int:
