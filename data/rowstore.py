@@ -235,7 +235,10 @@ def complete_store(copy: str | Path, block_cells: int = 16384) -> Path:
     if has_row_store(copy) and _meta(folder).get("copy_fingerprint") == manifest["fingerprint"]:
         return folder
     layout = load_layout(folder)
-    if layout is None or has_row_store(copy) or layout.n_cells != manifest["n_cells"]:
+    # Markers number the ingest's blocks: a layout of other blocks (or cells) cannot use them.
+    ingest_layout = layout is not None and (layout.n_cells, layout.block_cells) == (
+        manifest["n_cells"], manifest["block_cells"])  # fmt: skip
+    if not ingest_layout or has_row_store(copy):
         return build_row_store(copy, block_cells)
     marks = progress_dir(copy)
     missing = [b for b in range(layout.n_blocks) if not block_marker(marks, b).is_file()]
