@@ -84,3 +84,12 @@ def fork_training_run(src: Path, dst: Path, step: int) -> Path:
 def fork_run():
     """The `fork_training_run` function, for resume tests."""
     return fork_training_run
+
+
+def read_run_metrics(run_dir: Path) -> dict[int, dict]:
+    """Step -> merged metrics of a run's metrics.jsonl (later lines win, as after a resume)."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], {}).update(row)
+    return out

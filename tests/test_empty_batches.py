@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_run_metrics
 from torch import nn
 
 from data.batch import CsrBatch
@@ -217,14 +218,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
-    return out
-
-
 def _toy_loop(run_dir: Path, world: int, sizes: str, micro: int) -> dict[int, dict]:
     job = [str(REPO / "tests" / "ds_toy_job.py"), "--loop", "--run-dir", str(run_dir)]
     job += ["--loss-log", str(run_dir) + ".jsonl", "--total-steps", "2", "--no-ema"]
@@ -234,7 +227,7 @@ def _toy_loop(run_dir: Path, world: int, sizes: str, micro: int) -> dict[int, di
     else:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
         _run([*launch, "--master_port", str(_free_port()), *job])
-    return _metrics(run_dir)
+    return read_run_metrics(run_dir)
 
 
 @pytest.mark.integration
@@ -297,7 +290,7 @@ def test_vae_zero3_epoch_tail_with_an_empty_rank(pbmc_copy, tmp_path):
     proc = _run([*launch, *args])
     assert "non-finite loss" not in proc.stdout
     assert "threads per rank: 3 (" in proc.stdout + proc.stderr
-    metrics = _metrics(tmp_path / "tail")
+    metrics = read_run_metrics(tmp_path / "tail")
     assert sorted(metrics) == list(range(1, TAIL["steps"] + 1))
     assert all(math.isfinite(m["train/loss"]) and m["train/loss"] > 0 for m in metrics.values())
     # Every training cell once in the epoch, the stand-in never counted.

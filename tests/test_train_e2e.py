@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import read_run_metrics
 
 from data.config import DataConfig
 from data.stream import CellStream
@@ -88,15 +89,6 @@ def _launch(
     return proc
 
 
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    """Step -> merged metrics of the run's metrics.jsonl (later lines win, as after a resume)."""
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
-    return out
-
-
 @pytest.fixture(scope="module")
 def vae_run(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A finished 6-step VAE run at ZeRO-2 on 2 ranks (deepspeed launcher); (run dir, args)."""
@@ -116,7 +108,7 @@ def test_cpu_run_leaves_no_shared_memory(vae_run):
 
 def test_vae_loss_decreases_and_export_is_complete(vae_run):
     run_dir, _ = vae_run
-    metrics = _metrics(run_dir)
+    metrics = read_run_metrics(run_dir)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
     assert metrics[6]["val/nll"] < metrics[3]["val/nll"]
     assert metrics[6]["cells_seen"] == 6 * 16
@@ -142,7 +134,7 @@ def test_model_flops_of_every_step_are_logged(vae_run):
     per_micro = flops(SimpleNamespace(num_tokens=0, num_cells=0))
     per_cell = flops(SimpleNamespace(num_tokens=0, num_cells=1)) - per_micro
     per_token = flops(SimpleNamespace(num_tokens=1, num_cells=0)) - per_micro
-    for row in _metrics(run_dir).values():
+    for row in read_run_metrics(run_dir).values():
         if "perf/model_tflops" not in row:
             continue
         seconds = row["perf/step_s"]
@@ -150,12 +142,12 @@ def test_model_flops_of_every_step_are_logged(vae_run):
         expected = per_token * tokens + per_cell * cfg.batch.global_cells + per_micro * micro
         assert row["perf/model_tflops"] * 1e12 * seconds == pytest.approx(expected, rel=1e-6)
         assert "perf/mfu" not in row  # no known peak on a CPU
-    assert any("perf/model_tflops" in row for row in _metrics(run_dir).values())
+    assert any("perf/model_tflops" in row for row in read_run_metrics(run_dir).values())
 
 
 def _assert_same_steps(got: Path, ref: dict[int, dict], steps: tuple[int, ...]) -> None:
     """Training losses (and validation metrics) of `steps` equal bit for bit."""
-    again = _metrics(got)
+    again = read_run_metrics(got)
     for step in steps:
         assert again[step]["train/loss"] == ref[step]["train/loss"], step
         for key in (k for k in ref[step] if k.startswith("val/")):
@@ -176,7 +168,7 @@ def test_vae_resume_is_exact(vae_run, tmp_path, fork_run):
     args = [*args, f"run.root={tmp_path}", "run.name=resumed"]
     proc = _launch("train_vae.py", args, launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
-    _assert_same_steps(resumed, _metrics(run_dir), (4, 5, 6))
+    _assert_same_steps(resumed, read_run_metrics(run_dir), (4, 5, 6))
     _assert_same_export(resumed, run_dir)
 
 
@@ -184,7 +176,7 @@ def test_vae_resumes_at_another_world_size(vae_run, tmp_path, fork_run):
     """2 ranks -> 1 -> 2 through DeepSpeed universal checkpoints; the stream continues
     elastically (a world size's own batch order, so losses are not compared step by step)."""
     run_dir, args = vae_run
-    full, root = _metrics(run_dir), f"run.root={tmp_path}"
+    full, root = read_run_metrics(run_dir), f"run.root={tmp_path}"
     one = fork_run(run_dir, tmp_path / "world1", 3)
     # One process; a checkpoint every step (all kept) gives a world-1 tag (step 4) to resume from.
     ckpt = ["checkpoint.every_steps=1", "checkpoint.keep_last_k=4"]
@@ -195,7 +187,7 @@ def test_vae_resumes_at_another_world_size(vae_run, tmp_path, fork_run):
     assert "resumed from step_0000004" in proc.stdout
     for run, tag in ((one, "step_0000003"), (two, "step_0000004")):
         assert (run / "checkpoints" / "universal" / tag / COMPLETE).is_file()
-        metrics = _metrics(run)
+        metrics = read_run_metrics(run)
         assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
         assert all(math.isfinite(metrics[s]["train/loss"]) for s in (4, 5, 6))
         assert metrics[6]["cells_seen"] == full[6]["cells_seen"]
@@ -219,7 +211,7 @@ def bf16_killed(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Si
     run_dir = root / "killed"
     ckpt = run_dir / "checkpoints"
     return SimpleNamespace(
-        run_dir=run_dir, args=args, proc=proc, metrics=_metrics(run_dir),
+        run_dir=run_dir, args=args, proc=proc, metrics=read_run_metrics(run_dir),
         latest=read_latest(ckpt), step6={p.name for p in (ckpt / "step_0000006").iterdir()},
         exported=(run_dir / "export").exists(),
     )  # fmt: skip
@@ -311,7 +303,7 @@ def test_dit_trains_from_the_vae_export(vae_run, tmp_path, latents):
         f"stage.latents={latents}",
     ]
     _launch("train_dit.py", args)
-    metrics = _metrics(tmp_path / "dit")
+    metrics = read_run_metrics(tmp_path / "dit")
     assert "val/flow_loss_ema" in metrics[4] and metrics[4]["train/loss"] > 0
     state, config, folder = read_export(tmp_path / "dit" / "export")
     assert config.pop("denoiser") == "dit"
@@ -333,7 +325,7 @@ def test_classifier_trains_from_the_vae_export(vae_run, tmp_path):
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "val/accuracy" in _metrics(tmp_path / "clf")[3]
+    assert "val/accuracy" in read_run_metrics(tmp_path / "clf")[3]
     state, config, folder = read_export(tmp_path / "clf" / "export")
     assert config["num_classes"] == len(
         json.loads((folder / "conditions.json").read_text())["values"]
@@ -432,12 +424,12 @@ def test_vae_zero3_matches_zero2_and_resumes_exactly(vae_run, tmp_path, fork_run
     run_dir, args = vae_run
     z3_args = [*args, "zero.stage=3", f"run.root={tmp_path}"]
     _launch("train_vae.py", [*z3_args, "run.name=z3"], launcher="torchrun")
-    zero2, zero3 = _metrics(run_dir), _metrics(tmp_path / "z3")
+    zero2, zero3 = read_run_metrics(run_dir), read_run_metrics(tmp_path / "z3")
     for step in range(1, 7):
         assert zero3[step]["train/loss"] == pytest.approx(zero2[step]["train/loss"], rel=1e-5)
     resumed = fork_run(tmp_path / "z3", tmp_path / "z3_resumed", 3)
     proc = _launch("train_vae.py", [*z3_args, "run.name=z3_resumed"], launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
-    again = _metrics(resumed)
+    again = read_run_metrics(resumed)
     for step in (4, 5, 6):
         assert again[step]["train/loss"] == zero3[step]["train/loss"], step
