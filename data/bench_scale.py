@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DataConfig.memory_budget_gb (sizes K)")  # fmt: skip
         q.add_argument("--split", default="train", choices=["train", "all"],
                        help="stream split (val_fraction 0: train is every cell)")  # fmt: skip
+        q.add_argument("--chunk-cells", type=int, default=0,
+                       help="DataConfig.chunk_cells of the streams (0: their own)")  # fmt: skip
     run.add_argument("--parts", nargs="+", default=["sweep", "timing", "flat"],
                      choices=["sweep", "timing", "flat"], help="parts to run")  # fmt: skip
     run.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,

@@ -66,6 +66,7 @@ def _stream_config(args: argparse.Namespace) -> DataConfig:
         vocab_path=args.vocab if args.mode == "direct" else "",
         condition_columns=["dataset_id"], micro_batch=args.micro_batch, seed=args.seed,
         reader_threads=args.threads, memory_budget_gb=args.memory_budget_gb,
+        chunk_cells=args.chunk_cells,
     )  # fmt: skip
 
 
@@ -195,7 +196,7 @@ def _worker_argv(kind: str, mode: str, source: str, vocab: str, opts: argparse.N
     argv = [kind, "--mode", mode, "--source", source, "--vocab", vocab,
             "--micro-batch", str(opts.micro_batch), "--seed", str(opts.seed),
             "--threads", str(opts.threads), "--memory-budget-gb", str(opts.memory_budget_gb),
-            "--split", opts.split]  # fmt: skip
+            "--split", opts.split, "--chunk-cells", str(opts.chunk_cells)]  # fmt: skip
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv
