@@ -18,10 +18,11 @@ import tiledbsoma
 
 from data.config import DataConfig
 from data.materialize import open_copy_manifest
+from data.npy_reads import NpyFile
 from data.obs_codes import ObsColumns, hashes_of, present_sorted, read_obs, recode
 from data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from data.rowstore import RowStore, has_row_store
-from data.split import hash_coded_strings, hash_int_keys
+from data.split import hash_coded_strings, hash_int_keys, split_mask
 from data.vocab import GeneVocab, load_labels
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
 
 
 OBS_RANGE = 1 << 19  # obs joinids per read at stream start-up
+SELECT_BLOCK = 1 << 20  # candidates per block of the selection
 
 
 class _Source:
@@ -100,6 +102,28 @@ class _Source:
         self.condition_names = tuple(cfg.condition_columns)
         self._local = threading.local()
         self.joinids = np.zeros(0, dtype=np.int64)  # sorted candidates, set by subclasses
+
+    def select(self, min_genes: int, split: str, key: str, seed: int, fraction: float) -> float:
+        """Keep the candidates with >= `min_genes` genes in `split`; return their mean nnz.
+
+        Works in blocks of SELECT_BLOCK candidates, so the temporaries (nnz, hashes) do not grow
+        with the corpus. The mean is NaN when the source has no per-cell nnz.
+        """
+        keep = np.empty(len(self.joinids), dtype=bool)
+        total, known = 0, False
+        for lo in range(0, len(self.joinids), SELECT_BLOCK):
+            hi = min(lo + SELECT_BLOCK, len(self.joinids))
+            mask = np.ones(hi - lo, dtype=bool)
+            nnz = self._nnz_block(lo, hi)
+            if nnz is not None and min_genes > 0:
+                mask &= nnz >= min_genes
+            if split != "all":
+                mask &= split_mask(self._split_hash_block(key, lo, hi), seed, fraction, split)
+            keep[lo:hi] = mask
+            if nnz is not None:
+                total, known = total + int(nnz[mask].sum()), True
+        self.restrict(keep)
+        return total / len(self.joinids) if known and len(self.joinids) else float("nan")
 
     def _x(self) -> tiledbsoma.SparseNDArray:
         if getattr(self._local, "x", None) is None:
@@ -145,14 +169,15 @@ class CopySource(_Source):
         side = root / "side"
         self.labels = load_labels(root / "labels.json")
         self.vocab_size = len(GeneVocab.load(root / "genes.tsv"))
-        self._library = np.load(side / "library_size.npy", mmap_mode="r")
-        self._nnz = np.load(side / "nnz.npy", mmap_mode="r")
+        self._side_files: dict[Path, NpyFile] = {}  # opened by the selection, closed after it
+        self._obs_split: np.ndarray | None = None  # split hashes read from obs (rare key)
+        self._library = NpyFile(side / "library_size.npy")
+        self._nnz = NpyFile(side / "nnz.npy")
         self._codes = [self._side_codes(side, c) for c in self.condition_names]
         if cfg.obs_filter:
             self.joinids = self._read_obs([]).joinids
         else:
             self.joinids = np.arange(int(self.manifest["n_cells"]), dtype=np.int64)
-        self.nnz = np.asarray(self._nnz[self.joinids])
         self.dropped_genes = 0
         self._rows = self._row_store(root)
 
@@ -174,27 +199,39 @@ class CopySource(_Source):
                 f"condition column {column!r} is not in this training copy (have {have}); "
                 "rematerialize with it or remove it from condition_columns"
             )
-        return np.load(path, mmap_mode="r")
+        return NpyFile(path)
 
     def fingerprint_parts(self) -> dict:
         """Identity of the data: the copy's own fingerprint."""
         return {"copy": self.manifest.get("fingerprint", ""), "n_cells": self.manifest["n_cells"]}
 
-    def split_hashes(self, key: str) -> np.ndarray:
-        """uint64 hash per candidate of the split key (source joinid for soma_joinid)."""
-        root = Path(self.cfg.source)
+    def _nnz_block(self, lo: int, hi: int) -> np.ndarray:
+        return self._nnz.take(self.joinids[lo:hi])
+
+    def _side_file(self, path: Path) -> NpyFile:
+        """An open side array, kept for the selection's blocks (one descriptor per file)."""
+        if path not in self._side_files:
+            self._side_files[path] = NpyFile(path)
+        return self._side_files[path]
+
+    def _split_hash_block(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """uint64 hash of the split key of candidates lo..hi (source joinid for soma_joinid)."""
+        ids, side = self.joinids[lo:hi], Path(self.cfg.source) / "side"
         if key == "soma_joinid":
-            source = np.load(root / "side" / "source_joinid.npy", mmap_mode="r")
-            return hash_int_keys(np.asarray(source[self.joinids]))
-        path = root / "side" / f"codes_{key}.npy"
+            return hash_int_keys(self._side_file(side / "source_joinid.npy").take(ids))
+        path = side / f"codes_{key}.npy"
         if path.is_file() and key in self.labels:
-            codes = np.load(path, mmap_mode="r")[self.joinids]
-            return hash_coded_strings(codes, self.labels[key])
-        return hashes_of(self._read_obs([key]).coded[key])
+            return hash_coded_strings(self._side_file(path).take(ids), self.labels[key])
+        if self._obs_split is None:  # not in side/: read obs once
+            self._obs_split = hashes_of(self._read_obs([key]).coded[key])
+        return self._obs_split[lo:hi]
 
     def restrict(self, mask: np.ndarray) -> None:
         """Keep only the candidates where `mask` is True."""
-        self.joinids, self.nnz = self.joinids[mask], self.nnz[mask]
+        self.joinids, self._obs_split = self.joinids[mask], None
+        for npy in self._side_files.values():
+            npy.close()
+        self._side_files = {}
 
     def read_piece(self, joinids: np.ndarray) -> Piece:
         """Read sorted joinids from the row store, else through TileDB (`read_rows`)."""
@@ -211,8 +248,8 @@ class CopySource(_Source):
         ids = self.joinids[positions]
         cond = np.zeros((len(ids), len(self._codes)), dtype=np.int64)
         for a, codes in enumerate(self._codes):
-            cond[:, a] = codes[ids]
-        return np.asarray(self._library[ids], dtype=np.float32), cond
+            cond[:, a] = codes.take(ids)
+        return self._library.take(ids).astype(np.float32), cond
 
 
 class DirectSource(_Source):
@@ -241,7 +278,7 @@ class DirectSource(_Source):
         obs = self._read_obs([*self.condition_names, *extra], with_nnz=has_nnz)
         self.joinids = obs.joinids
         # obs.nnz counts all measured genes, not only vocabulary genes (documented deviation).
-        self.nnz = obs.nnz
+        self._obs_nnz = obs.nnz
         if cfg.labels_path:
             self.labels = load_labels(cfg.labels_path)
         else:  # derived from the selection: deterministic for a fixed query
@@ -261,17 +298,20 @@ class DirectSource(_Source):
             "labels": self.labels,
         }
 
-    def split_hashes(self, key: str) -> np.ndarray:
-        """uint64 hash per candidate of the split key."""
+    def _nnz_block(self, lo: int, hi: int) -> np.ndarray | None:
+        return None if self._obs_nnz is None else self._obs_nnz[lo:hi]
+
+    def _split_hash_block(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """uint64 hash of the split key of candidates lo..hi."""
         if key == "soma_joinid":
-            return hash_int_keys(self.joinids)
-        return hashes_of(self._split_values[key])
+            return hash_int_keys(self.joinids[lo:hi])
+        codes, values = self._split_values[key]
+        return hashes_of((codes[lo:hi], values))
 
     def restrict(self, mask: np.ndarray) -> None:
-        """Keep only the candidates where `mask` is True."""
+        """Keep only the candidates where `mask` is True; drop what only the selection needed."""
         self.joinids, self._cond = self.joinids[mask], self._cond[mask]
-        self.nnz = None if self.nnz is None else self.nnz[mask]
-        self._split_values = {}
+        self._obs_nnz, self._split_values = None, {}
 
     def read_piece(self, joinids: np.ndarray) -> Piece:
         """Read sorted joinids over all genes; library size before vocabulary mapping."""

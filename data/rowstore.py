@@ -30,6 +30,7 @@ import numpy as np
 import tiledbsoma
 
 from data.materialize import progress_dir
+from data.npy_reads import NpyFile, npy_header
 from data.pipeline import Csr, gather_positions
 from data.validate import IngestError
 from data.vocab import atomic_write_text
@@ -146,18 +147,10 @@ def _preallocate(path: Path, dtype: np.dtype, length: int) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:  # another worker (or an earlier run) created it: keep its rows
-        if _npy_header(path)[1:] != (dtype, (length,)):
+        if npy_header(path)[1:] != (dtype, (length,)):
             raise IngestError(f"{path} has another dtype or shape; delete {path.parent}") from None
     finally:
         tmp.unlink()
-
-
-def _npy_header(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:
-    """(data offset in bytes, dtype, shape) of a .npy file."""
-    with open(path, "rb") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        shape, _, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(fh)
-        return fh.tell(), dtype, shape
 
 
 class RowWriter:
@@ -174,7 +167,7 @@ class RowWriter:
         self._files = {}
         for name in layout.arrays():
             path = Path(folder) / f"{name}.npy"
-            offset, dtype, _ = _npy_header(path)
+            offset, dtype, _ = npy_header(path)
             self._files[name] = (os.open(path, os.O_WRONLY), offset, dtype)
 
     def write(self, b: int, indptr: np.ndarray, tokens: np.ndarray, counts: np.ndarray) -> None:
@@ -318,49 +311,15 @@ def _write_meta(folder: Path, layout: RowLayout, manifest: dict) -> None:
     atomic_write_text(Path(folder) / MARKER, json.dumps(meta, indent=1) + "\n")
 
 
-class _NpyFile:
-    """Positional reads of a .npy file's elements: thread-safe, and never mapped.
-
-    Reading with pread instead of a memory map keeps a rank's RSS flat in the corpus size: the
-    pages it reads stay in the (shared, reclaimable) page cache, not in its resident set, where
-    a map's touched pages and readahead accumulate over an epoch.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.offset, self.dtype, shape = _npy_header(path)
-        self.length = int(np.prod(shape))
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Elements [lo, hi) as a new array."""
-        out = np.empty(max(hi - lo, 0), dtype=self.dtype)
-        view, done = memoryview(out).cast("B"), 0
-        while done < out.nbytes:  # pread may return short counts
-            got = os.preadv(self.fd, [view[done:]], self.offset + lo * self.dtype.itemsize + done)
-            if got == 0:
-                raise IngestError(f"{self.path} ends before element {hi}: the row store is damaged")
-            done += got
-        return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        """The whole array (np.asarray(store.counts)), for checks and tools."""
-        whole = self.read(0, self.length)
-        return whole if dtype is None else whole.astype(dtype)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class RowStore:
     """Reads sorted copy rows from the store's arrays with positional reads."""
 
     def __init__(self, copy: str | Path) -> None:
         folder = row_store_dir(copy)
         self.meta = json.loads((folder / MARKER).read_text())
-        self.indptr = _NpyFile(folder / "indptr.npy")
-        self.genes = _NpyFile(folder / "genes.npy")
-        self.counts = _NpyFile(folder / "counts.npy")
+        self.indptr = NpyFile(folder / "indptr.npy")
+        self.genes = NpyFile(folder / "genes.npy")
+        self.counts = NpyFile(folder / "counts.npy")
 
     def read(self, joinids: np.ndarray) -> Csr:
         """Return the CSR (tokens int32, counts float32) of sorted copy rows `joinids`."""

@@ -36,7 +36,7 @@ from data.pipeline import (
 )
 from data.reader import Piece, open_source
 from data.sampler import LockstepSampler, Restart, RoundPlan, elastic_restart, eval_rounds
-from data.split import Split, split_mask
+from data.split import Split
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: rank-contiguous layout, per-epoch C, restarts (1: global rounds)
@@ -158,8 +158,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.context = tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config)
         self.source = open_source(config, self.context)
         self._select()
-        nnz = self.source.nnz
-        self._mean_nnz = float(np.mean(nnz)) if nnz is not None and len(nnz) else _ASSUMED_NNZ
+        self._mean_nnz = self._mean_nnz if np.isfinite(self._mean_nnz) else _ASSUMED_NNZ
         self._samplers: dict[int, LockstepSampler] = {}
         self._natural_C = stream_layout(config, self.num_cells, self.world_size, self._mean_nnz)[0]
         self._epoch, self._C, self._restarts, self._batch = 0, self._natural_C, (), 0
@@ -201,15 +200,10 @@ class CellStream(torch.utils.data.IterableDataset):
         return len(self.source.joinids)
 
     def _select(self) -> None:
-        cfg, src = self.config, self.source
-        mask = np.ones(len(src.joinids), dtype=bool)
-        if src.nnz is not None and cfg.min_genes > 0:
-            mask &= np.asarray(src.nnz) >= cfg.min_genes
-        if self.split != "all":
-            mask &= split_mask(
-                src.split_hashes(cfg.split_key), cfg.seed, cfg.val_fraction, self.split
-            )
-        src.restrict(mask)
+        cfg = self.config
+        self._mean_nnz = self.source.select(
+            cfg.min_genes, self.split, cfg.split_key, cfg.seed, cfg.val_fraction
+        )
         if self.num_cells == 0:
             raise ValueError(
                 f"no cells selected from {cfg.source} (split={self.split!r}, "
