@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from data.split import hash_strings
+from data.split import hash_coded_strings
 
 
 def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
@@ -31,9 +31,8 @@ def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
 
 def hashes_of(coded: tuple[np.ndarray, list]) -> np.ndarray:
     """uint64 split hash per cell from (codes, values); a null value hashes as ""."""
-    codes, values = coded
-    table = hash_strings([*("" if v is None else v for v in values), ""])
-    return table[codes]  # code -1 (null) takes the last entry, ""
+    codes, values = coded  # code -1 (null) indexes the "" that hash_coded_strings appends
+    return hash_coded_strings(codes, ["" if v is None else v for v in values])
 
 
 @dataclass

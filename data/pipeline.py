@@ -1,4 +1,4 @@
-"""Thread pipeline and vectorized CSR kernels of the stream (loader.md §3.1, §3.6).
+"""Thread pipeline and vectorized CSR kernels of the stream (docs/loader.md, reading).
 
 Each rank runs reader threads (TileDB and numpy release the GIL) plus one assembler thread.
 Rounds are submitted `prefetch_rounds` ahead but yielded strictly in plan order, so the output
@@ -26,11 +26,11 @@ R = TypeVar("R")
 
 # Bytes a round holds per nnz: its read pieces (int32 token, float32 count). Batches are copied
 # out of them a few at a time and the Arrow buffers of a read live for one chunk only; the
-# budget keeps half of the memory for those, side arrays, Python and torch (loader.md §3.6).
+# budget keeps half of the memory for those, side arrays, Python and torch (docs/loader.md).
 BYTES_PER_NNZ = 8
 # Cells per rank per IO round at most, when K is derived. A round's first batch waits for the
 # whole round to be read, so this bounds the first batch after a (re)start: ~3 s for 24,576
-# cells of a Census-layout experiment on 2 cores (docs/loader: benchmark).
+# cells of a Census-layout experiment on 2 cores (README, loader benchmark).
 MAX_ROUND_CELLS = 24576
 BATCH_LOOKAHEAD = 4  # batches gathered ahead of the consumer
 

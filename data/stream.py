@@ -157,8 +157,8 @@ class CellStream(torch.utils.data.IterableDataset):
         tiledb_config = {**DEFAULT_TILEDB_CONFIG, **config.tiledb_config}
         self.context = tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config)
         self.source = open_source(config, self.context)
-        self._select()
-        self._mean_nnz = self._mean_nnz if np.isfinite(self._mean_nnz) else _ASSUMED_NNZ
+        mean_nnz = self._select()
+        self._mean_nnz = mean_nnz if np.isfinite(mean_nnz) else _ASSUMED_NNZ
         self._samplers: dict[int, LockstepSampler] = {}
         self._natural_C = stream_layout(config, self.num_cells, self.world_size, self._mean_nnz)[0]
         self._epoch, self._C, self._restarts, self._batch = 0, self._natural_C, (), 0
@@ -199,9 +199,10 @@ class CellStream(torch.utils.data.IterableDataset):
         """Number of selected cells N (all ranks together)."""
         return len(self.source.joinids)
 
-    def _select(self) -> None:
+    def _select(self) -> float:
+        """Fix the selection; return its mean nnz (NaN when the source has none)."""
         cfg = self.config
-        self._mean_nnz = self.source.select(
+        mean_nnz = self.source.select(
             cfg.min_genes, self.split, cfg.split_key, cfg.seed, cfg.val_fraction
         )
         if self.num_cells == 0:
@@ -210,6 +211,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 f"val_fraction={cfg.val_fraction}, min_genes={cfg.min_genes}, "
                 f"obs_filter={cfg.obs_filter!r}); loosen the filter or the split"
             )
+        return mean_nnz
 
     def _fingerprint(self) -> str:
         cfg = self.config
