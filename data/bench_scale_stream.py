@@ -343,8 +343,9 @@ def run_flat(opts: argparse.Namespace, corpora: dict[int, dict]) -> dict[str, An
                 f"resume matches {row['resume_matches']}",
                 flush=True,
             )
-    keys = ("peak_rss_gb", "rss_anon_gb", "constructed_rss_gb", "startup_s", "construct_s",
-            "resume_first_batch_s", "resume_total_s", "state_dict_chars")  # fmt: skip
+    keys = ("peak_rss_gb", "half_epoch_peak_rss_gb", "rss_anon_gb", "constructed_rss_gb",
+            "startup_s", "construct_s", "resume_first_batch_s", "resume_total_s",
+            "state_dict_chars")  # fmt: skip
     ratios = {}
     for mode, rows in per.items():
         if len(rows) >= 2:

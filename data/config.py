@@ -40,6 +40,9 @@ class DataConfig:
     elastic: Literal["restart_round", "skip_round"] = "restart_round"  # resume with a new W
     drop_last: bool = False  # True: fixed batch size, drop < W*micro_batch cells per epoch
     tiledb_config: dict[str, str] = field(default_factory=dict)  # extra TileDB settings (S3)
+    # False: clear TileDB's statistics every round (kept per query even with statistics off,
+    # they grew a rank by ~10 MB per 1,000 batches); True keeps them for tiledbsoma_stats_dump
+    keep_tiledb_stats: bool = False
 
     def __post_init__(self) -> None:
         """Check cross-field constraints; messages name the field and the fix."""

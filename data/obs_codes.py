@@ -43,15 +43,19 @@ class CodedColumn:
     parts: list[np.ndarray] = field(default_factory=list)
     _index: dict = field(default_factory=dict)
 
-    def add(self, column: pa.ChunkedArray) -> None:
-        """Append a chunk's codes, mapping its local dictionary onto the global values."""
+    def encode(self, column: pa.ChunkedArray) -> np.ndarray:
+        """Return a chunk's int32 codes, mapping its local dictionary onto the global values."""
         codes, local = dictionary_codes(column)
         for value in local:
             if value not in self._index:
                 self._index[value] = len(self.values)
                 self.values.append(value)
         lookup = np.array([self._index[v] for v in local] + [-1], dtype=np.int32)
-        self.parts.append(lookup[codes])
+        return lookup[codes]
+
+    def add(self, column: pa.ChunkedArray) -> None:
+        """Append a chunk's codes."""
+        self.parts.append(self.encode(column))
 
     def codes(self, order: np.ndarray | None) -> np.ndarray:
         """All codes (in joinid order when `order` is given); the parts are released."""

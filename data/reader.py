@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import tiledbsoma
 
 from data.config import DataConfig
 from data.materialize import open_copy_manifest
 from data.npy_reads import NpyFile
-from data.obs_codes import ObsColumns, hashes_of, present_sorted, read_obs, recode
+from data.obs_codes import ObsColumns, hashes_of, read_obs
+from data.obs_select import ObsFold, fold_obs, joinid_dtype
 from data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from data.rowstore import RowStore, has_row_store
 from data.split import hash_coded_strings, hash_int_keys, split_mask
@@ -125,38 +128,56 @@ class _Source:
         self.restrict(keep)
         return total / len(self.joinids) if known and len(self.joinids) else float("nan")
 
+    def ids(self, positions: np.ndarray | slice) -> np.ndarray:
+        """int64 joinids of selection positions (held compact, as uint32 where they fit)."""
+        return self.joinids[positions].astype(np.int64)
+
     def _x(self) -> tiledbsoma.SparseNDArray:
         if getattr(self._local, "x", None) is None:
             exp = tiledbsoma.Experiment.open(self.uri, context=self.context)
             self._local.exp, self._local.x = exp, exp.ms[self.cfg.measurement].X[self.cfg.layer]
         return self._local.x
 
-    def _read_obs(self, columns: list[str], with_nnz: bool = False) -> ObsColumns:
-        """The filtered obs as compact arrays, read chunk by chunk (memory ~20 B per cell)."""
-        with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
-            names = set(exp.obs.schema.names)
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise KeyError(
-                    f"obs of {self.uri} has no column(s) {missing}; have {sorted(names)}"
-                )
-            cols = ["soma_joinid", *columns, *(["nnz"] if with_nnz else [])]
-            return read_obs(self._obs_ranges(exp.obs, cols), columns, with_nnz)
+    def _check_obs_columns(self, obs: tiledbsoma.DataFrame, columns: list[str]) -> None:
+        names = set(obs.schema.names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise KeyError(f"obs of {self.uri} has no column(s) {missing}; have {sorted(names)}")
 
-    def _obs_ranges(self, obs: tiledbsoma.DataFrame, columns: list[str]):
-        """Yield the filtered obs as tables, OBS_RANGE joinids at a time.
+    def _read_obs(self, columns: list[str]) -> ObsColumns:
+        """The filtered obs as compact arrays, read range by range (memory ~12 B per cell)."""
+        with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
+            self._check_obs_columns(exp.obs, columns)
+            ranges = self._obs_ranges(exp.obs, ["soma_joinid", *columns])
+            return read_obs(ranges, columns, with_nnz=False)
+
+    def _query_joinids(self) -> np.ndarray:
+        """Ascending joinids (uint32 where they fit) of the cells that obs_filter keeps."""
+        with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
+            lo, hi = _obs_domain(exp.obs)
+            fold = ObsFold(hi - lo + 1, hi + 1, [], None)
+            ranges = self._obs_ranges(exp.obs, ["soma_joinid"])
+            return fold_obs(ranges, fold, lambda ids, *_: np.ones(len(ids), bool), None).joinids
+
+    def _obs_ranges(self, obs: tiledbsoma.DataFrame, columns: list[str]) -> Iterator[pa.Table]:
+        """Yield the filtered obs as one table per range of OBS_RANGE joinids, ascending.
 
         One unbounded read returns a single table whose TileDB buffers peaked at ~110 B per
         cell; bounded joinid ranges keep that to one range whatever the corpus size.
         """
-        domain = obs.non_empty_domain()
-        if not domain or domain[0] is None or domain[0][0] is None:
-            return
-        lo, hi = (int(v) for v in domain[0])
+        lo, hi = _obs_domain(obs)
         flt = self.cfg.obs_filter or None
         for start in range(lo, hi + 1, OBS_RANGE):
             coords = (slice(start, min(start + OBS_RANGE, hi + 1) - 1),)
-            yield from obs.read(coords=coords, value_filter=flt, column_names=columns)
+            yield obs.read(coords=coords, value_filter=flt, column_names=columns).concat()
+
+
+def _obs_domain(obs: tiledbsoma.DataFrame) -> tuple[int, int]:
+    """(first, last) joinid written in obs; (0, -1) when it is empty."""
+    domain = obs.non_empty_domain()
+    if not domain or domain[0] is None or domain[0][0] is None:
+        return 0, -1
+    return int(domain[0][0]), int(domain[0][1])
 
 
 class CopySource(_Source):
@@ -174,12 +195,18 @@ class CopySource(_Source):
         self._library = NpyFile(side / "library_size.npy")
         self._nnz = NpyFile(side / "nnz.npy")
         self._codes = [self._side_codes(side, c) for c in self.condition_names]
+        n_cells = int(self.manifest["n_cells"])
         if cfg.obs_filter:
-            self.joinids = self._read_obs([]).joinids
-        else:
-            self.joinids = np.arange(int(self.manifest["n_cells"]), dtype=np.int64)
+            self.joinids = self._query_joinids()
+        else:  # uint32 where the joinids fit: 4 B per cell held for the whole run
+            self.joinids = np.arange(n_cells, dtype=joinid_dtype(n_cells))
         self.dropped_genes = 0
         self._rows = self._row_store(root)
+
+    @property
+    def reads_tiledb(self) -> bool:
+        """True when X is read through TileDB (no usable row store)."""
+        return self._rows is None
 
     def _row_store(self, root: Path) -> RowStore | None:
         """The copy's row store when present, enabled and of this copy; else None (TileDB)."""
@@ -274,19 +301,11 @@ class DirectSource(_Source):
         var_ids = var["soma_joinid"].to_numpy()
         self.var_tokens = np.zeros(int(var_ids.max()) + 1 if len(var_ids) else 0, dtype=np.int32)
         self.var_tokens[var_ids] = tokens
-        extra = [] if cfg.split_key == "soma_joinid" else [cfg.split_key]
-        obs = self._read_obs([*self.condition_names, *extra], with_nnz=has_nnz)
-        self.joinids = obs.joinids
-        # obs.nnz counts all measured genes, not only vocabulary genes (documented deviation).
-        self._obs_nnz = obs.nnz
-        if cfg.labels_path:
-            self.labels = load_labels(cfg.labels_path)
-        else:  # derived from the selection: deterministic for a fixed query
-            self.labels = {c: present_sorted(obs.coded[c]) for c in self.condition_names}
-        self._cond = np.zeros((len(self.joinids), len(self.condition_names)), dtype=np.int32)
-        for a, c in enumerate(self.condition_names):
-            self._cond[:, a] = recode(obs.coded[c], self.labels.get(c, []))
-        self._split_values = {k: obs.coded[k] for k in extra}
+        self._has_nnz = has_nnz
+        self.labels: dict[str, list] = {}  # set by select
+        self._cond = np.zeros((0, len(self.condition_names)), dtype=np.int16)
+
+    reads_tiledb = True  # X always comes through TileDB
 
     def fingerprint_parts(self) -> dict:
         """Identity of the data: URI, query, vocabulary and labels."""
@@ -298,20 +317,35 @@ class DirectSource(_Source):
             "labels": self.labels,
         }
 
-    def _nnz_block(self, lo: int, hi: int) -> np.ndarray | None:
-        return None if self._obs_nnz is None else self._obs_nnz[lo:hi]
+    def select(self, min_genes: int, split: str, key: str, seed: int, fraction: float) -> float:
+        """Read the query's obs range by range, keeping only the selected cells; mean nnz.
 
-    def _split_hash_block(self, key: str, lo: int, hi: int) -> np.ndarray:
-        """uint64 hash of the split key of candidates lo..hi."""
-        if key == "soma_joinid":
-            return hash_int_keys(self.joinids[lo:hi])
-        codes, values = self._split_values[key]
-        return hashes_of((codes[lo:hi], values))
+        obs nnz counts all measured genes, not only vocabulary genes (documented deviation).
+        Labels come from every cell of the query (before min_genes and the split), so the train
+        and validation streams of one query share them.
+        """
 
-    def restrict(self, mask: np.ndarray) -> None:
-        """Keep only the candidates where `mask` is True; drop what only the selection needed."""
-        self.joinids, self._cond = self.joinids[mask], self._cond[mask]
-        self._obs_nnz, self._split_values = None, {}
+        def keep(ids: np.ndarray, nnz: np.ndarray | None, hashes: np.ndarray | None):
+            mask = np.ones(len(ids), dtype=bool)
+            if nnz is not None and min_genes > 0:
+                mask &= nnz >= min_genes
+            if split != "all":
+                key_hashes = hash_int_keys(ids) if hashes is None else hashes
+                mask &= split_mask(key_hashes, seed, fraction, split)
+            return mask
+
+        split_column = None if key == "soma_joinid" or split == "all" else key
+        with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
+            columns = [*self.condition_names, *([split_column] if split_column else [])]
+            self._check_obs_columns(exp.obs, columns)
+            lo, hi = _obs_domain(exp.obs)
+            fold = ObsFold(hi - lo + 1, hi + 1, list(self.condition_names), split_column)
+            names = ["soma_joinid", *dict.fromkeys(columns), *(["nnz"] if self._has_nnz else [])]
+            given = load_labels(self.cfg.labels_path) if self.cfg.labels_path else None
+            selected = fold_obs(self._obs_ranges(exp.obs, names), fold, keep, given)
+        self.joinids, self._cond, self.labels = selected.joinids, selected.codes, selected.labels
+        known = selected.nnz_known and len(self.joinids)
+        return selected.nnz_sum / len(self.joinids) if known else float("nan")
 
     def read_piece(self, joinids: np.ndarray) -> Piece:
         """Read sorted joinids over all genes; library size before vocabulary mapping."""

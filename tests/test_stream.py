@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.config import DataConfig
-from data.split import hash_int_keys, val_mask
+from data.split import hash_int_keys, hash_strings, val_mask
 from data.stream import CellStream
 from data.synthetic import SyntheticSpec, var_frame, write_synthetic_experiment
 from data.vocab import GeneVocab
@@ -260,14 +260,16 @@ def census_like(tmp_path_factory) -> tuple[str, Path, sp.csr_matrix]:
     return uri, vocab_path, x
 
 
-def make_direct(census_like, W=1, r=0, **kw) -> CellStream:
+def _direct_base(census_like) -> dict:
     uri, vocab_path, _ = census_like
-    base = dict(
+    return dict(
         source=uri, mode="direct", vocab_path=str(vocab_path), micro_batch=32,
         chunks_per_rank_round=2, reader_threads=2, condition_columns=["dataset_id"],
     )  # fmt: skip
-    base.update(kw)
-    return CellStream(DataConfig(**base), rank=r, world_size=W)
+
+
+def make_direct(census_like, W=1, r=0, **kw) -> CellStream:
+    return CellStream(DataConfig(**{**_direct_base(census_like), **kw}), rank=r, world_size=W)
 
 
 def test_direct_unknown_genes_error_names_gene(census_like):
@@ -392,3 +394,57 @@ def test_reported_empty_tail_direct_mode(tmp_path):
         assert len(selected) > 4800 and np.array_equal(np.sort(seen), np.sort(selected))
         if b == 1:  # an odd tail over 4 ranks leaves some rank an empty last batch
             assert min(batch.num_cells for x in per_rank for batch in x) == 0
+
+
+@pytest.mark.parametrize("split_key", ["soma_joinid", "donor_id"])
+def test_direct_selection_equals_whole_obs_definition(census_like, split_key):
+    """The range-by-range selection keeps exactly the cells a whole-obs read would keep."""
+    uri, flt = census_like[0], "is_primary_data == True"
+    with tiledbsoma.Experiment.open(uri) as exp:
+        obs = exp.obs.read(value_filter=flt).concat().to_pandas().sort_values("soma_joinid")
+    ids, nnz = obs["soma_joinid"].to_numpy(), obs["nnz"].to_numpy()
+    min_genes = int(np.median(nnz))  # drops about half
+    keys = hash_int_keys(ids) if split_key == "soma_joinid" else hash_strings(obs[split_key])
+    kw = dict(unknown_genes="drop", obs_filter=flt, min_genes=min_genes, val_fraction=0.3,
+              split_key=split_key)  # fmt: skip
+    is_val = val_mask(keys, 0, 0.3)
+    for split, in_split in (("train", ~is_val), ("val", is_val)):
+        source = CellStream(DataConfig(**{**_direct_base(census_like), **kw}), split, 0, 1).source
+        np.testing.assert_array_equal(source.ids(slice(None)), ids[(nnz >= min_genes) & in_split])
+        # labels come from the whole query, before min_genes and the split
+        assert source.labels["dataset_id"] == sorted(set(obs["dataset_id"]))
+
+
+def test_fingerprint_does_not_depend_on_the_joinid_dtype(census_like):
+    stream = make_direct(census_like, unknown_genes="drop")
+    assert stream.source.joinids.dtype == np.uint32  # compact: 4 B per selected cell
+    compact = stream._fingerprint()
+    stream.source.joinids = stream.source.joinids.astype(np.int64)
+    assert stream._fingerprint() == compact
+
+
+def _reader_loops(stats) -> int:
+    """Sum of TileDB's Reader loop counters in tiledbsoma_stats_as_py() output."""
+    if isinstance(stats, dict):
+        return sum(
+            v if k.endswith("Reader.loop_num") and isinstance(v, int) else _reader_loops(v)
+            for k, v in stats.items()
+        )
+    return sum(_reader_loops(x) for x in stats) if isinstance(stats, list) else 0
+
+
+def test_tiledb_statistics_are_cleared_every_round_unless_kept(census_like):
+    """TileDB keeps per-query statistics that grew a rank's memory with every batch."""
+    loops = {}
+    tiledbsoma.tiledbsoma_stats_enable()  # makes what the stream clears visible
+    try:
+        for keep in (True, False):
+            tiledbsoma.tiledbsoma_stats_reset()
+            stream = make_direct(census_like, unknown_genes="drop", chunk_cells=64,
+                                 keep_tiledb_stats=keep)  # fmt: skip
+            assert len(list(stream)) > 8  # many rounds
+            loops[keep] = _reader_loops(tiledbsoma.tiledbsoma_stats_as_py())
+    finally:
+        tiledbsoma.tiledbsoma_stats_reset()
+        tiledbsoma.tiledbsoma_stats_disable()
+    assert loops[True] > 4 * max(loops[False], 1)

@@ -18,8 +18,6 @@ layouts hold the same tokens.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import json
@@ -31,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from data.heap import release_freed_heap
 from models.batch import CellBatch
 from models.dit import DiT, DiTConfig
 from models.flow import flow_loss
@@ -56,9 +55,7 @@ def peak_rss_mb() -> float:
 def reset_peak_rss() -> tuple[float, bool]:
     """Trim freed heap, reset the peak mark to the current RSS; return (RSS MiB, was reset)."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc only
-        ctypes.CDLL(libc).malloc_trim(0)  # return freed heap pages: the baseline is live memory
+    release_freed_heap()  # the baseline is live memory, not freed heap pages
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux >= 4.0: VmHWM := current RSS
