@@ -1,4 +1,4 @@
-"""Block B headline metrics of one evaluated set against the real test set (evaluation.md §4).
+"""Block B headline metrics of one evaluated set against the real test set (docs/evaluation.md).
 
 Each value is returned as ``{value, n_real, n_gen, representation, estimator}`` so that no
 number leaves without its sample sizes and representation. Shape legend: N cells, P PCs.

@@ -1,4 +1,4 @@
-"""Block A: paper-compatible recipes of scDiffusion, CFGen and scLDM (evaluation.md §3).
+"""Block A: paper-compatible recipes of scDiffusion, CFGen and scLDM (docs/evaluation.md).
 
 These follow the original definitions so numbers can sit next to published tables; they are
 not what we use to judge models (see Block B in ``protocol``). Shape legend: M real rows,

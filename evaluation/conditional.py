@@ -1,6 +1,7 @@
 """Conditional fidelity: does a classifier trained on real cells recover the condition?
 
-Shape legend: N cells, P principal components.
+Shape legend: N cells, P principal components. Pitfalls cited by number are those of
+docs/evaluation.md, 'Known pitfalls'; the protocol is its Block B metric 7.
 """
 
 from __future__ import annotations

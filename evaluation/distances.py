@@ -1,4 +1,4 @@
-"""Distribution distances between two point clouds (evaluation.md §3-4).
+"""Distribution distances between two point clouds (docs/evaluation.md, Blocks A and B).
 
 Shape legend: x (M, D) real rows, y (N, D) generated rows, D features (usually 30 PCs).
 """

@@ -1,4 +1,6 @@
-"""Offline pbmc68k fixture, stratified split helpers and the known-bad generators (§6, §8).
+"""Offline pbmc68k fixture, stratified split helpers and the known-bad generators.
+
+See docs/evaluation.md, 'Offline fixture' and 'Floors and known-bad sets'.
 
 Shape legend: N cells, G genes. Counts are float arrays holding integers.
 """

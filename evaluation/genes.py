@@ -1,4 +1,4 @@
-"""Gene-level fidelity on log1p-CP10k (evaluation.md §4, metric 6).
+"""Gene-level fidelity on log1p-CP10k (docs/evaluation.md, Block B metric 6).
 
 Shape legend: real (M, G), gen (N, G) log1p-CP10k rows; H HVG indices, most variable first.
 """

@@ -1,4 +1,6 @@
-"""Shared preprocessing P1-P3 of evaluation.md §2: log1p-CP10k, seurat_v3 HVGs, 30-PC projections.
+"""Shared preprocessing P1-P3: log1p-CP10k, seurat_v3 HVGs, 30-PC projections.
+
+Protocol: docs/evaluation.md, 'Preprocessing'.
 
 Shape legend: N cells, G genes, H selected HVGs, P principal components.
 """

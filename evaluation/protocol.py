@@ -1,4 +1,4 @@
-"""Orchestration of evaluation.md: P0-P3, Block A and Block B per seed, floor, known-bad sets.
+"""Orchestration of docs/evaluation.md: P0-P3, Block A and B per seed, floor, known-bad sets.
 
 Every evaluated set (the real-vs-real floor, the known-bad generators and each generated
 model) goes through the identical pipeline against the real test set; every Block B number
@@ -155,7 +155,9 @@ def evaluate_set(ctx: Context, gen: EvalSet) -> dict:
 def known_bad_sets(
     reference: ad.AnnData, test: ad.AnnData, floor: ad.AnnData, config: EvalConfig
 ) -> dict[str, dict[int, EvalSet]]:
-    """Return the Poisson-mean and gene-shuffled sets per seed (evaluation.md §6).
+    """Return the Poisson-mean and gene-shuffled sets per seed.
+
+    See docs/evaluation.md, 'Floors and known-bad sets'.
 
     Poisson-mean: reference class profiles × the test cells' library sizes and labels.
     Gene-shuffled: the floor cells with every gene column permuted.

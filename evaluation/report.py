@@ -1,7 +1,8 @@
 """Report folder: report.json (all settings and values) and report.md (tables).
 
 The markdown always shows the real-vs-real floor and the known-bad rows next to the models,
-with n per side, representation and estimator of every headline metric.
+with n per side, representation and estimator of every headline metric. Pitfalls cited by
+number are those of docs/evaluation.md, 'Known pitfalls'.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Classifier two-sample tests: held-out C2ST AUC, scDiffusion RF AUC, 1-NN LOO accuracy.
 
-Shape legend: real (M, D), gen (N, D); label 1 = real, 0 = generated.
+Shape legend: real (M, D), gen (N, D); label 1 = real, 0 = generated. Pitfalls cited by number
+are those of docs/evaluation.md, 'Known pitfalls'.
 """
 
 from __future__ import annotations

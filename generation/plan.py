@@ -80,7 +80,8 @@ def _repeat_seeds(values: dict[str, np.ndarray], n: int, seeds: Sequence[int]):
 class LibrarySizes:
     """Draws ℓ per row: from the export's log-normal statistics, or a fixed value.
 
-    Statistics (model.md §4.7): log ℓ ~ N(μ_c, σ_c²) of the first requested attribute whose value
+    Statistics (docs/model.md, 'Generation'): log ℓ ~ N(μ_c, σ_c²) of the first requested
+    attribute whose value
     has at least MIN_STATS_CELLS training cells, else the global statistic.
     """
 

@@ -1,4 +1,6 @@
-"""One batch of generation: noise -> guided ODE -> latents -> chunked NB decode (model.md §4.7).
+"""One batch of generation: noise -> guided ODE -> latents -> chunked NB decode.
+
+Pipeline: docs/model.md, 'Generation'.
 
 Shape legend: B cells of the batch, M latent tokens, D latent width, G genes, A attributes.
 """
@@ -29,7 +31,10 @@ from models.likelihoods import sample_nb
 
 @dataclass
 class GuidanceConfig:
-    """Guidance of one run (model.md §4.5, §5.2, §5.3)."""
+    """Guidance of one run.
+
+    See docs/model.md, 'Classifier-free guidance', 'Classifier guidance' and 'Interpolation'.
+    """
 
     cfg_mode: str = ""  # joint | additive; "" = joint where the dropout scheme allows it
     cfg_weights: dict[str, float] = field(default_factory=dict)  # per attribute, default 1.0

@@ -12,7 +12,8 @@ One dispatch point, three backends:
     ``reference``  explicit softmax(Q K^T / sqrt(Dh)) V in fp32 with masking (tests, debugging).
 ``auto`` picks ``flash`` for packed (varlen) inputs on CUDA when ``flash_attn`` is importable and
 the inputs are half precision, else ``sdpa``. Masks use True = real key. A row whose keys are all
-masked is undefined (NaN); the data loader's ``min_genes`` filter prevents it.
+masked is undefined (NaN); the data loader's ``min_genes`` filter prevents it. REF in docstrings
+is the scLDM reference implementation (docs/model.md, 'Tags'), whose parameter names we keep.
 """
 
 from __future__ import annotations

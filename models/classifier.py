@@ -1,9 +1,9 @@
-"""Noisy-latent classifier for classifier guidance (scDiffusion `HALF_MLP`, model.md §5.1).
+"""Noisy-latent classifier for classifier guidance (scDiffusion `HALF_MLP`).
 
 One classifier per attribute, trained on x_t = t·z + (1 − t)·ε with t ~ U[0, 1] (the flow
-path, t = 1 is data) and cross-entropy on the label.
+path, t = 1 is data) and cross-entropy on the label (docs/model.md, 'Noisy-latent classifiers').
 
-Shape legend (model.md §1):
+Shape legend (docs/model.md, 'Notation'):
     B  cells
     M  latent tokens
     D  latent width per token

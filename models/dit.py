@@ -1,6 +1,8 @@
-"""Latent Diffusion Transformer (adaLN-Zero DiT) predicting the flow velocity (model.md §4.1-4.2).
+"""Latent Diffusion Transformer (adaLN-Zero DiT) predicting the flow velocity.
 
-Shape legend (model.md §1):
+Spec: docs/model.md, 'Latent DiT' and 'Conditioning and null tokens'.
+
+Shape legend (docs/model.md, 'Notation'):
     B  cells
     M  latent tokens (the VAE's inducing points)
     D  latent width per token
@@ -10,7 +12,8 @@ Shape legend (model.md §1):
 Parameter names follow the scLDM reference (`input_proj`, `pos_embed`, `t_embedder.mlp`,
 `blocks.i.{ln_1, attn.c_attn, attn.c_proj, mlp.w1, mlp.w2, mlp.c_proj, adaln_modulation.1}`,
 `final_layer.{adaln_modulation.1, linear}`) so its checkpoints map key for key; only its label
-tables (a dict by attribute name) become `cond_embedder.tables.<index>`.
+tables (a dict by attribute name) become `cond_embedder.tables.<index>`. REF below is that
+reference implementation (docs/model.md, 'Tags').
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Timestep and condition embeddings, null tokens and condition dropout for the denoisers.
 
-Shape legend (model.md §1):
+Shape legend (docs/model.md, 'Notation'):
     B  cells in a micro-batch
     A  condition attributes; labels are (B, A) int64, code == vocab_sizes[a] is attribute a's null
     W  width of the embedding (DiT width, or the skip-MLP / classifier time width)
     F  number of sinusoidal frequency channels fed to the timestep MLP
+
+REF is the reference implementation (docs/model.md, 'Tags').
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def drop_conditions(
 ) -> torch.Tensor:
     """Return a copy of labels (B, A) with codes replaced by null tokens for CFG training.
 
-    Schemes (model.md §4.2): `joint` one Bernoulli(prob) per cell nulls every attribute;
+    Schemes (docs/model.md, 'Condition dropout'): `joint` one Bernoulli(prob) per cell nulls
+    every attribute;
     `per_batch_attribute` (REF `mutually_exclusive`) picks one attribute for the whole batch,
     nulls all others, and nulls the chosen one per cell with probability prob; `independent`
     nulls each (cell, attribute) with probability prob. Random draws come from `generator`

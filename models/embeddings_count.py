@@ -1,4 +1,4 @@
-"""Gene-and-count token embeddings for the VAE encoder (model.md §3.2).
+"""Gene-and-count token embeddings for the VAE encoder (docs/model.md, 'Count embeddings').
 
 Shape legend:
     ...  any leading token dims: (T,) packed or (B, S) padded
@@ -6,7 +6,8 @@ Shape legend:
     K    soft bins (softbin)
 
 Names follow the scLDM reference (``gene_embedding``, ``projection.mix``,
-``projection.count_embedding``) so its checkpoints map key for key.
+``projection.count_embedding``) so its checkpoints map key for key. REF below is that
+reference implementation, PAPER the scLDM paper (docs/model.md, 'Tags').
 """
 
 from __future__ import annotations

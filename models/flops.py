@@ -1,6 +1,8 @@
-"""Analytic FLOP counts of the VAE and the DiT (model.md §3, §4.1, §7), pure arithmetic.
+"""Analytic FLOP counts of the VAE and the DiT, pure arithmetic.
 
-Shape legend (model.md §1):
+Architectures: docs/model.md, 'VAE', 'Latent DiT' and 'Numerics and memory'.
+
+Shape legend (docs/model.md, 'Notation'):
     B   cells in a micro-batch        S   expressed genes of a cell (encoder set size)
     G   decoded genes                 M   latent tokens (inducing points)
     D   latent width per token        E   VAE width           W   DiT width
@@ -29,7 +31,8 @@ if TYPE_CHECKING:  # type hints only: this module does not need torch at run tim
     from models.vae import VAEConfig
 
 TRAIN_FACTOR = 3  # forward + backward ≈ 3 x forward (two products per product in backward)
-# Encoder count embeddings (model.md §3.2) that are elementwise, i.e. cost no matmul FLOPs.
+# Encoder count embeddings (docs/model.md, 'Count embeddings') that are elementwise, i.e. cost
+# no matmul FLOPs.
 _ELEMENTWISE_EMBEDDINGS = ("log1p_mul", "log1pzero", "anscombe", "sqrt")
 _SOFTBIN_HIDDEN, _SOFTBIN_BINS = 64, 10  # models.embeddings_count.SoftBinProjection defaults
 
@@ -87,7 +90,7 @@ def _self_attention_stack(layers: int, tokens: int, width: int, hidden: int) -> 
 
 
 def _count_embedding_flops(kind: str, S: int, E: int) -> float:
-    """Matmul FLOPs of the encoder's count embedding over S tokens (model.md §3.2)."""
+    """Matmul FLOPs of the count embedding over S tokens (docs/model.md, 'Count embeddings')."""
     if kind in _ELEMENTWISE_EMBEDDINGS:
         return 0.0
     if kind == "proj":  # Linear(1 -> E)
@@ -141,7 +144,7 @@ def vae_decoder_gene_flops(cfg: VAEConfig, G: int) -> FlopCount:
         "gene_mlp": 6.0 * G * E * F,
         "head": 2.0 * G * E,  # Linear(E -> 1)
     }
-    step = {"gene_q": 2.0 * G * E * E}  # LN_q(E[g]) W_q hoisted: once per step (model.md §3.5)
+    step = {"gene_q": 2.0 * G * E * E}  # LN_q(E[g]) W_q once per step (docs/model.md, 'Decoder')
     return FlopCount(cell, step)
 
 

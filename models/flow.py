@@ -4,9 +4,10 @@ The network, the objective and the samplers are separate (the DiT/SiT split): an
 `model(x, t, labels) -> v` trains with `flow_loss`, and any velocity callable `(x, t) -> v`
 (a plain model, an EMA copy, CFG or classifier guidance) integrates with `sample`.
 
-Path (model.md §4.3): t = 0 is noise, t = 1 is data, x_t = t·z + (1 − t)·ε, target u = z − ε.
+Path (docs/model.md, 'Flow matching'): t = 0 is noise, t = 1 is data, x_t = t·z + (1 − t)·ε,
+target u = z − ε. REF is the reference implementation (docs/model.md, 'Tags').
 
-Shape legend (model.md §1):
+Shape legend (docs/model.md, 'Notation'):
     B  cells
     M  latent tokens
     D  latent width per token
@@ -116,7 +117,8 @@ def velocity_from_model(
 ) -> VelocityFn:
     """Return v(x, t) = net(x, t, labels) with net the EMA copy when given, else the model.
 
-    Generation defaults to EMA weights (model.md §4.4, REF pitfall 3): pass the EMA module.
+    Generation defaults to EMA weights (docs/model.md, 'Samplers'; REF sampled with the raw
+    weights, see 'Deviations from the reference'): pass the EMA module.
     """
     net = ema if ema is not None else model
 

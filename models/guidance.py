@@ -2,9 +2,10 @@
 
 Every function here returns a velocity callable `(x, t) -> v` that the samplers of
 `models/flow.py` integrate. Write v(S) for the velocity with the attributes in S given and the
-others null (model.md §4.5).
+others null (docs/model.md, 'Classifier-free guidance'). REF is the reference implementation
+(docs/model.md, 'Tags').
 
-Shape legend (model.md §1):
+Shape legend (docs/model.md, 'Notation'):
     B  cells
     M  latent tokens
     D  latent width per token
@@ -25,8 +26,9 @@ from models.embeddings import CFG_DROPOUT_SCHEMES, CfgDropoutScheme, null_labels
 from models.flow import ModelFn, VelocityFn
 
 GuidanceMode = Literal["joint", "additive"]
-# Which guidance modes a dropout scheme trains for (model.md §4.5): joint dropout never shows the
-# model a single attribute alone, per-batch-attribute dropout never shows two together.
+# Which guidance modes a dropout scheme trains for (docs/model.md, 'Classifier-free guidance'):
+# joint dropout never shows the model a single attribute alone, per-batch-attribute dropout
+# never shows two together.
 VALID_GUIDANCE: dict[str, tuple[str, ...]] = {
     "joint": ("joint",),
     "per_batch_attribute": ("additive",),
@@ -172,7 +174,8 @@ def classifier_guided_velocity(
     """Return ṽ(x, t) = v(x, t) + ((1 − t)/t)·Σ_k s_k ∇_x log p_k(y_k | x, t).
 
     Adding s·∇ log p to the score of the linear path changes the velocity by s(1 − t)/t times
-    that gradient (model.md §5.2). The factor diverges at t → 0, hence t_min and max_factor.
+    that gradient (docs/model.md, 'Classifier guidance'). The factor diverges at t → 0, hence
+    t_min and max_factor.
     `velocity` may itself be a CFG velocity (guidance is then applied to ṽ). Use with the
     fixed-grid samplers: the switch at t_min is a discontinuity an adaptive solver dislikes.
     """

@@ -6,7 +6,8 @@ Shape legend:
     N   positions of a sin-cos table
 
 Parameter names follow the scLDM reference (``ln_1``, ``ln_2``, ``attn``, ``mlp``, ``w1``,
-``w2``, ``c_proj``) so its checkpoints map key for key.
+``w2``, ``c_proj``) so its checkpoints map key for key. REF below is that reference
+implementation (docs/model.md, 'Tags').
 """
 
 from __future__ import annotations

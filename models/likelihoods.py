@@ -1,11 +1,12 @@
-"""Count likelihoods of the VAE decoder, all evaluated in fp32 (model.md §3.6, §6 #6).
+"""Count likelihoods of the VAE decoder, all evaluated in fp32 (docs/model.md, 'Likelihoods').
 
 Shape legend:
     B   cells                  G   decoded genes (or a chunk of them)
     E   decoder width          V   vocabulary size (tokens 1..V, 0 = PAD)
 
 Every function here leaves autocast (``torch.autocast(enabled=False)``) and upcasts with
-``.float()``: lgamma, log-sum-exp and θ lose too much precision in bf16.
+``.float()``: lgamma, log-sum-exp and θ lose too much precision in bf16 (docs/model.md,
+'Numerics and memory'). REF is the reference implementation (docs/model.md, 'Tags').
 """
 
 from __future__ import annotations

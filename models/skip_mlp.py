@@ -1,4 +1,6 @@
-"""scDiffusion-style skip-connected MLP denoiser on the flattened latent (model.md §5.4).
+"""scDiffusion-style skip-connected MLP denoiser on the flattened latent.
+
+Spec: docs/model.md, 'MLP denoiser'.
 
 A drop-in alternative to the DiT: same forward signature `(x, t, labels) -> v`, same flow
 objective and samplers. Differences from scDiffusion's `MLP` (all OURS): separate LayerNorms per
@@ -6,7 +8,7 @@ layer (it shares one between layers of equal width), no unused dropout, widths f
 configurable (it ignores the 4th entry of its list), optional condition embeddings summed with
 the time embedding so CFG works, and a zero-initialised output layer (the denoiser starts at 0).
 
-Shape legend (model.md §1):
+Shape legend (docs/model.md, 'Notation'):
     B  cells
     M  latent tokens
     D  latent width per token

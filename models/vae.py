@@ -1,4 +1,4 @@
-"""Stage 1: set-transformer VAE with a gene-query decoder and an NB likelihood (model.md §3).
+"""Stage 1: set-transformer VAE with a gene-query decoder and an NB likelihood.
 
 Shape legend:
     B   cells                  T   packed tokens (expressed genes)     S   padded length
@@ -9,7 +9,8 @@ Shape legend:
 Module and parameter names mirror the scLDM reference (``input_layer``, ``encoder.ca_layer``,
 ``encoder.encoder_layers``, ``decoder.decoder_cross_attention``, ``decoder_head``) so its
 checkpoints map key for key; the default configuration has exactly its parameter count,
-33 (V + 1) + 230,305.
+33 (V + 1) + 230,305. REF below is that reference implementation (docs/model.md, 'Tags').
+Spec: docs/model.md, 'VAE'.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class VAEConfig:
     num_cross_heads: int = 4  # heads of the MCAB and gene-query cross-attention
     num_inducing_points: int = 16  # M, latent tokens per cell
     latent_dim: int = 16  # D, latent width per token
-    count_embedding: CountEmbedding = "log1p_mul"  # token = f(E[g], count), see §3.2
+    count_embedding: CountEmbedding = "log1p_mul"  # f(E[g], c): docs/model.md, 'Count embeddings'
     posterior: Posterior = "deterministic"  # deterministic (REF autoencoder) or gaussian
     beta: float = 0.0  # weight of KL(q(z|x) || N(0, I)); only used with a gaussian posterior
     logvar_min: float = -10.0  # clamp of the predicted log σ² (gaussian posterior)
