@@ -17,7 +17,6 @@ data/shuffle_spill.py for the spill.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -26,11 +25,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from tqdm import tqdm
 
 from data import materialize as mat
 from data import shuffle_spill as spill
+from data.leftovers import remove_leftovers
 from data.rowstore import (
     RowLayout,
     RowWriter,
@@ -39,88 +38,13 @@ from data.rowstore import (
     load_layout,
     row_store_dir,
 )
-from data.sources import Source, parse_source
-from data.validate import IngestError, check_feature_ids
+from data.sources import Source, parse_source, same_source
+from data.validate import IngestError
 
 if TYPE_CHECKING:
     import tiledbsoma
 
 logger = logging.getLogger(__name__)
-
-
-def stage_h5ads(paths: Sequence[str], uri: str, layer: str | None = None) -> str:
-    """Register and append h5ad files into one SOMA experiment at uri (reused when complete).
-
-    Counts come from `layers[layer]` if given, else `.raw.X` if present, else `.X`. feature_id is
-    var["feature_id"] if present, else the var index; dataset_id defaults to the file stem.
-    Memory: one file at a time is loaded (registration reads obs/var only).
-    """
-    import tiledbsoma.io
-
-    marker = Path(uri + ".complete.json")
-    if marker.is_file() and json.loads(marker.read_text()) == {
-        "paths": list(paths),
-        "layer": layer,
-    }:
-        return uri
-    if Path(uri).exists():
-        shutil.rmtree(uri)
-    Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    # The experiment must exist before registration: create its schema from the first file.
-    first = _h5ad_counts(paths[0], layer, 0, len(paths), with_x=True)
-    tiledbsoma.io.from_anndata(
-        uri, first, measurement_name="RNA", X_layer_name="raw", ingest_mode="schema_only"
-    )
-    del first
-    metas = [_h5ad_counts(p, layer, i, len(paths), with_x=False) for i, p in enumerate(paths)]
-    rd = tiledbsoma.io.register_anndatas(
-        uri, metas, measurement_name="RNA", obs_field_name="obs_id", var_field_name="var_id"
-    )
-    rd.prepare_experiment(uri)
-    for i, path in enumerate(paths):
-        adata = _h5ad_counts(path, layer, i, len(paths), with_x=True)
-        tiledbsoma.io.from_anndata(
-            uri, adata, measurement_name="RNA", X_layer_name="raw", registration_mapping=rd
-        )
-        logger.info("staged %s (%d cells)", path, adata.n_obs)
-    marker.write_text(json.dumps({"paths": list(paths), "layer": layer}))
-    return uri
-
-
-def _h5ad_counts(path: str, layer: str | None, index: int, n_files: int, with_x: bool):
-    """AnnData with counts in X (or no X), Census-named obs/var; validates gene ids."""
-    import anndata as ad
-    import scipy.sparse as sp
-
-    src = ad.read_h5ad(path, backed="r")
-    use_raw = layer is None and src.raw is not None
-    var_src = src.raw.var if use_raw else src.var
-    ids = var_src["feature_id"] if "feature_id" in var_src.columns else var_src.index
-    ids = check_feature_ids(list(ids), f"{path} var")
-    names = var_src["feature_name"].astype(str).tolist() if "feature_name" in var_src else ids
-    var = ad.AnnData(var=var_src.copy()).var
-    var.index = ids
-    var.index.name = "var_id"
-    var["feature_id"], var["feature_name"] = ids, names
-    obs = src.obs.copy()
-    if "dataset_id" not in obs.columns:
-        obs["dataset_id"] = Path(path).stem
-        logger.info("%s: no dataset_id column; using the file stem", path)
-    # Obs ids must be unique across files for registration; prefix them when there are several.
-    obs.index = [f"{index}:{x}" if n_files > 1 else str(x) for x in obs.index]
-    obs.index.name = "obs_id"
-    if not with_x:
-        src.file.close()
-        return ad.AnnData(obs=obs, var=var)
-    if layer is not None:
-        if layer not in src.layers:
-            raise IngestError(f"{path}: layer {layer!r} not found; layers: {list(src.layers)}")
-        X = src.layers[layer]
-    else:
-        X = src.raw.X if use_raw else src.X
-    X = sp.csr_matrix(X[:] if hasattr(X, "shape") else X, dtype=np.float32)
-    src.file.close()
-    return ad.AnnData(X=X, obs=obs, var=var)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +125,17 @@ def _get_plan(args, source: Source, opts: mat.CopyOptions, out: Path) -> dict:
             diff.append("source")
         if diff:
             raise IngestError(f"{out}: options {diff} differ from the interrupted ingest's plan")
-        return plan
+        changed = source.changed_inputs(out)
+        if not changed:
+            return plan
+        if args.worker_index != 0:
+            raise IngestError(
+                f"{changed[0]} changed since the interrupted ingest into {out} began; rerun "
+                "worker 0 with --resume first (it starts over from the new content), then this one"
+            )
+        logger.warning("%s changed since the interrupted ingest began: starting over from its "
+                       "current content", changed[0])  # fmt: skip
+        shutil.rmtree(mat.progress_dir(out))  # the plan and spill describe the old content
     if args.worker_index == 0:
         shutil.rmtree(row_store_dir(out), ignore_errors=True)  # no plan: none of it is trusted
         source.prepare(out)
@@ -220,7 +154,23 @@ def _finish(out: Path, args: argparse.Namespace) -> dict:
     manifest = mat.finalize(out)
     if not args.no_row_store:
         complete_store(out)
+    remove_leftovers(out)
     return manifest
+
+
+def _resume_complete(out: Path, source: Source, args: argparse.Namespace) -> dict:
+    """--resume on a finished copy: only the same source may claim it; tidy what a kill left."""
+    manifest = mat.open_copy_manifest(out)
+    if not same_source(manifest["source"], source.describe()):
+        raise IngestError(
+            f"{out} is a finished copy of source {manifest['source']['source']!r}, not of "
+            f"{source.text!r}; choose another --out for the new source"
+        )
+    logger.info("%s is already a complete training copy", out)
+    if not args.no_row_store:
+        complete_store(out)
+    remove_leftovers(out)
+    return mat.open_copy_manifest(out)
 
 
 def _row_writer(out: Path, plan: dict) -> RowWriter:
@@ -244,15 +194,12 @@ def run(args: argparse.Namespace) -> dict | None:
     out = Path(args.out)
     if args.finalize:
         return _finish(out, args)
-    if (out / "manifest.json").is_file():
-        if args.resume:
-            logger.info("%s is already a complete training copy", out)
-            if not args.no_row_store:
-                complete_store(out)
-            return mat.open_copy_manifest(out)
-        raise IngestError(f"{out} already holds a complete training copy; choose another --out")
     tiledb_config = dict(kv.split("=", 1) for kv in args.tiledb_config)
     source = parse_source(args.source, args.organism, args.census_uri, args.layer, tiledb_config)
+    if (out / "manifest.json").is_file():
+        if args.resume:
+            return _resume_complete(out, source, args)
+        raise IngestError(f"{out} already holds a complete training copy; choose another --out")
     opts = _options(args, source)
     plan = _get_plan(args, source, opts, out)
     if not all(mat.block_done(out, b) for b in range(plan["n_blocks"])):

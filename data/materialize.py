@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import tiledbsoma
 
 from data import soma
+from data.copy_files import damaged, non_row_files, record_files, sampling_recipe
 from data.validate import IngestError, check_obs_columns, select_genes
 from data.vocab import GeneVocab, atomic_write_text, encode_labels, save_labels
 
@@ -361,6 +362,10 @@ def finalize(out: Path) -> dict:
     digest.update(vocab.fingerprint().encode())
     digest.update(json.dumps(plan, sort_keys=True).encode())
     manifest = _manifest(plan, vocab.fingerprint(), digest.hexdigest())
+    # Records of every file but the row store, which is written after the manifest and adds its
+    # own (copy_files.record_row_store). The fingerprint above does not depend on them.
+    manifest["files"] = record_files(out, non_row_files(out))
+    manifest["file_sample"] = sampling_recipe()
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     # Only now is the spill redundant; two workers may finalize at once, hence ignore_errors.
     shutil.rmtree(spill_dir(out), ignore_errors=True)
@@ -440,7 +445,12 @@ def open_copy_manifest(path: str | os.PathLike) -> dict:
             f"{path} is not a complete training copy: manifest.json is missing (the ingest failed "
             "or is still running); rerun ingest with --resume"
         )
-    data = json.loads(manifest.read_text())
+    try:
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(path, f"manifest.json is truncated or not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise damaged(path, "manifest.json does not hold a JSON object")
     if data.get("format_version") != FORMAT_VERSION:
         raise IngestError(
             f"{path}: training copy format_version {data.get('format_version')} is not "

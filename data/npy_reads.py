@@ -18,10 +18,14 @@ TAKE_GAP = 4096  # ids this close are read in one call (a few KB extra beats ano
 
 
 def npy_header(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:
-    """(data offset in bytes, dtype, shape) of a .npy file."""
+    """(data offset in bytes, dtype, shape) of a .npy file; IngestError names a garbage one."""
     with open(path, "rb") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        shape, _, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(fh)
+        try:
+            major, _ = np.lib.format.read_magic(fh)
+            shape, _, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(fh)
+        except (ValueError, EOFError, SyntaxError, AttributeError) as err:
+            # numpy raises several types for a damaged header; the caller needs the file's name
+            raise IngestError(f"{path} is not a valid .npy file ({err}): it is damaged") from None
         return fh.tell(), dtype, shape
 
 

@@ -26,6 +26,7 @@ from data.obs_select import ObsFold, fold_obs, joinid_dtype
 from data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from data.rowstore import RowStore, has_row_store
 from data.split import hash_coded_strings, hash_int_keys, split_mask
+from data.verify import check_at_open, rows_in_use
 from data.vocab import GeneVocab, load_labels
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ class CopySource(_Source):
     def __init__(self, cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
         root = Path(cfg.source)
         self.manifest = open_copy_manifest(root)  # refuses a folder without manifest.json
+        # Sizes and sampled checksums of the files it will read: damage is named, not streamed.
+        check_at_open(root, self.manifest, rows_in_use(root, self.manifest, cfg.row_store))
         super().__init__(cfg, context, str(root / "experiment"))
         side = root / "side"
         self.labels = load_labels(root / "labels.json")

@@ -19,6 +19,7 @@ store get one from `python -m data.rowstore COPY` (one pass over X). Shape legen
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tiledbsoma
 
+from data.copy_files import record_row_store, rows_recorded
 from data.materialize import progress_dir
 from data.npy_reads import NpyFile, npy_header
 from data.pipeline import Csr, gather_positions
@@ -38,6 +40,7 @@ from data.vocab import atomic_write_text
 log = logging.getLogger(__name__)
 
 FOLDER, MARKER, LAYOUT = "rows", "rows.json", "layout.json"
+LOCK = ".rows.lock"  # held while the store is built from X
 UINT16_MAX = np.iinfo(np.uint16).max
 PWRITE_MAX = 1 << 30  # bytes per os.pwrite call: Linux writes at most ~2 GiB per call
 
@@ -226,6 +229,8 @@ def complete_store(copy: str | Path, block_cells: int = 16384) -> Path:
     copy, folder = Path(copy), row_store_dir(copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     if has_row_store(copy) and _meta(folder).get("copy_fingerprint") == manifest["fingerprint"]:
+        if "files" in manifest and not rows_recorded(manifest):  # killed before recording
+            record_row_store(copy)
         return folder
     layout = load_layout(folder)
     # Markers number the ingest's blocks: a layout of other blocks (or cells) cannot use them.
@@ -240,6 +245,7 @@ def complete_store(copy: str | Path, block_cells: int = 16384) -> Path:
                     len(missing), layout.n_blocks)  # fmt: skip
         _fill_from_x(copy, RowWriter(folder, layout, marks), missing)
     _write_meta(folder, layout, manifest)
+    record_row_store(copy)
     return folder
 
 
@@ -249,6 +255,34 @@ def build_row_store(copy: str | Path, block_cells: int = 16384) -> Path:
     Counts go to uint16 when they all fit (integers below 65,536), else to float32.
     """
     copy = Path(copy)
+    with open(copy / LOCK, "a") as lock:
+        # Builders take turns, so a temporary folder seen under the lock belongs to a builder
+        # that was killed: it is removed here, not left behind (it is as large as the store).
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_build_folders(copy)
+        return _build_row_store(copy, block_cells)
+
+
+def remove_interrupted_builds(copy: str | Path) -> None:
+    """Remove temporary folders of killed row-store builds, unless a build is running now."""
+    copy = Path(copy)
+    with open(copy / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live build holds the lock; its folder is not stale
+            return
+        _remove_build_folders(copy)
+
+
+def _remove_build_folders(copy: Path) -> None:
+    """Remove `.rows.tmp<pid>` folders; call with the build lock held."""
+    for stale in copy.glob(f".{FOLDER}.tmp*"):
+        log.warning("removing %s, left by an interrupted row-store build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build_row_store(copy: Path, block_cells: int) -> Path:
+    """build_row_store's work, under its lock."""
     manifest = json.loads((copy / "manifest.json").read_text())
     n, n_genes = int(manifest["n_cells"]), int(manifest["n_genes"])
     nnz = np.load(copy / "side" / "nnz.npy").astype(np.int64)
@@ -268,6 +302,7 @@ def build_row_store(copy: str | Path, block_cells: int = 16384) -> Path:
         _write_meta(tmp, layout, manifest)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+        record_row_store(copy)
         return out
     raise AssertionError("unreachable: float32 holds every count")
 

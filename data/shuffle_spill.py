@@ -46,7 +46,7 @@ import tiledbsoma
 
 from data import materialize as mat
 from data import soma
-from data.validate import check_counts
+from data.validate import check_counts, library_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def scatter_chunk(exp: tiledbsoma.Experiment, out: Path, plan: dict, c: int) -> 
     X, changed = check_counts(X, ids, opts["round_counts"])
     if changed:
         logger.warning("chunk %d: rounded/clipped %d count values (--round-counts)", c, changed)
-    library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
+    library = library_sizes(X, ids, plan["source"]["source"])
     keep = np.searchsorted(var_all, np.load(prog / "var_keep.npy"))
     if keep.size != var_all.size:
         X = X[:, keep]

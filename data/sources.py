@@ -81,9 +81,17 @@ class Source:
 
             write_synthetic_experiment(uri, self.text)
         elif self.kind == "h5ad":
-            from data.ingest import stage_h5ads  # lazy: ingest imports this module
+            from data.h5ad_stage import stage_h5ads
 
             stage_h5ads(self.paths, uri, self.layer)
+
+    def changed_inputs(self, out: Path) -> list[str]:
+        """Input files that differ from what was staged in out (none for other sources)."""
+        if self.kind != "h5ad":
+            return []  # builtins are regenerated identically; other sources are read directly
+        from data.h5ad_stage import changed_inputs
+
+        return changed_inputs(self.paths, str(self.staging_uri(out)))
 
     @contextlib.contextmanager
     def open(self, out: Path) -> Iterator[tiledbsoma.Experiment]:
@@ -101,6 +109,19 @@ class Source:
         uri = self.staging_uri(out) or self.uri
         with soma.open_experiment(uri, ctx) as exp:
             yield exp
+
+
+def same_source(recorded: dict, current: dict) -> bool:
+    """Whether two `Source.describe()` records name the same data.
+
+    h5ad sources compare by resolved paths and layer, so `a.h5ad` and `./a.h5ad` agree.
+    """
+    if recorded.get("kind") != current.get("kind"):
+        return False
+    if current["kind"] == "h5ad":
+        keys = ("paths", "layer")
+        return all(recorded.get(k) == current.get(k) for k in keys)
+    return recorded == current
 
 
 def parse_source(

@@ -97,6 +97,26 @@ def check_counts(
     return X, n_bad
 
 
+def library_sizes(X: sp.csr_matrix, source_joinids: np.ndarray, source: str) -> np.ndarray:
+    """float32 row sums of validated counts; IngestError when one overflows float32.
+
+    Counts near float32's maximum (3.4e38) are finite one by one, but their sum is not, and an
+    infinite library size would poison every loss that divides by it.
+    """
+    with np.errstate(over="ignore"):  # an overflow is reported below, as one line
+        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
+    too_big = ~np.isfinite(library)
+    if too_big.any():
+        row = int(np.flatnonzero(too_big)[0])
+        total = float(X[row].sum(dtype=np.float64))
+        raise IngestError(
+            f"{source}: {int(too_big.sum())} cells have counts summing beyond float32's range "
+            f"(e.g. source cell soma_joinid={int(source_joinids[row])}, sum {total:.3g}); raw "
+            "UMI counts are far smaller: fix the source matrix (are they scaled or corrupt?)"
+        )
+    return library
+
+
 def _example_cell(X: sp.csr_matrix, value_index: int, source_joinids: np.ndarray) -> int:
     """Source joinid of the row holding stored value number value_index."""
     row = int(np.searchsorted(X.indptr, value_index, side="right") - 1)
