@@ -115,7 +115,8 @@ def test_linear_form_and_census_scale_estimate() -> None:
     assert form["step_per_G"] * G + form["step_const"] == pytest.approx(
         sum(direct.per_step.values()), rel=1e-12
     )
-    # model.md §7: ≈ 9E² multiply-adds per (cell, gene); ≈ 0.51 TFLOP per cell at E = 512.
+    # docs/model.md, "Numerics and memory": ≈ 9E² multiply-adds per (cell, gene);
+    # ≈ 0.51 TFLOP per cell at E = 512.
     assert form["per_G"] / flops.TRAIN_FACTOR == pytest.approx(18 * 512**2, rel=0.05)
     assert direct.cell_total() == pytest.approx(0.51e12, rel=0.05)
 

@@ -1,4 +1,4 @@
-"""House rules that a reviewer would otherwise check by hand (conventions.md §0-3)."""
+"""House rules that a reviewer would otherwise check by hand (docs/design.md, "Conventions")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""evaluation.md §6 orderings on the pbmc68k fixture: floor < Poisson-mean < gene-shuffled.
+"""Orderings of docs/evaluation.md, "Floors and known-bad sets", on the pbmc68k fixture:
+floor < Poisson-mean < gene-shuffled.
 
 Split: stratified thirds (test / floor / reference). A 50/50 test split leaves no reference
 cells once a test-sized floor is carved out of the training half (P0), so the training two
