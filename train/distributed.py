@@ -23,6 +23,13 @@ import torch.distributed as dist
 from torch import nn
 
 from train.config import TrainConfig, accumulation_steps
+from train.shm_buffers import (
+    buffer_path,
+    claim_buffer,
+    job_prefix,
+    release_buffer,
+    remove_stale_buffers,
+)
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -57,11 +64,25 @@ def init_distributed(threads_per_rank: int = 0) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         set_rank_threads(threads_per_rank)  # before any parallel work, so inter-op can be set
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ["WORLD_SIZE"]:
             # DeepSpeed's CPU comm op maps a shm buffer only when all ranks are local (shm.cpp)
-            atexit.register(_unlink_shm_buffer, shm_buffer_path())
+            _manage_shm_buffer(shm_buffer_path())
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def _manage_shm_buffer(buffer: Path) -> None:
+    """Remove killed jobs' buffers, claim this rank's (before DeepSpeed creates it), and unlink
+    it at exit: DeepSpeed never does, and /dev/shm is RAM until reboot."""
+    removed = remove_stale_buffers(buffer.parent, own_job=job_prefix(buffer))
+    if removed:  # whichever rank looked first removed them
+        rank_ = os.environ["RANK"]
+        print(
+            f"rank {rank_}: removed {len(removed)} stale DeepSpeed buffer(s) of dead jobs",
+            flush=True,
+        )
+    claim_buffer(buffer)
+    atexit.register(release_buffer, buffer)
 
 
 def usable_cores() -> int:
@@ -137,17 +158,9 @@ def _set_interop_threads(threads: int) -> None:
 def shm_buffer_path() -> Path:
     """This rank's shared-memory allreduce buffer of DeepSpeed's CPU comm op (shm.cpp).
 
-    DeepSpeed creates it per rank (~69 MB) and never unlinks it, so every CPU run would leave
-    its buffers in /dev/shm, which is RAM, until reboot.
+    DeepSpeed creates it per rank (~69 MB) and never unlinks it (`train.shm_buffers`).
     """
-    env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}"
-    return Path("/dev/shm") / f"{name}_{env['RANK']}"
-
-
-def _unlink_shm_buffer(path: Path) -> None:
-    # At exit every collective has completed; peers that still map the file keep their mapping.
-    path.unlink(missing_ok=True)
+    return buffer_path()
 
 
 def world_size() -> int:
@@ -283,9 +296,29 @@ def save_deepspeed_config(ds_config: dict, run_dir: str | Path) -> Path:
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> Any:
-    """Return the DeepSpeed engine wrapping `model` and our `optimizer` (no DeepSpeed scheduler)."""
+    """Return the DeepSpeed engine wrapping `model` and our `optimizer` (no DeepSpeed scheduler).
+
+    The fp32 values of the frozen parameters are copied first (see `frozen_fp32_params`).
+    """
+    frozen = frozen_fp32_params(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine.frozen_fp32 = frozen
     return engine
+
+
+def frozen_fp32_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return exact fp32 copies of `model`'s frozen parameters (requires_grad False) by name.
+
+    Call before DeepSpeed wraps the model. Frozen parameters (fixed sin-cos position tables) get
+    no fp32 master in the optimizer: under bf16/fp16 the module only keeps a 16-bit rounding of
+    them, and under ZeRO-3 only an empty local partition. Their value never changes, so the copy
+    taken here is what exports and the EMA must hold.
+    """
+    return {
+        name: param.detach().float().clone()
+        for name, param in model.named_parameters()
+        if not param.requires_grad
+    }
 
 
 @contextlib.contextmanager
@@ -332,33 +365,58 @@ def master_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
     Under bf16/fp16 the module holds 16-bit copies; the values returned are the optimizer's fp32
     master weights (an EMA of the 16-bit copies would lose every update smaller than their
-    rounding step). Collective at every ZeRO stage: all ranks must exhaust the iterator.
+    rounding step). Frozen parameters come from the fp32 copy `build_engine` took. Collective at
+    every ZeRO stage: all ranks must exhaust the iterator.
     """
+    frozen: dict[str, torch.Tensor] = getattr(engine, "frozen_fp32", {})
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         with gathered_params(engine):  # fp32: the module parameters are the masters
-            yield from engine.module.named_parameters()
+            for name, param in engine.module.named_parameters():
+                yield name, frozen.get(name, param)
         return
     from deepspeed.utils import safe_get_full_fp32_param
 
     for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)  # gathers the fp32 fragments (collective)
-        yield name, full if full is not None else param.detach().float()
+        if name in frozen:  # the same set on every rank, so collectives still pair up
+            yield name, frozen[name]
+            continue
+        yield name, _checked_full(name, param, safe_get_full_fp32_param(param))
+
+
+def _checked_full(name: str, param: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
+    """Return the full fp32 value of trainable `param`: `full` (the master) or the parameter.
+
+    Without a master (stage 0 fp32, where the parameter is the master) the parameter itself is
+    used; a ZeRO-3 parameter holds only an empty partition, so a shape that differs from the
+    declared one is an error here rather than an export that cannot be loaded.
+    """
+    value = param.detach() if full is None else full
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    if tuple(value.shape) != shape:
+        raise RuntimeError(
+            f"parameter {name}: got a {tuple(value.shape)} tensor for a {shape} weight (no full "
+            "fp32 copy under this ZeRO stage); gather it before reading"
+        )
+    return value.float()
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """Return the full fp32 master weights by name on rank 0 (an empty dict on other ranks).
 
     Reads the optimizer's fp32 master copy (not the 16-bit model weights) via
-    `deepspeed.utils.safe_get_full_fp32_param`; collective at every ZeRO stage, so all ranks must
-    call it. Buffers are taken from the module as they are.
+    `deepspeed.utils.safe_get_full_fp32_param`, and frozen parameters from the exact fp32 copy
+    `build_engine` took; collective at every ZeRO stage, so all ranks must call it. Buffers are
+    taken from the module as they are.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    frozen: dict[str, torch.Tensor] = getattr(engine, "frozen_fp32", {})
     state: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if full is None:  # stage 0 fp32: the parameter is the master copy
-            full = param.detach()
+        if name in frozen:  # the same set on every rank, so collectives still pair up
+            full = frozen[name]
+        else:
+            full = _checked_full(name, param, safe_get_full_fp32_param(param))
         if is_main():
             state[name] = full.detach().float().cpu().clone()
     for name, buf in engine.module.named_buffers():
