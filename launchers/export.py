@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 from train import classifier_stage, dit_stage, vae_stage
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.export import ExportError
+from train.cli import run_stage
 
 STAGES = {
     "vae": vae_stage.main,
@@ -34,10 +32,8 @@ def main() -> None:
         sys.exit(f"error: {run_dir} is not a run folder (no 'stage' file); train it first")
     stage = stage_file.read_text().strip()
     overrides = [f"run.root={run_dir.parent}", f"run.name={run_dir.name}", *args[1:]]
-    try:
-        STAGES[stage]([str(run_dir / "config.yaml"), *overrides], export_only=True)
-    except (ConfigError, CheckpointError, ExportError) as exc:
-        sys.exit(f"error: {exc}")
+    config = [str(run_dir / "config.yaml"), *overrides]
+    run_stage(lambda _argv: STAGES[stage](config, export_only=True))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from train.checkpoint import load_checkpoint, prepare_resume, save_checkpoint, tag_for
+from train.cli import end_process
 from train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -261,3 +262,4 @@ def loop_main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # as the launchers do: no interpreter finalization after the work is done

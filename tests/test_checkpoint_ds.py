@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -184,6 +185,11 @@ def test_nan_step_leaves_weights_and_optimizer_state_unchanged(tmp_path):
     assert [k for k in before if not torch.equal(before[k], skipped[k])] == []
     # The next, finite step updates them again (the comparison can see a change).
     assert all(not torch.equal(skipped[k], after[k]) for k in adam)
+    # metrics.jsonl marks the skipped step instead of logging a fake 0.0 loss for it.
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines if "train/loss" in r or r.get("skipped")}
+    assert steps[3].get("skipped") is True and "train/loss" not in steps[3]
+    assert all(math.isfinite(steps[s]["train/loss"]) and "skipped" not in steps[s] for s in (2, 4))
 
 
 @pytest.mark.integration

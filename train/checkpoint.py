@@ -2,8 +2,10 @@
 
 Layout (conventions.md §7): `runs/<name>/checkpoints/step_0000012/` holds the engine shards
 (written by all ranks), `client_state` (rank-identical data, persisted by DeepSpeed from rank 0),
-`ema.pt` (rank 0), `rng_rank<r>.pt` (per rank) and a `COMPLETE` marker (rank 0, last). The
-`latest` file names the newest complete tag; resume reads only it. DeepSpeed's own `latest` is
+`ema.pt` (rank 0), `rng_rank<r>.pt` (per rank) and a `COMPLETE` marker (rank 0, last, with
+every file's size and checksum). The `latest` file names the newest complete tag; resume reads
+only it, after rank 0 verified it (`train.checkpoint_files`: corrupt tags are moved aside and
+`resume=auto` falls back to the newest tag that verifies). DeepSpeed's own `latest` is
 never written (`save_latest=False`): it would appear before the other ranks finish.
 
 A world-size change is detected from the saved world size and handled with DeepSpeed universal
@@ -16,21 +18,20 @@ uninterrupted run to ~1e-7, after undoing two ZeRO-3 universal-load defects (see
 Fault injection: with `ATLASLDM_CRASH_BEFORE_COMMIT=<tag>` in the environment, rank 0 kills itself
 with SIGKILL once every rank has written tag `<tag>` and before `COMPLETE`/`latest` (the worst
 moment to die); the stage tests use it to show that resume then takes the previous checkpoint.
+With `ATLASLDM_NO_SPACE_CHECK=1`, the free-space check before a save is skipped, so a full disk
+is met inside DeepSpeed's own save (tests show every rank still stops in bounded time).
 """
 
 from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +39,34 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from train.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
+    COMPLETE,
+    LATEST,
+    TAG_RE,
+    CheckpointError,
+    atomic_write_bytes,
+    check_explicit_tag,
+    complete_tags,
+    read_complete,
+    read_latest,
+    select_auto_tag,
+    tag_bytes,
+    write_complete,
+    write_latest,
+)
+from train.disk_space import free_bytes, human, is_disk_full, one_line, with_headroom
 from train.distributed import all_reduce_min, is_main, rank, world_size
+from train.preempt import Preemption
 
 FORMAT_VERSION = 1
-COMPLETE = "COMPLETE"
-LATEST = "latest"
 CRASH_ENV = "ATLASLDM_CRASH_BEFORE_COMMIT"  # fault injection for tests (module docstring)
-_TAG_RE = re.compile(r"^step_(\d{7,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message names the tag and the fix."""
+# Fault injection for tests: skip the free-space check, so that a write fails inside DeepSpeed's
+# own save, the case the check cannot rule out (another process fills the disk meanwhile).
+NO_SPACE_CHECK_ENV = "ATLASLDM_NO_SPACE_CHECK"
+BYTES_PER_PARAM = 24  # first save: fp32 master, two Adam moments, the model weights, the EMA
+PER_RANK_BYTES = 64 << 10  # first save: each rank's RNG state and shard framing
 
 
 def tag_for(step: int) -> str:
@@ -62,42 +79,10 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via tmp file + fsync + os.replace, so readers see old or new."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def read_latest(ckpt_dir: str | Path) -> str | None:
-    """Return the tag in `ckpt_dir/latest`, or None when there is none."""
-    path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
-        return None
-    return path.read_text().strip() or None
-
-
-def write_latest(ckpt_dir: str | Path, tag: str) -> None:
-    """Point `ckpt_dir/latest` at `tag` atomically."""
-    atomic_write_bytes(Path(ckpt_dir) / LATEST, tag.encode())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,15 +104,59 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _save_error(exc: BaseException, tag: str, ckpt_dir: Path, last_good: str | None) -> str:
-    full = getattr(exc, "errno", None) == errno.ENOSPC or "no space left" in str(exc).lower()
-    free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else float("nan")
-    what = "the disk is full" if full else f"{type(exc).__name__}: {exc}"
+def _save_error(exc: BaseException, tag: str, ckpt_dir: Path, needed: int) -> str:
+    free = free_bytes(ckpt_dir)
+    if is_disk_full(exc, free, needed):
+        what = f"the disk is full (this save needs about {human(needed)}, {human(free)} free)"
+    elif isinstance(exc, dist.DistError):
+        what = f"another rank stopped during the save ({one_line(exc, 160)})"
+    else:
+        what = one_line(exc)
     return (
-        f"saving checkpoint {tag} in {ckpt_dir} failed: {what} ({free:.0f} MiB free). "
-        f"'latest' still points at the last good checkpoint ({last_good}); free disk space or "
-        "lower checkpoint.keep_last_k, then resume"
+        f"saving checkpoint {tag} in {ckpt_dir} failed: {what}. 'latest' still points at the "
+        f"last good checkpoint ({read_latest(ckpt_dir)}); free disk space or lower "
+        "checkpoint.keep_last_k, then rerun the command to resume"
     )
+
+
+def _space_needed(engine: Any, ckpt_dir: Path) -> int:
+    """Bytes the next tag takes: the last tag's size, or an estimate from the parameter count."""
+    last = read_latest(ckpt_dir)
+    if last is not None and (ckpt_dir / last).is_dir():
+        return with_headroom(tag_bytes(ckpt_dir / last))
+    module = getattr(engine, "module", None)
+    params = module.parameters() if module is not None else []
+    # ZeRO-3 keeps only a partition in p.numel(); ds_numel is the full size.
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    return with_headroom(count * BYTES_PER_PARAM + world_size() * PER_RANK_BYTES)
+
+
+def _check_space(engine: Any, ckpt_dir: Path, tag: str) -> int:
+    """Agree on every rank, before DeepSpeed writes anything, that the tag fits; return its size.
+
+    A rank that runs out of space inside DeepSpeed's save cannot tell the others (they wait in
+    DeepSpeed's own barriers), so the common case, a disk already too full, is stopped here.
+    """
+    needed = -all_reduce_min(-_space_needed(engine, ckpt_dir))  # the largest estimate
+    free = all_reduce_min(free_bytes(ckpt_dir))  # the fullest filesystem view
+    if free < needed and os.environ.get(NO_SPACE_CHECK_ENV) != "1":
+        full = OSError(errno.ENOSPC, "too little space")
+        raise CheckpointError(_save_error(full, tag, ckpt_dir, needed))
+    return needed
+
+
+def _write_rank_files(folder: Path, ema_state: dict[str, torch.Tensor] | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)  # on node-local views of a shared FS too
+    _atomic_torch_save(_rng_state(), folder / f"rng_rank{rank()}.pt")
+    if is_main() and ema_state is not None:
+        _atomic_torch_save(ema_state, folder / "ema.pt")
+
+
+def _commit(folder: Path, ckpt_dir: Path, meta: dict[str, Any], keep_last_k: int) -> None:
+    # COMPLETE (with every file's checksum) goes last into the folder, then `latest` moves.
+    write_complete(folder, meta)
+    write_latest(ckpt_dir, folder.name)
+    prune(ckpt_dir, keep_last_k)
 
 
 def save_checkpoint(
@@ -146,7 +175,8 @@ def save_checkpoint(
     to kill a rank mid-save).
 
     Raises:
-        CheckpointError: a rank failed to write (e.g. disk full); `latest` is left untouched.
+        CheckpointError: too little space (every rank, before writing), or a rank failed to
+            write (e.g. disk full); `latest` is left untouched.
     """
     ckpt_dir, tag = checkpoints_dir(run_dir), tag_for(step)
     folder = ckpt_dir / tag
@@ -154,63 +184,56 @@ def save_checkpoint(
         return tag  # already saved and complete; rewriting in place would risk the only copy
     state = dict(client_state, step=step, format_version=FORMAT_VERSION, world_size=world_size())
     state["zero_stage"] = engine.zero_optimization_stage()
-    error: BaseException | None = None
+    needed = _check_space(engine, ckpt_dir, tag)
     try:
         if is_main() and (folder / COMPLETE).exists():
             (folder / COMPLETE).unlink()  # re-saving a tag: it is incomplete until we finish
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-        folder.mkdir(parents=True, exist_ok=True)  # on node-local views of a shared FS too
-        _atomic_torch_save(_rng_state(), folder / f"rng_rank{rank()}.pt")
-        if is_main() and ema_state is not None:
-            _atomic_torch_save(ema_state, folder / "ema.pt")
+    except Exception as exc:
+        # The other ranks may be inside DeepSpeed's barriers, which no agreement of ours can
+        # meet: joining one would hang every rank until the process-group timeout. This rank
+        # stops instead; its exit breaks their collectives and the launcher stops them.
+        raise CheckpointError(_save_error(exc, tag, ckpt_dir, needed)) from exc
+    error: BaseException | None = None
+    try:
+        _write_rank_files(folder, ema_state)
     except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError
         error = exc
     # Every rank learns whether any rank failed; a plain barrier would leave them guessing.
     if all_reduce_min(1 if error is None else 0) == 0:
-        last_good = read_latest(ckpt_dir)
-        reason = error or RuntimeError("another rank failed to write its shard")
-        raise CheckpointError(_save_error(reason, tag, ckpt_dir, last_good)) from error
+        reason = error or RuntimeError("another rank failed to write its RNG state")
+        raise CheckpointError(_save_error(reason, tag, ckpt_dir, needed)) from error
     if before_commit is not None:
         before_commit(tag)
     if os.environ.get(CRASH_ENV) == tag and is_main():
         os.kill(os.getpid(), signal.SIGKILL)
-    error = None
     if is_main():
         try:
             meta = {"step": step, "world_size": world_size(), "zero_stage": state["zero_stage"]}
-            atomic_write_bytes(folder / COMPLETE, json.dumps(meta).encode())
-            write_latest(ckpt_dir, tag)
-            prune(ckpt_dir, keep_last_k)
+            _commit(folder, ckpt_dir, meta, keep_last_k)
         except OSError as exc:
             error = exc
     # Acts as the barrier: nobody moves on (or exits) before `latest` names this tag.
     if all_reduce_min(1 if error is None else 0) == 0:
-        raise CheckpointError(
-            _save_error(error or OSError("rank 0 failed"), tag, ckpt_dir, read_latest(ckpt_dir))
-        ) from error
+        reason = error or OSError("rank 0 failed to commit")
+        raise CheckpointError(_save_error(reason, tag, ckpt_dir, needed)) from error
     return tag
 
 
-def _complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
-    tags = []
-    for path in ckpt_dir.glob("step_*"):
-        match = _TAG_RE.match(path.name)
-        if match and (path / COMPLETE).is_file():
-            tags.append((int(match.group(1)), path.name))
-    return sorted(tags)
-
-
 def prune(ckpt_dir: str | Path, keep_last_k: int) -> list[str]:
-    """Delete all but the newest `keep_last_k` complete tags (never `latest`); return deleted."""
+    """Delete all but the newest `keep_last_k` complete tags (never `latest`); return deleted.
+
+    Tags moved aside as corrupt (`<tag>.corrupt-<time>`) match no tag pattern and are kept.
+    """
     ckpt_dir = Path(ckpt_dir)
-    complete = _complete_tags(ckpt_dir)
+    complete = complete_tags(ckpt_dir)
     if keep_last_k <= 0 or len(complete) <= keep_last_k:
         return []
     oldest_kept = complete[-keep_last_k][0]
     latest = read_latest(ckpt_dir)
     deleted = []
     for path in ckpt_dir.glob("step_*"):
-        match = _TAG_RE.match(path.name)
+        match = TAG_RE.match(path.name)
         # Incomplete tags older than the kept ones are debris from crashed saves.
         if match and int(match.group(1)) < oldest_kept and path.name != latest:
             shutil.rmtree(path, ignore_errors=True)
@@ -233,6 +256,8 @@ class ResumePoint:
 def find_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | None:
     """Return the checkpoint to resume from per `resume` ("auto", "never" or a tag), or None.
 
+    Reads the tag as it stands; `prepare_resume` verifies it (and falls back) first.
+
     Raises:
         CheckpointError: an explicit or `latest` tag is missing or incomplete.
     """
@@ -243,18 +268,25 @@ def find_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | N
     if tag is None:
         return None
     folder = ckpt_dir / tag
-    marker = folder / COMPLETE
-    if not marker.is_file():
-        known = [t for _, t in _complete_tags(ckpt_dir)]
+    if not (folder / COMPLETE).is_file():
+        known = [t for _, t in complete_tags(ckpt_dir)]
         raise CheckpointError(
             f"checkpoint {tag} in {ckpt_dir} is missing or incomplete (no {COMPLETE} marker); "
             f"complete tags: {known or 'none'}. Set checkpoint.resume to one of them, or "
             "checkpoint.resume=never to start afresh"
         )
-    saved_world = int(json.loads(marker.read_text())["world_size"])
+    saved_world = read_complete(folder)["world_size"]
     universal = saved_world != world
     load_dir = ckpt_dir / "universal" if universal else ckpt_dir
     return ResumePoint(tag, folder, load_dir, saved_world, universal)
+
+
+def _verify_on_main(ckpt_dir: Path, resume: str) -> None:
+    """Rank 0: check the tag to resume from; under "auto", fall back past corrupt tags."""
+    if resume == "auto":
+        select_auto_tag(ckpt_dir)  # repoints `latest` when it falls back
+    elif resume != "never":
+        check_explicit_tag(ckpt_dir, resume)
 
 
 def _convert_to_universal(point: ResumePoint) -> None:
@@ -281,11 +313,25 @@ def _convert_to_universal(point: ResumePoint) -> None:
 
 
 def prepare_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | None:
-    """Find the resume point; on a world-size change convert it to universal form (rank 0).
+    """Verify and find the resume point; on a world-size change convert it (rank 0).
+
+    Rank 0 checks the tag's checksums first; under `resume="auto"` a corrupt tag is moved aside
+    and the newest tag that verifies is taken instead (`train.checkpoint_files`).
 
     Call on all ranks before building the engine; build it with
     `deepspeed_config(..., load_universal=point.universal)`.
     """
+    error: CheckpointError | None = None
+    if is_main():
+        try:
+            _verify_on_main(checkpoints_dir(run_dir), resume)
+        except (CheckpointError, OSError) as exc:
+            error = exc if isinstance(exc, CheckpointError) else CheckpointError(one_line(exc))
+    # The other ranks then read the `latest` that rank 0 verified (or repointed).
+    if all_reduce_min(0 if error else 1) == 0:
+        raise error or CheckpointError(
+            f"rank 0 found no usable checkpoint in {checkpoints_dir(run_dir)} (see its message)"
+        )
     point = find_resume(run_dir, resume, world)
     if point is None or not point.universal:
         return point
@@ -355,13 +401,8 @@ def _repair_universal_load(engine: Any, hyper: list[dict]) -> None:
 def install_sigterm_handler() -> Callable[[], bool]:
     """Install a SIGTERM handler that only sets a flag; return a function reading the flag.
 
-    The loop checks it once per step, agrees across ranks (`distributed.any_rank`), then saves
-    and exits; saving inside the handler could interrupt a collective.
+    The flag-only part of `train.preempt.Preemption` (the loop installs the whole of it, with the
+    launcher watch and the save deadline); saving inside the handler could interrupt a
+    collective.
     """
-    flag = threading.Event()
-
-    def _handler(signum: int, frame: Any) -> None:
-        flag.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    return flag.is_set
+    return Preemption(timeout_s=float("inf")).install_handler().stop_requested

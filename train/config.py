@@ -69,6 +69,10 @@ def load_config(
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a section's own check (e.g. DataConfig) rejected a value
+        raise ConfigError(f"bad config value: {exc}; fix it in the YAML or the override") from exc
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
@@ -118,6 +122,13 @@ class RunConfig:
     threads_per_rank: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(
+                f"run.max_steps = {self.max_steps} must be >= 1: a run trains at least one step "
+                "(to export an existing checkpoint: python launchers/export.py RUN_DIR)"
+            )
+        if self.eval_every < 0:
+            raise ConfigError(f"run.eval_every = {self.eval_every} must be >= 0 (0 = never)")
         if self.threads_per_rank < 0:
             raise ConfigError(
                 f"run.threads_per_rank = {self.threads_per_rank} is negative; "
@@ -145,6 +156,17 @@ class OptimConfig:
     grad_clip: float = 10.0  # global gradient-norm clip (L2); 0 disables clipping
 
     def __post_init__(self) -> None:
+        bounds = [
+            (self.lr > 0, f"optim.lr = {self.lr} must be > 0"),
+            (self.eps > 0, f"optim.eps = {self.eps} must be > 0"),
+            (all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas = {self.betas} not in [0, 1)"),
+            (self.weight_decay >= 0, f"optim.weight_decay = {self.weight_decay} must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio = {self.min_lr_ratio} not in [0,1]"),
+            (self.grad_clip >= 0, f"optim.grad_clip = {self.grad_clip} must be >= 0 (0 = off)"),
+        ]  # fmt: skip
+        for ok, message in bounds:
+            if not ok:
+                raise ConfigError(f"{message}; fix it in the YAML or the key=value override")
         if not 0.0 <= self.warmup_frac <= 1.0 or not 0.0 <= self.decay_frac <= 1.0:
             raise ConfigError("optim.warmup_frac and optim.decay_frac must lie in [0, 1]")
         if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1.0:
@@ -198,6 +220,17 @@ class CheckpointConfig:
     every_steps: int = 1000  # optimiser steps between checkpoints; 0 = only at the end
     keep_last_k: int = 3  # complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # "auto" (continue from `latest` if present), "never", or a tag
+    # Seconds a rank has, after SIGTERM or its launcher's death, to save and stop before it exits
+    # non-zero without the save. Below the 30 s that SLURM (KillWait), Kubernetes, torchrun and
+    # DeepSpeed's launcher allow by default; raise it together with them (docs/preemption.md).
+    preempt_timeout_s: float = 25.0
+
+    def __post_init__(self) -> None:
+        if not self.preempt_timeout_s > 0:
+            raise ConfigError(
+                f"checkpoint.preempt_timeout_s = {self.preempt_timeout_s} must be > 0; set the "
+                "seconds a rank may spend saving after SIGTERM (below the scheduler's grace)"
+            )
 
 
 @dataclass

@@ -190,6 +190,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group after a run that ended normally on every rank.
+
+    A rank that exits with the gloo group still alive could abort in its teardown ("terminate
+    called without an active exception", exit -6) after its work was done and saved, which the
+    launcher then reports as a failed job. Every collective has completed when this runs.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(
     value: torch.Tensor | Mapping[str, float | torch.Tensor],
 ) -> torch.Tensor | dict[str, float]:

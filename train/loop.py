@@ -24,13 +24,19 @@ import numpy as np
 import torch
 
 from data.batch import CsrBatch
-from train.checkpoint import install_sigterm_handler, load_checkpoint, prepare_resume
+from train.checkpoint import load_checkpoint, prepare_resume
 from train.checkpoint import save_checkpoint as save_tag
 from train.config import TrainConfig, accumulation_steps, to_yaml
+from train.disk_space import (
+    OutputWriteError,
+    append_line,
+    describe_write_failure,
+    one_line,
+    with_headroom,
+)
 from train.distributed import (
     all_reduce_mean,
     any_rank,
-    barrier,
     build_engine,
     consolidated_state_dict,
     deepspeed_config,
@@ -44,6 +50,7 @@ from train.distributed import (
     world_size,
 )
 from train.optim import EMA, build_optimizer, lr_at, set_lr
+from train.preempt import install_preemption
 from train.throughput import peak_tflops, throughput_metrics
 from train.tracking import make_tracker
 
@@ -212,10 +219,19 @@ def _cell_means(mean: dict) -> None:
         mean[key] = mean[key] / cells if cells > 0 else float("nan")
 
 
-def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device, peak) -> None:
-    """All-reduce the step's metrics, derive throughput (and MFU), and write them (rank 0)."""
+def _log(
+    tracker: Any, state: LoopState, local: dict, run_dir: Path, device, peak, skipped: bool = False
+) -> None:
+    """All-reduce the step's metrics, derive throughput (and MFU), and write them (rank 0).
+
+    A skipped step (non-finite loss, no update) has no loss to report: its `train/*` values are
+    left out and the record says `"skipped": true`, so no plot shows a fake 0.0.
+    """
     mean = all_reduce_mean(local)
     _cell_means(mean)
+    if skipped:
+        for key in [k for k in mean if k.startswith("train/")]:
+            del mean[key]
     world = world_size()
     cells, tokens, seconds = mean.pop("cells") * world, mean.pop("tokens") * world, mean["seconds"]
     flops = mean.pop("flops") * world
@@ -231,14 +247,26 @@ def _log(tracker: Any, state: LoopState, local: dict, run_dir: Path, device, pea
             "cells_seen": float(state.cells_seen),
         }
     )
-    tracker.log(mean, state.step, cells=int(round(cells)))
-    _append_jsonl(run_dir, {"step": state.step, **mean})
+    logged = {**mean, "train/skipped": 1.0} if skipped else mean
+    tracker.log(logged, state.step, cells=int(round(cells)))
+    _append_jsonl(run_dir, {"step": state.step, **({"skipped": True} if skipped else {}), **mean})
 
 
 def _append_jsonl(run_dir: Path, record: dict) -> None:
-    if is_main():  # full-precision metric history (tests compare resumed losses with it)
-        with open(run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    """Append `record` to the full-precision metric history (rank 0); collective on all ranks.
+
+    Every rank learns whether the write failed (a full disk), so all stop together instead of
+    the others waiting for rank 0 in the next collective.
+    """
+    path, line, error = run_dir / "metrics.jsonl", json.dumps(record) + "\n", None
+    if is_main():
+        try:
+            append_line(path, line)
+        except OSError as exc:
+            error = exc
+    if any_rank(error is not None):
+        reason = error or OSError("rank 0 failed to write it")
+        raise OutputWriteError(describe_write_failure("appending to", path, reason, len(line)))
 
 
 def _evaluate(stage: Stage, engine: Any, ema: EMA | None, state: LoopState, run_dir: Path, tr):
@@ -250,9 +278,8 @@ def _evaluate(stage: Stage, engine: Any, ema: EMA | None, state: LoopState, run_
     state.eval_step, state.val = state.step, metrics
     print0(f"step {state.step} | " + " | ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
     _append_jsonl(run_dir, {"step": state.step, **metrics})
-    wandb_run = getattr(tr, "_wandb", None)  # Tracker.log is train-step oriented
-    if wandb_run is not None:
-        wandb_run.log(metrics, step=state.step)
+    if tr is not None:  # Tracker.log is train-step oriented
+        tr.log_wandb(metrics, state.step)
     return metrics
 
 
@@ -272,7 +299,7 @@ def _save(engine: Any, stage: Stage, cfg: TrainConfig, ema: EMA | None, state: L
 def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, tracker) -> bool:
     """Train until max_steps or SIGTERM; return True when max_steps was reached."""
     batches = iter(batches_forever(stage.train_stream))
-    stop_requested = install_sigterm_handler()
+    preemption = install_preemption(cfg.checkpoint.preempt_timeout_s)
     every_ckpt, every_eval = cfg.checkpoint.every_steps, cfg.run.eval_every
     peak = peak_tflops(engine.device, cfg.precision.dtype, cfg.logging.peak_tflops)
     while state.step < cfg.run.max_steps:
@@ -288,16 +315,21 @@ def _train(engine, stage, cfg, loop_cfg, ema, state, run_dir, config_dict, track
                 )
         if ema is not None and ema.due(state.step) and not skipped:  # nothing new to average
             ema.update(master_weights(engine), state.step)  # fp32 masters, not bf16 copies
-        _log(tracker, state, local, run_dir, engine.device, peak)
+        _log(tracker, state, local, run_dir, engine.device, peak, skipped)
         if stage.eval_fn is not None and every_eval and state.step % every_eval == 0:
             _evaluate(stage, engine, ema, state, run_dir, tracker)
-        stop = any_rank(stop_requested())
+        stop = any_rank(preemption.stop_requested())
         done = state.step >= cfg.run.max_steps
+        if stop:  # arms the save deadline on ranks that learnt of the stop from another rank
+            preemption.request("a stop request on another rank")
         if stop or done or (every_ckpt and state.step % every_ckpt == 0):
             _save(engine, stage, cfg, ema, state, run_dir, config_dict)
         if stop:
-            print0(f"SIGTERM: saved step {state.step} in {run_dir}; rerun the command to resume")
+            preemption.saved()
+            preemption.close()
+            print0(f"{preemption.reason}: saved step {state.step} in {run_dir}; rerun to resume")
             return False
+    preemption.close()
     return True
 
 
@@ -306,11 +338,21 @@ def _export(engine, stage: Stage, ema: EMA | None, state: LoopState, run_dir: Pa
     weights = consolidated_state_dict(engine)  # collective at every ZeRO stage
     if ema is not None:
         weights = ema.state_dict()
+    error = None
     if is_main():
         info = {"step": state.step, "cells_seen": state.cells_seen, "val": val}
-        stage.export_fn(run_dir / "export", weights, info)
-        print0(f"export written to {run_dir / 'export'}")
-    barrier()
+        try:
+            stage.export_fn(run_dir / "export", weights, info)
+        except Exception as exc:  # OSError, torch/safetensors write errors: all mean "stop"
+            error = exc
+    # In place of a barrier: a rank-0 failure must stop every rank, not leave them waiting.
+    if any_rank(error is not None):
+        needed = with_headroom(sum(w.numel() * w.element_size() for w in weights.values()))
+        reason = error or OSError("rank 0 failed to write it")
+        raise OutputWriteError(
+            describe_write_failure("writing the export", run_dir / "export", reason, needed)
+        )
+    print0(f"export written to {run_dir / 'export'}")
 
 
 def run(stage: Stage, cfg: TrainConfig, run_dir: str | Path, export_only: bool = False) -> dict:
@@ -344,7 +386,7 @@ def run(stage: Stage, cfg: TrainConfig, run_dir: str | Path, export_only: bool =
         print0(f"resumed from {point.tag} (step {state.step}, {state.cells_seen} cells)")
     elif export_only:
         raise TrainingError(f"{run_dir} has no checkpoint to export; train it first")
-    tracker = None
+    tracker, failure = None, None
     val: dict = {}
     try:
         if not export_only:
@@ -359,8 +401,21 @@ def run(stage: Stage, cfg: TrainConfig, run_dir: str | Path, export_only: bool =
             _evaluate(stage, engine, ema, state, run_dir, tracker)
         val = state.val
         _export(engine, stage, ema, state, run_dir, val)
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if tracker is not None:
-            tracker.close()
-        stage.close()
+        _close(tracker, stage, failure)
     return val
+
+
+def _close(tracker: Any, stage: Stage, failure: BaseException | None) -> None:
+    """Close the tracker and the stage. After a failure, an error here (W&B cannot write to the
+    same full disk) is noted in one line: the first error is the one the user must see."""
+    for close in ([tracker.close] if tracker is not None else []) + [stage.close]:
+        try:
+            close()
+        except Exception as exc:
+            if failure is None:
+                raise
+            print(f"note: while stopping, {one_line(exc)}", file=sys.stderr, flush=True)

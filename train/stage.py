@@ -23,9 +23,17 @@ from torch import nn
 from data.batch import CsrBatch
 from data.config import DataConfig
 from data.ingest import main as ingest_main
+from data.source_check import check_source
 from data.stream import CellStream
 from train.config import TrainConfig, accumulation_steps, load_config, split_cli
-from train.distributed import barrier, init_distributed, is_main, rank, world_size
+from train.distributed import (
+    barrier,
+    init_distributed,
+    is_main,
+    rank,
+    shutdown_distributed,
+    world_size,
+)
 from train.loop import run
 
 BUILTIN = "builtin:pbmc68k"
@@ -125,7 +133,10 @@ def stage_main(
     """
     yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, yamls, overrides)
+    check_source(cfg.data.source, cfg.data.mode, cfg.data.vocab_path)  # before any rank reads it
     device = init_distributed(cfg.run.threads_per_rank)
     accumulation_steps(cfg.batch, world_size())  # fail before any data work
     stage, cfg = build(cfg, device)
-    return run(stage, cfg, run_dir_of(cfg), export_only=export_only)
+    metrics = run(stage, cfg, run_dir_of(cfg), export_only=export_only)
+    shutdown_distributed()
+    return metrics

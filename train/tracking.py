@@ -3,12 +3,20 @@
 W&B runs offline by default (`logging.wandb_mode`; the `WANDB_MODE` environment variable wins).
 The run id is stored in `run_dir/wandb_run_id` (and in the checkpoint's client state by the
 loop), so a restarted job reopens the same W&B run with `resume="allow"`.
+
+W&B is never allowed to stop or hang training: its service process dies first under a SIGTERM
+to the whole job, its disk can fill, and online mode may have no network. An online start that
+fails within `INIT_TIMEOUT_S` falls back to offline; any later W&B error prints one WARNING line
+and turns W&B off for the rest of the run (metrics.jsonl and the stdout lines go on), and
+finishing the W&B run waits at most `FINISH_TIMEOUT_S`.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,8 @@ from typing import Any
 from train.config import LoggingConfig
 
 _ID_FILE = "wandb_run_id"
+INIT_TIMEOUT_S = 30.0  # bound on wandb.init (online mode without network retries for minutes)
+FINISH_TIMEOUT_S = 30.0  # bound on finishing the W&B run (online: the upload may never end)
 
 
 def _format(step: int, metrics: dict[str, float]) -> str:
@@ -56,6 +66,29 @@ class Tracker:
         mode = os.environ.get("WANDB_MODE", self.cfg.wandb_mode)
         if mode == "disabled":
             return None
+        try:
+            return self._start_wandb(mode, run_dir, run_name, config)
+        except Exception as exc:  # W&B raises its own types (CommError, UsageError, ...)
+            if mode != "online":
+                _warn(f"W&B could not start ({_brief(exc)}); W&B is off for this run")
+                return None
+            first = exc
+        import wandb
+
+        # The failed online run still holds its id in W&B's service: start a fresh service.
+        _call_with_timeout(wandb.teardown, FINISH_TIMEOUT_S)
+        try:  # no network or no API key: keep the history locally for `wandb sync`
+            run = self._start_wandb("offline", run_dir, run_name, config)
+        except Exception as exc:
+            _warn(f"W&B could not start online ({_brief(first)}) nor offline ({_brief(exc)})")
+            return None
+        _warn(
+            f"W&B could not start online ({_brief(first)}); logging offline under "
+            f"{run_dir / 'wandb'} instead (upload it later with `wandb sync`)"
+        )
+        return run
+
+    def _start_wandb(self, mode: str, run_dir: Path, run_name: str, config: dict | None) -> Any:
         import wandb  # slow import; only rank 0 with W&B enabled pays it
 
         return wandb.init(
@@ -66,6 +99,10 @@ class Tracker:
             dir=str(run_dir),
             mode=mode,
             config=config,
+            # W&B's own variable still wins, so an operator can wait longer for a slow network
+            settings=wandb.Settings(
+                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
+            ),
         )
 
     def log(self, metrics: dict[str, float], step: int, cells: int = 0) -> None:
@@ -87,15 +124,36 @@ class Tracker:
             self._bar.write(line)
         else:
             print(line, flush=True)
-        if self._wandb is not None:
+        self.log_wandb(metrics, step)
+
+    def log_wandb(self, metrics: dict[str, float], step: int) -> None:
+        """Send `metrics` to W&B only (validation metrics); never raises."""
+        if self._wandb is None:
+            return
+        try:
             self._wandb.log(metrics, step=step)
+        except Exception as exc:  # e.g. ConnectionResetError once the W&B service is gone
+            self._give_up_wandb(f"W&B logging failed at step {step} ({_brief(exc)})")
 
     def close(self) -> None:
-        """Close the bar and finish the W&B run."""
+        """Close the bar and finish the W&B run (at most `FINISH_TIMEOUT_S`); never raises."""
         if self._bar is not None:
             self._bar.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        if self._wandb is None:
+            return
+        error = _call_with_timeout(self._wandb.finish, FINISH_TIMEOUT_S)
+        if error:
+            self._give_up_wandb(f"finishing the W&B run failed ({error})")
+        self._wandb = None
+
+    def _give_up_wandb(self, what: str) -> None:
+        _warn(f"{what}; W&B is off for the rest of this run, metrics go on to metrics.jsonl")
+        self._wandb = None
+        # W&B's own exit hook would talk to the dead service again and print a traceback;
+        # tearing down now unregisters that hook (its error is the one already reported).
+        import wandb
+
+        _call_with_timeout(wandb.teardown, FINISH_TIMEOUT_S)
 
 
 class NullTracker:
@@ -106,8 +164,42 @@ class NullTracker:
     def log(self, metrics: dict[str, float], step: int, cells: int = 0) -> None:
         """Do nothing."""
 
+    def log_wandb(self, metrics: dict[str, float], step: int) -> None:
+        """Do nothing."""
+
     def close(self) -> None:
         """Do nothing."""
+
+
+def _brief(exc: BaseException) -> str:
+    """Return `Type: first line of the message` (W&B messages run over many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _call_with_timeout(fn: Any, timeout_s: float) -> str | None:
+    """Run `fn()` in a daemon thread; return None on success, else what went wrong.
+
+    A daemon thread, so a call that never returns cannot keep the process alive either.
+    """
+    errors: list[str] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            errors.append(_brief(exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return f"no answer within {timeout_s:g} s"
+    return errors[0] if errors else None
 
 
 def make_tracker(cfg: LoggingConfig, run_dir: str | Path, run_name: str, **kwargs: Any) -> Any:

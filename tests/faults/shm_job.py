@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from train.cli import end_process
 from train.distributed import all_reduce_mean, init_distributed, shm_buffer_path
 
 
@@ -35,3 +36,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # as the launchers do: no interpreter finalization after the work is done
