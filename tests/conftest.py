@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiledbsoma
+import torch
 
 from data import soma
 from data.ingest import main as ingest_main
 from data.materialize import open_copy_manifest
 from train.checkpoint import write_latest
+from train.export import read_export
 
 SMALL_SYNTHETIC = "synthetic:cells=3000,genes=300,datasets=5,cell_types=6,seed=0"
 
@@ -84,6 +86,22 @@ def fork_training_run(src: Path, dst: Path, step: int) -> Path:
 def fork_run():
     """The `fork_training_run` function, for resume tests."""
     return fork_training_run
+
+
+# A 1-layer VAE that trains in seconds on 2 CPU ranks (launcher overrides for tests).
+TINY_VAE = [
+    "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "model.num_cross_heads=2",
+    "model.num_inducing_points=4", "model.latent_dim=4",
+]  # fmt: skip
+
+
+def assert_same_export(got: Path, ref: Path) -> None:
+    """The exported weights of two run folders are equal bit for bit."""
+    wa, _, _ = read_export(got / "export")
+    wb, _, _ = read_export(ref / "export")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
 
 
 def read_run_metrics(run_dir: Path) -> dict[int, dict]:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_run_metrics
+from conftest import TINY_VAE, assert_same_export, read_run_metrics
 
 from data.config import DataConfig
 from data.stream import CellStream
@@ -40,10 +40,6 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
-TINY_VAE = [
-    "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "model.num_cross_heads=2",
-    "model.num_inducing_points=4", "model.latent_dim=4",
-]  # fmt: skip
 TINY_DIT = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "model.freq_dim=32"]
 
 
@@ -154,14 +150,6 @@ def _assert_same_steps(got: Path, ref: dict[int, dict], steps: tuple[int, ...]) 
             assert again[step][key] == ref[step][key], (step, key)
 
 
-def _assert_same_export(got: Path, ref: Path) -> None:
-    wa, _, _ = read_export(got / "export")
-    wb, _, _ = read_export(ref / "export")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
-
-
 def test_vae_resume_is_exact(vae_run, tmp_path, fork_run):
     run_dir, args = vae_run
     resumed = fork_run(run_dir, tmp_path / "resumed", 3)
@@ -169,7 +157,7 @@ def test_vae_resume_is_exact(vae_run, tmp_path, fork_run):
     proc = _launch("train_vae.py", args, launcher="torchrun")
     assert "resumed from step_0000003" in proc.stdout
     _assert_same_steps(resumed, read_run_metrics(run_dir), (4, 5, 6))
-    _assert_same_export(resumed, run_dir)
+    assert_same_export(resumed, run_dir)
 
 
 def test_vae_resumes_at_another_world_size(vae_run, tmp_path, fork_run):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VAE
 
 from data.synthetic import SyntheticSpec, write_synthetic_experiment
 from train import vae_stage
@@ -16,10 +17,6 @@ from train.cli import one_line_errors
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = str(REPO / "configs" / "debug.yaml")
-TINY_VAE = [
-    "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "model.num_cross_heads=2",
-    "model.num_inducing_points=4", "model.latent_dim=4",
-]  # fmt: skip
 
 
 def _bad_sources(tmp: Path) -> dict[str, tuple[str, str]]:

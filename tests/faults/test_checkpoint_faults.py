@@ -22,10 +22,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_same_export
 
 from train.checkpoint import COMPLETE, read_latest
-from train.export import read_export
 
 REPO = Path(__file__).resolve().parents[2]
 TAGS = [f"step_{s:07d}" for s in range(1, 5)]
@@ -62,14 +61,6 @@ def digests(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, _, _ = read_export(a / "export")
-    wb, _, _ = read_export(b / "export")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
 
 
 def no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -145,7 +136,7 @@ def test_corrupt_model_states_fall_back_to_previous_tag(clean_run, tmp_path, for
     (aside,) = moved_aside(ckpt, TAGS[2])
     assert (aside / MODEL_STATES).read_bytes() == bad_bytes  # kept as it was, for inspection
     assert read_latest(ckpt) == TAGS[-1]  # step 4 trained and saved again
-    assert_same_weights(damaged, clean_run)
+    assert_same_export(damaged, clean_run)
 
 
 @pytest.mark.parametrize("content", [b"", os.urandom(64) + b"\xff\xfe"], ids=["empty", "binary"])
@@ -176,7 +167,7 @@ def test_garbage_complete_marker_falls_back(clean_run, damaged):
     no_traceback(result)
     assert f"resumed from {TAGS[-2]}" in result.stdout
     assert len(moved_aside(ckpt, TAGS[-1])) == 1
-    assert_same_weights(damaged, clean_run)
+    assert_same_export(damaged, clean_run)
 
 
 def test_no_verified_tag_stops_with_one_line_and_overwrites_nothing(damaged):
@@ -213,7 +204,7 @@ def test_marker_without_checksums_still_loads(clean_run, damaged):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {TAGS[-2]}" in result.stdout
     assert "predates checksums" in result.stderr
-    assert_same_weights(damaged, clean_run)
+    assert_same_export(damaged, clean_run)
 
 
 @pytest.mark.integration
@@ -230,4 +221,4 @@ def test_two_ranks_fall_back_together(tmp_path):
     assert [r.returncode for r in results] == [0, 0], results[1].stderr[-3000:]
     assert f"resumed from {TAGS[1]}" in results[0].stdout
     assert len(moved_aside(run / "checkpoints", TAGS[2])) == 1
-    assert_same_weights(run, clean)
+    assert_same_export(run, clean)

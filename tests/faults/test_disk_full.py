@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_same_export
 
-from tests.faults.test_checkpoint_faults import assert_same_weights, launch
+from tests.faults.test_checkpoint_faults import launch
 from train.checkpoint import read_latest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,7 +141,7 @@ def test_save_on_full_disk_stops_every_rank_then_resume_completes(clean, seed, t
     assert [rc for rc, _ in ranks(out, "resumed")] == [0, 0], ranks(out, "resumed")[0][1][-3000:]
     assert "resumed from step_0000002" in (out / "resumed.0.out").read_text()
     assert read_latest(out / "run" / ckpt) == "step_0000004"
-    assert_same_weights(out / "run", clean)
+    assert_same_export(out / "run", clean)
 
 
 @needs_namespaces
