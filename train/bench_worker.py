@@ -1,6 +1,6 @@
 """One measurement of the model benchmark, run by :mod:`train.bench_model` in a fresh process.
 
-Shape legend (model.md §1):
+Shape legend (docs/model.md, 'Notation'):
     B   cells        S   expressed genes per cell        G   decoded genes
     M   latent tokens        D   latent width per token
 
@@ -35,7 +35,7 @@ from models.dit import DiT, DiTConfig
 from models.flow import flow_loss
 from models.vae import VAE, VAEConfig
 
-ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}  # model.md §3.8
+ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}  # docs/model.md, 'Training recipes'
 
 
 def peak_rss_mb() -> float:

@@ -1,6 +1,6 @@
 """Tagged DeepSpeed checkpoints, our `latest` pointer, auto-resume and world-size changes.
 
-Layout (conventions.md §7): `runs/<name>/checkpoints/step_0000012/` holds the engine shards
+Layout (docs/design.md): `runs/<name>/checkpoints/step_0000012/` holds the engine shards
 (written by all ranks), `client_state` (rank-identical data, persisted by DeepSpeed from rank 0),
 `ema.pt` (rank 0), `rng_rank<r>.pt` (per rank) and a `COMPLETE` marker (rank 0, last, with
 every file's size and checksum). The `latest` file names the newest complete tag; resume reads

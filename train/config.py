@@ -1,6 +1,6 @@
 """Typed run configuration: dataclass schema, overridden by YAML files, then `key=value` args.
 
-Loading order (conventions.md §3): structured schema -> YAML files in the order given ->
+Loading order (docs/design.md): structured schema -> YAML files in the order given ->
 `key=value` overrides -> `OmegaConf.to_object`. Unknown keys, wrong types and bad enum values
 fail at load with a message that names the key and says how to fix it.
 """
@@ -143,7 +143,7 @@ def run_dir(run: RunConfig) -> Path:
 
 @dataclass
 class OptimConfig:
-    """AdamW and learning-rate schedule (model.md §3.8 and §4.6)."""
+    """AdamW and learning-rate schedule (docs/model.md, 'Training recipes')."""
 
     lr: float = 1e-3  # peak learning rate; explicit, never rescaled by world size
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)

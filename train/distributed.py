@@ -1,7 +1,7 @@
 """Process group, rank queries, the generated DeepSpeed config and the engine.
 
 With `train/checkpoint.py`, the only module that imports `deepspeed` or `torch.distributed`
-(conventions.md §6). The deepspeed launcher, torchrun and `accelerate launch` all set RANK,
+(docs/design.md). The deepspeed launcher, torchrun and `accelerate launch` all set RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `python script.py` gets a world of
 one with a local TCP store, so DeepSpeed (which needs a process group) still runs.
 """

@@ -84,7 +84,7 @@ class DiTStageConfig(TrainConfig):
     )  # divides by 1, 2 and 4 ranks
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=5e-4, schedule="cosine")
-    )  # model.md §4.6: AdamW 5e-4, warmup 10%, cosine to 0.1 lr
+    )  # docs/model.md, 'Training recipes': AdamW 5e-4, warmup 10%, cosine to 0.1 lr
     precision: PrecisionConfig = field(
         default_factory=lambda: PrecisionConfig(dtype="fp32")
     )  # CPU default; the GPU recipes set bf16

@@ -1,6 +1,6 @@
 """Export folders: plain fp32 weights + config + side files, loadable without DeepSpeed.
 
-Layout (conventions.md §7): `model.safetensors`, `config.json` (the model dataclass as a dict),
+Layout (docs/design.md): `model.safetensors`, `config.json` (the model dataclass as a dict),
 any extra files (`genes.tsv`, `conditions.json`, ...) and `export.json`, the manifest, written
 LAST. The folder is assembled under a temporary name and renamed into place, so a crash never
 leaves a half-written folder under the final name; a folder without a manifest is not an export.

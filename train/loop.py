@@ -1,4 +1,4 @@
-"""The one training loop, shared by every stage (conventions.md §5).
+"""The one training loop, shared by every stage (docs/design.md, 'One loop for every stage').
 
 Per optimiser step: fetch micro-batches -> forward/backward through the DeepSpeed engine ->
 engine step -> EMA update -> log all-reduced means -> eval on cadence -> checkpoint on cadence ->

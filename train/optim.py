@@ -1,7 +1,7 @@
 """AdamW parameter groups, learning-rate schedules as pure functions of the step, and the EMA.
 
 The learning rate is a function of the optimiser step only (set on the parameter groups every
-step), so resuming needs no scheduler state (conventions.md §5). Schedules follow model.md §3.8
+step), so resuming needs no scheduler state (docs/design.md). Schedules follow docs/model.md
 (WSD: warmup from lr/100, hold, sqrt-decay over the last `decay_frac` to `min_lr_ratio * lr`) and
 §4.6 (warmup, then cosine to `min_lr_ratio * lr`).
 """

@@ -1,4 +1,4 @@
-"""The Stage handed to the one training loop (conventions.md §5), and shared stage plumbing.
+"""The Stage handed to the one training loop (docs/design.md), and shared stage plumbing.
 
 The plumbing is what the VAE, DiT and classifier stage modules have in common: their `main`, the
 run folder, the built-in data copy, the train/validation streams and the export's provenance.
