@@ -94,6 +94,27 @@ def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
     return np.searchsorted(joinids, dim0)
 
 
+def selection_mask(
+    n: int,
+    nnz: np.ndarray | None,
+    key_hashes: np.ndarray | None,
+    min_genes: int,
+    split: str,
+    seed: int,
+    fraction: float,
+) -> np.ndarray:
+    """Which of `n` candidates have >= `min_genes` genes (when nnz is known) and are in `split`.
+
+    `key_hashes` (uint64 split-key hashes) is needed unless `split` is "all".
+    """
+    mask = np.ones(n, dtype=bool)
+    if nnz is not None and min_genes > 0:
+        mask &= nnz >= min_genes
+    if split != "all":
+        mask &= split_mask(key_hashes, seed, fraction, split)
+    return mask
+
+
 OBS_RANGE = 1 << 19  # obs joinids per read at stream start-up
 SELECT_BLOCK = 1 << 20  # candidates per block of the selection
 
@@ -117,12 +138,9 @@ class _Source:
         total, known = 0, False
         for lo in range(0, len(self.joinids), SELECT_BLOCK):
             hi = min(lo + SELECT_BLOCK, len(self.joinids))
-            mask = np.ones(hi - lo, dtype=bool)
             nnz = self._nnz_block(lo, hi)
-            if nnz is not None and min_genes > 0:
-                mask &= nnz >= min_genes
-            if split != "all":
-                mask &= split_mask(self._split_hash_block(key, lo, hi), seed, fraction, split)
+            hashes = self._split_hash_block(key, lo, hi) if split != "all" else None
+            mask = selection_mask(hi - lo, nnz, hashes, min_genes, split, seed, fraction)
             keep[lo:hi] = mask
             if nnz is not None:
                 total, known = total + int(nnz[mask].sum()), True
@@ -329,13 +347,9 @@ class DirectSource(_Source):
         """
 
         def keep(ids: np.ndarray, nnz: np.ndarray | None, hashes: np.ndarray | None):
-            mask = np.ones(len(ids), dtype=bool)
-            if nnz is not None and min_genes > 0:
-                mask &= nnz >= min_genes
-            if split != "all":
-                key_hashes = hash_int_keys(ids) if hashes is None else hashes
-                mask &= split_mask(key_hashes, seed, fraction, split)
-            return mask
+            if split != "all" and hashes is None:  # split by joinid
+                hashes = hash_int_keys(ids)
+            return selection_mask(len(ids), nnz, hashes, min_genes, split, seed, fraction)
 
         split_column = None if key == "soma_joinid" or split == "all" else key
         with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
