@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from data.validate import IngestError
 from data.vocab import atomic_write_text
@@ -97,13 +98,17 @@ def _read_exactly(fd: int, offset: int, length: int, path: Path) -> bytes:
     return data
 
 
-def full_digest(path: Path) -> str:
-    """sha256 of the whole file."""
-    digest = hashlib.sha256()
+def stream_digest(path: Path, digest: Any) -> str:
+    """Hex digest of the whole file, fed to the hashlib object `digest` in bounded reads."""
     with open(path, "rb") as fh:
         while chunk := fh.read(READ_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def full_digest(path: Path) -> str:
+    """sha256 of the whole file."""
+    return stream_digest(path, hashlib.sha256())
 
 
 def file_record(path: Path, recipe: dict | None = None) -> dict:

@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data.copy_files import stream_digest
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d{7,})$")
 CORRUPT_INFIX = ".corrupt-"
-_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -91,12 +92,8 @@ def write_latest(ckpt_dir: str | Path, tag: str) -> None:
 
 
 def file_digest(path: Path) -> str:
-    """Return the blake2b hex digest of `path`, read in 1 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Return the blake2b hex digest of `path` (the digest `COMPLETE` records)."""
+    return stream_digest(path, hashlib.blake2b(digest_size=32))
 
 
 def folder_manifest(folder: Path) -> dict[str, dict[str, Any]]:
