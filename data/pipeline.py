@@ -1,4 +1,6 @@
-"""Thread pipeline and vectorized CSR kernels of the stream (docs/loader.md, reading).
+"""Thread pipeline and vectorized CSR kernels of the stream.
+
+Design: docs/loader.md, "Reading and the memory budget".
 
 Each rank runs reader threads (TileDB and numpy release the GIL) plus one assembler thread.
 Rounds are submitted `prefetch_rounds` ahead but yielded strictly in plan order, so the output
@@ -26,7 +28,8 @@ R = TypeVar("R")
 
 # Bytes a round holds per nnz: its read pieces (int32 token, float32 count). Batches are copied
 # out of them a few at a time and the Arrow buffers of a read live for one chunk only; the
-# budget keeps half of the memory for those, side arrays, Python and torch (docs/loader.md).
+# budget keeps half of the memory for those, side arrays, Python and torch
+# (docs/loader.md, "Reading and the memory budget").
 BYTES_PER_NNZ = 8
 # Cells per rank per IO round at most, when K is derived. A round's first batch waits for the
 # whole round to be read, so this bounds the first batch after a (re)start: ~3 s for 24,576

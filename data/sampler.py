@@ -1,4 +1,6 @@
-"""Deterministic lockstep global sampler: pure numpy, no IO (docs/loader.md).
+"""Deterministic lockstep global sampler: pure numpy, no IO.
+
+Design: docs/loader.md, "Chunks and the stratified order", "Rank-contiguous layout", "Tail policy".
 
 Rows are positions 0..N-1 in the sorted selection. They are cut into chunks of C consecutive
 rows: F = N // C full chunks plus, when C does not divide N, one partial chunk of N % C rows.

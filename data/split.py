@@ -1,4 +1,6 @@
-"""Hash-based validation split, stable across world sizes, appends and modes (docs/loader.md).
+"""Hash-based validation split, stable across world sizes, appends and modes.
+
+Design: docs/loader.md, "Validation split and evaluation order".
 
 A cell is in validation when `splitmix64(seed' ^ hash(key)) / 2^64 < val_fraction`, where
 `seed' = splitmix64(seed)` and `hash` is splitmix64 for integer keys (soma_joinid; on a training

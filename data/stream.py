@@ -1,4 +1,6 @@
-"""CellStream: the lockstep, exactly resumable stream of CsrBatch (docs/loader.md).
+"""CellStream: the lockstep, exactly resumable stream of CsrBatch.
+
+Design: docs/loader.md, "Goals" and "Positions, resume and elastic resume".
 
 Usage per rank: `stream = CellStream(cfg, split="train", rank=r, world_size=W)`, then
 `for epoch in ...: stream.set_epoch(epoch); for batch in stream: ...`. `state_dict()` is the
