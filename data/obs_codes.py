@@ -91,13 +91,18 @@ def read_obs(batches, columns: list[str], with_nnz: bool) -> ObsColumns:
     return ObsColumns(pick(ids), counts, {n: (c.codes(order), c.values) for n, c in coded.items()})
 
 
+def recode_lookup(values: list, vocabulary: list) -> np.ndarray:
+    """int32 table: code i -> index of values[i] in `vocabulary`; its last entry (code -1, null)
+    and unseen values -> len(vocabulary)."""
+    index = {v: i for i, v in enumerate(vocabulary)}
+    null = len(vocabulary)
+    return np.array([index.get(v, null) for v in values] + [null], dtype=np.int32)
+
+
 def recode(coded: tuple[np.ndarray, list], vocabulary: list) -> np.ndarray:
     """int32 codes into `vocabulary` from (codes, values); unseen or null -> len(vocabulary)."""
     codes, values = coded
-    index = {v: i for i, v in enumerate(vocabulary)}
-    null = len(vocabulary)
-    lookup = np.array([index.get(v, null) for v in values] + [null], dtype=np.int32)
-    return lookup[codes]
+    return recode_lookup(values, vocabulary)[codes]
 
 
 def present_sorted(coded: tuple[np.ndarray, list]) -> list:

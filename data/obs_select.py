@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data.obs_codes import CodedColumn
+from data.obs_codes import CodedColumn, present_sorted, recode_lookup
 from data.split import hash_strings
 
 # (sorted joinids int64, nnz int64 or None, split-key hashes uint64 or None) -> keep mask
@@ -108,9 +108,7 @@ class ObsFold:
         labels = {
             c: labels[c]
             if c in labels
-            else sorted(
-                v for v, seen in zip(self.coded[c].values, self.present[c], strict=True) if seen
-            )
+            else present_sorted((np.flatnonzero(self.present[c]), self.coded[c].values))
             for c in self.conditions
         }
         out = np.empty(
@@ -118,9 +116,7 @@ class ObsFold:
             label_code_dtype(max((len(v) for v in labels.values()), default=0)),
         )
         for a, c in enumerate(self.conditions):
-            index = {v: i for i, v in enumerate(labels[c])}
-            other = len(labels[c])  # unseen or null
-            lookup = np.array([index.get(v, other) for v in self.coded[c].values] + [other])
+            lookup = recode_lookup(self.coded[c].values, labels[c])  # unseen, null: len(labels)
             for lo in range(0, self.n, block):
                 out[lo : lo + block, a] = lookup[self.codes[lo : min(lo + block, self.n), a]]
         ids = self.ids[: self.n]
