@@ -26,6 +26,7 @@ from train.config import LoggingConfig
 _ID_FILE = "wandb_run_id"
 INIT_TIMEOUT_S = 30.0  # bound on wandb.init (online mode without network retries for minutes)
 FINISH_TIMEOUT_S = 30.0  # bound on finishing the W&B run (online: the upload may never end)
+LOG_TIMEOUT_S = 5.0  # bound on one W&B log call, and on tearing W&B down after a failure
 
 
 def _format(step: int, metrics: dict[str, float]) -> str:
@@ -130,10 +131,12 @@ class Tracker:
         """Send `metrics` to W&B only (validation metrics); never raises."""
         if self._wandb is None:
             return
-        try:
-            self._wandb.log(metrics, step=step)
-        except Exception as exc:  # e.g. ConnectionResetError once the W&B service is gone
-            self._give_up_wandb(f"W&B logging failed at step {step} ({_brief(exc)})")
+        # Bounded: a log call into a dying W&B service can block, and rank 0 stuck there would
+        # miss the save deadline after a SIGTERM (seen once in CI: no warning, no checkpoint).
+        run = self._wandb
+        error = _call_with_timeout(lambda: run.log(metrics, step=step), LOG_TIMEOUT_S)
+        if error:  # e.g. ConnectionResetError once the W&B service is gone
+            self._give_up_wandb(f"W&B logging failed at step {step} ({error})")
 
     def close(self) -> None:
         """Close the bar and finish the W&B run (at most `FINISH_TIMEOUT_S`); never raises."""
@@ -153,7 +156,7 @@ class Tracker:
         # tearing down now unregisters that hook (its error is the one already reported).
         import wandb
 
-        _call_with_timeout(wandb.teardown, FINISH_TIMEOUT_S)
+        _call_with_timeout(wandb.teardown, LOG_TIMEOUT_S)  # short: a stop may be waiting
 
 
 class NullTracker:
