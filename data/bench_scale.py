@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from data.bench_scale_stream import run_flat, run_timing, run_worker
-from data.bench_scale_sweep import run_sweep
+from atlasldm.data.bench_scale_stream import run_flat, run_timing, run_worker
+from atlasldm.data.bench_scale_sweep import run_sweep
 
 DEFAULT_CACHE = "/tmp/atlasldm_bench_scale"
 MODES = ("copy", "direct")
@@ -63,8 +63,8 @@ def build_corpus(cache: Path, cells: int, genes: int, datasets: int, copy: bool 
     Returns {census, copy (None when not built), vocab, generate_s, ingest_s (when built here or
     recorded by an earlier build)}.
     """
-    from data import ingest
-    from data.synthetic import write_synthetic_experiment
+    from atlasldm.data import ingest
+    from atlasldm.data.synthetic import write_synthetic_experiment
 
     census, training, record = corpus_paths(cache, cells, genes, datasets)
     info = json.loads(record.read_text()) if record.is_file() else {}
@@ -87,7 +87,7 @@ def build_corpus(cache: Path, cells: int, genes: int, datasets: int, copy: bool 
     if not vocab.is_file():
         _write_vocab(str(census), vocab)
     have_copy = (training / "manifest.json").is_file()
-    from data.rowstore import has_row_store
+    from atlasldm.data.rowstore import has_row_store
 
     return {"census": str(census), "copy": str(training) if have_copy else None,
             "row_store": have_copy and has_row_store(training),
@@ -98,7 +98,7 @@ def _write_vocab(census_uri: str, path: Path) -> None:
     """genes.tsv of the experiment's var (feature_id, feature_name), for direct mode."""
     import tiledbsoma
 
-    from data.vocab import GeneVocab
+    from atlasldm.data.vocab import GeneVocab
 
     with tiledbsoma.Experiment.open(census_uri) as exp:
         var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"])

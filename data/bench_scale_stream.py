@@ -2,7 +2,8 @@
 
 Timing (W ranks as concurrent processes behind a file barrier) and flatness in N (one rank per
 corpus size in fresh processes: peak RSS, start-up, mid-epoch resume). Workers are started as
-`python -m data.bench_scale worker-time|worker-flat ...`, or run in this process (`--inline`).
+`python -m atlasldm.data.bench_scale worker-time|worker-flat ...`, or run in this process
+(`--inline`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from data.bench_scale_sweep import RandomEntropy, batch_entropies, fmt_or_na
-from data.config import DataConfig
+from atlasldm.data.bench_scale_sweep import RandomEntropy, batch_entropies, fmt_or_na
+from atlasldm.data.config import DataConfig
 
 # ----------------------------------------------------------------------------------------------
 # Disk
@@ -82,7 +83,7 @@ def _barrier(folder: str, rank: int, world_size: int, timeout: float = 900.0) ->
 
 def worker_time(args: argparse.Namespace) -> dict[str, Any]:
     """One rank of a timing run: construct, barrier, iterate up to max cells / seconds."""
-    from data.stream import CellStream
+    from atlasldm.data.stream import CellStream
 
     t0, c0 = time.perf_counter(), time.process_time()
     stream = CellStream(_stream_config(args), args.split, rank=args.rank,
@@ -131,7 +132,7 @@ def _epochs(stream: Any, epochs: int) -> Any:
 
 def worker_flat(args: argparse.Namespace) -> dict[str, Any]:
     """Fresh-process measures of one stream: start-up and steady memory, or a resume."""
-    from data.stream import CellStream
+    from atlasldm.data.stream import CellStream
 
     cfg = _stream_config(args)
     t0 = time.perf_counter()
@@ -205,7 +206,9 @@ def _worker_argv(kind: str, mode: str, source: str, vocab: str, opts: argparse.N
 def _run_workers(argvs: list[list[str]], inline: bool) -> list[dict[str, Any]]:
     """Run worker command lines together (fresh processes), or one by one in this process."""
     if inline:
-        from data.bench_scale import build_parser  # the CLI module; imported here, not at load
+        from atlasldm.data.bench_scale import (
+            build_parser,  # the CLI module; imported here, not at load
+        )
 
         return [run_worker(build_parser().parse_args(a)) for a in argvs]
     env = {
@@ -216,7 +219,7 @@ def _run_workers(argvs: list[list[str]], inline: bool) -> list[dict[str, Any]]:
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "data.bench_scale", *a],
+            [sys.executable, "-m", "atlasldm.data.bench_scale", *a],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from data.config import DataConfig
-from data.sampler import LockstepSampler
+from atlasldm.data.config import DataConfig
+from atlasldm.data.sampler import LockstepSampler
 
 RANDOM_DRAWS = 2000  # random batches per batch size for the random-entropy reference
 
@@ -124,7 +124,7 @@ def sweep_config(
     rand: RandomEntropy,
 ) -> dict[str, Any]:
     """Check one (mode, N, W): every rank's epoch-0 plans, as the stream would build them."""
-    from data.stream import stream_layout
+    from atlasldm.data.stream import stream_layout
 
     t0 = time.perf_counter()
     n, d = len(labels), len(rand.counts)

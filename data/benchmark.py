@@ -68,8 +68,8 @@ def _ml_batches(
 
 
 def _our_stream(uri: str, mode: str, vocab: str, seed: int, threads: int, row_store="auto"):
-    from data.config import DataConfig
-    from data.stream import CellStream
+    from atlasldm.data.config import DataConfig
+    from atlasldm.data.stream import CellStream
 
     cfg = DataConfig(
         source=uri, mode=mode, vocab_path=vocab if mode == "direct" else "",
@@ -121,7 +121,7 @@ def peak_rss_gb() -> float:
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Time one loader on one experiment; returns its figures (run in a fresh process)."""
-    import data.stream  # noqa: F401  (torch and TileDB imports are not the loader's start-up)
+    import atlasldm.data.stream  # noqa: F401  (torch and TileDB imports are not the loader's start-up)
 
     if args.loader == "ml":
         batches = _ml_batches(args.uri, args.seed, args.io_batch, not args.dense)
@@ -168,7 +168,7 @@ def _spawn(
     row_store: str = "auto",
 ) -> dict:
     cmd = [
-        sys.executable, "-m", "data.benchmark", "worker", "--loader", loader, "--uri", uri,
+        sys.executable, "-m", "atlasldm.data.benchmark", "worker", "--loader", loader, "--uri", uri,
         "--mode", mode, "--vocab", vocab, "--seconds", str(opts.seconds),
         "--max-cells", str(opts.max_cells), "--threads", str(opts.threads),
         "--io-batch", str(io_batch), *(["--dense"] if dense else []), "--row-store", row_store,
@@ -181,9 +181,9 @@ def _spawn(
 
 def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[str, Path]:
     """Return (Census-layout experiment URI, training copy folder), building what is missing."""
-    from data import ingest
-    from data.rowstore import build_row_store, has_row_store
-    from data.synthetic import write_synthetic_experiment
+    from atlasldm.data import ingest
+    from atlasldm.data.rowstore import build_row_store, has_row_store
+    from atlasldm.data.synthetic import write_synthetic_experiment
 
     name = f"synthetic_{cells}x{genes}_d{datasets}"
     census_uri = write_synthetic_experiment(

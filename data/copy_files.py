@@ -3,7 +3,7 @@
 The manifest's `files` maps every file of a finished copy (side arrays, genes.tsv, labels.json,
 every file of the TileDB experiment, and the row store) to `{size, sample, sha256}`:
 
-- `sha256` hashes the whole file; `python -m data.verify COPY` checks it.
+- `sha256` hashes the whole file; `python -m atlasldm.data.verify COPY` checks it.
 - `sample` hashes the file's size and SAMPLE_BLOCKS blocks of SAMPLE_BYTES (head, tail and
   evenly spaced ones between, the whole file when it is smaller). Opening a copy checks every
   size and every sample: cheap (a few hundred KB read per file) and it catches what damage
@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from data.validate import IngestError
-from data.vocab import atomic_write_text
+from atlasldm.data.validate import IngestError
+from atlasldm.data.vocab import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def damaged(root: Path, what: str) -> CopyDamagedError:
     """The one-line error for a damaged file of the copy at root."""
     return CopyDamagedError(
         f"training copy {root} is damaged: {what}; rebuild the copy with the ingest command "
-        f"(or restore the file from a backup); `python -m data.verify {root}` checks every file"
+        f"(or restore the file from a backup); `python -m atlasldm.data.verify {root}` "
+        "checks every file"
     )
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.validate import IngestError, check_feature_ids
-from data.vocab import atomic_write_text
+from atlasldm.data.validate import IngestError, check_feature_ids
+from atlasldm.data.vocab import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

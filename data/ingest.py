@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from data import materialize as mat
-from data import shuffle_spill as spill
-from data.leftovers import remove_leftovers
-from data.rowstore import (
+from atlasldm.data import materialize as mat
+from atlasldm.data import shuffle_spill as spill
+from atlasldm.data.leftovers import remove_leftovers
+from atlasldm.data.rowstore import (
     RowLayout,
     RowWriter,
     complete_store,
@@ -38,8 +38,8 @@ from data.rowstore import (
     load_layout,
     row_store_dir,
 )
-from data.sources import Source, parse_source, same_source
-from data.validate import IngestError
+from atlasldm.data.sources import Source, parse_source, same_source
+from atlasldm.data.validate import IngestError
 
 if TYPE_CHECKING:
     import tiledbsoma

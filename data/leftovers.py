@@ -17,8 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from data.materialize import progress_dir, spill_dir
-from data.rowstore import remove_interrupted_builds, row_store_dir
+from atlasldm.data.materialize import progress_dir, spill_dir
+from atlasldm.data.rowstore import remove_interrupted_builds, row_store_dir
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import tiledbsoma
 
-from data import soma
-from data.copy_files import damaged, non_row_files, record_files, sampling_recipe
-from data.validate import IngestError, check_obs_columns, select_genes
-from data.vocab import GeneVocab, atomic_write_text, encode_labels, save_labels
+from atlasldm.data import soma
+from atlasldm.data.copy_files import damaged, non_row_files, record_files, sampling_recipe
+from atlasldm.data.validate import IngestError, check_obs_columns, select_genes
+from atlasldm.data.vocab import GeneVocab, atomic_write_text, encode_labels, save_labels
 
 logger = logging.getLogger(__name__)
 

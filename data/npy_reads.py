@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.validate import IngestError
+from atlasldm.data.validate import IngestError
 
 TAKE_GAP = 4096  # ids this close are read in one call (a few KB extra beats another syscall)
 

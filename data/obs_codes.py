@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from data.split import hash_coded_strings
+from atlasldm.data.split import hash_coded_strings
 
 
 def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data.obs_codes import CodedColumn, present_sorted, recode_lookup
-from data.split import hash_strings
+from atlasldm.data.obs_codes import CodedColumn, present_sorted, recode_lookup
+from atlasldm.data.split import hash_strings
 
 # (sorted joinids int64, nnz int64 or None, split-key hashes uint64 or None) -> keep mask
 KeepRule = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from data.split import splitmix64
+from atlasldm.data.split import splitmix64
 
 log = logging.getLogger(__name__)
 P = TypeVar("P")

@@ -18,16 +18,16 @@ import numpy as np
 import pyarrow as pa
 import tiledbsoma
 
-from data.config import DataConfig
-from data.materialize import open_copy_manifest
-from data.npy_reads import NpyFile
-from data.obs_codes import ObsColumns, hashes_of, read_obs
-from data.obs_select import ObsFold, fold_obs, joinid_dtype
-from data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
-from data.rowstore import RowStore, has_row_store
-from data.split import hash_coded_strings, hash_int_keys, split_mask
-from data.verify import check_at_open, rows_in_use
-from data.vocab import GeneVocab, load_labels
+from atlasldm.data.config import DataConfig
+from atlasldm.data.materialize import open_copy_manifest
+from atlasldm.data.npy_reads import NpyFile
+from atlasldm.data.obs_codes import ObsColumns, hashes_of, read_obs
+from atlasldm.data.obs_select import ObsFold, fold_obs, joinid_dtype
+from atlasldm.data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
+from atlasldm.data.rowstore import RowStore, has_row_store
+from atlasldm.data.split import hash_coded_strings, hash_int_keys, split_mask
+from atlasldm.data.verify import check_at_open, rows_in_use
+from atlasldm.data.vocab import GeneVocab, load_labels
 
 log = logging.getLogger(__name__)
 

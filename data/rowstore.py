@@ -13,7 +13,8 @@ block's nonzeros and the largest count, the arrays are preallocated at their fin
 (`create_store`) and each worker writes the rows of the blocks it gathers at their offsets
 (`RowWriter`, positioned writes), then `.progress/rows_<b>.done`. The finalizer fills any block
 without a marker from the copy's X and writes rows.json (`complete_store`). Copies without a row
-store get one from `python -m data.rowstore COPY` (one pass over X). Shape legend: N cells, nnz.
+store get one from `python -m atlasldm.data.rowstore COPY` (one pass over X).
+Shape legend: N cells, nnz.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import tiledbsoma
 
-from data.copy_files import record_row_store, rows_recorded
-from data.materialize import progress_dir
-from data.npy_reads import NpyFile, npy_header
-from data.pipeline import Csr, gather_positions
-from data.validate import IngestError
-from data.vocab import atomic_write_text
+from atlasldm.data.copy_files import record_row_store, rows_recorded
+from atlasldm.data.materialize import progress_dir
+from atlasldm.data.npy_reads import NpyFile, npy_header
+from atlasldm.data.pipeline import Csr, gather_positions
+from atlasldm.data.validate import IngestError
+from atlasldm.data.vocab import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def _fill_from_x(copy: Path, writer: RowWriter, blocks) -> None:
 
 def _x_rows(X: tiledbsoma.SparseNDArray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
     """(local indptr, tokens, counts) of copy rows [lo, hi), genes ascending per row."""
-    from data.reader import read_coo  # reader imports this module
+    from atlasldm.data.reader import read_coo  # reader imports this module
 
     dim0, dim1, data = read_coo(X, slice(lo, hi - 1))
     key = (dim0 - lo) << 32 | dim1  # (row, gene); TileDB returns a copy block sorted
@@ -378,7 +379,7 @@ class RowStore:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m data.rowstore COPY [--block-cells N] [--rebuild]`: add a copy's row store.
+    """`python -m atlasldm.data.rowstore COPY [--block-cells N] [--rebuild]`: add a row store.
 
     A complete store of the copy is kept and one left unfinished by the ingest is completed,
     unless --rebuild.

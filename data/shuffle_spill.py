@@ -44,9 +44,9 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from data import materialize as mat
-from data import soma
-from data.validate import check_counts, library_sizes
+from atlasldm.data import materialize as mat
+from atlasldm.data import soma
+from atlasldm.data.validate import check_counts, library_sizes
 
 logger = logging.getLogger(__name__)
 

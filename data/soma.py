@@ -11,7 +11,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from data.validate import IngestError
+from atlasldm.data.validate import IngestError
 
 logger = logging.getLogger(__name__)
 

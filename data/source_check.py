@@ -11,9 +11,9 @@ from pathlib import Path
 
 import tiledbsoma
 
-from data.materialize import open_copy_manifest
+from atlasldm.data.materialize import open_copy_manifest
 
-INGEST = "python -m data.ingest --source <h5ad | SOMA experiment | builtin:pbmc68k> --out"
+INGEST = "python -m atlasldm.data.ingest --source <h5ad | SOMA experiment | builtin:pbmc68k> --out"
 
 
 class DataSourceError(ValueError):

@@ -22,8 +22,8 @@ from typing import Any
 
 import tiledbsoma
 
-from data import soma
-from data.validate import IngestError
+from atlasldm.data import soma
+from atlasldm.data.validate import IngestError
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +73,15 @@ class Source:
         """Create the staging experiment if this source needs one (idempotent)."""
         uri = self.staging_uri(out)
         if self.kind == "pbmc68k":
-            from data.pbmc import write_pbmc_experiment
+            from atlasldm.data.pbmc import write_pbmc_experiment
 
             write_pbmc_experiment(uri)
         elif self.kind == "synthetic":
-            from data.synthetic import write_synthetic_experiment
+            from atlasldm.data.synthetic import write_synthetic_experiment
 
             write_synthetic_experiment(uri, self.text)
         elif self.kind == "h5ad":
-            from data.h5ad_stage import stage_h5ads
+            from atlasldm.data.h5ad_stage import stage_h5ads
 
             stage_h5ads(self.paths, uri, self.layer)
 
@@ -89,7 +89,7 @@ class Source:
         """Input files that differ from what was staged in out (none for other sources)."""
         if self.kind != "h5ad":
             return []  # builtins are regenerated identically; other sources are read directly
-        from data.h5ad_stage import changed_inputs
+        from atlasldm.data.h5ad_stage import changed_inputs
 
         return changed_inputs(self.paths, str(self.staging_uri(out)))
 
@@ -139,7 +139,7 @@ def parse_source(
     if text.startswith("builtin:"):
         raise IngestError(f"unknown builtin source {text!r}; available: builtin:pbmc68k")
     if text.startswith("synthetic:"):
-        from data.synthetic import parse_spec
+        from atlasldm.data.synthetic import parse_spec
 
         parse_spec(text)  # fail early on a bad spec
         return Source(kind="synthetic", **common)

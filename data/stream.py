@@ -27,19 +27,19 @@ import numpy as np
 import tiledbsoma
 import torch
 
-from data.batch import CsrBatch
-from data.config import DataConfig
-from data.heap import release_freed_heap
-from data.pipeline import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.heap import release_freed_heap
+from atlasldm.data.pipeline import (
     Csr,
     Metrics,
     RoundPipeline,
     chunks_per_rank_from_budget,
     truncate_rows,
 )
-from data.reader import Piece, open_source
-from data.sampler import LockstepSampler, Restart, RoundPlan, elastic_restart, eval_rounds
-from data.split import Split
+from atlasldm.data.reader import Piece, open_source
+from atlasldm.data.sampler import LockstepSampler, Restart, RoundPlan, elastic_restart, eval_rounds
+from atlasldm.data.split import Split
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: rank-contiguous layout, per-epoch C, restarts (1: global rounds)

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from data.config import DataConfig
-from data.split import Split
-from data.stream import CellStream
-from data.vocab import GeneVocab
+from atlasldm.data.config import DataConfig
+from atlasldm.data.split import Split
+from atlasldm.data.stream import CellStream
+from atlasldm.data.vocab import GeneVocab
 
 
 def split_to_anndata(config: DataConfig, split: Split) -> ad.AnnData:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from data import vocab
+from atlasldm.data import vocab
 
 logger = logging.getLogger(__name__)
 

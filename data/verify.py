@@ -1,8 +1,8 @@
 """Integrity checks of a training copy: a cheap one at open, a full one on demand.
 
-    python -m data.verify COPY            # every recorded file: size and full sha256
-    python -m data.verify COPY --quick    # what opening the copy checks (sizes, sampled hashes)
-    python -m data.verify COPY --record   # record checksums of a copy written before them
+    python -m atlasldm.data.verify COPY           # every recorded file: size and full sha256
+    python -m atlasldm.data.verify COPY --quick   # what opening checks (sizes, sampled hashes)
+    python -m atlasldm.data.verify COPY --record  # record checksums of an older copy
 
 Opening a copy (`check_at_open`, called by the stream's CopySource) checks every recorded file's
 size and sampled checksum (data/copy_files.py), then the structure that the reader relies on:
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.copy_files import (
+from atlasldm.data.copy_files import (
     CopyDamagedError,
     check_files,
     copy_files,
@@ -28,9 +28,9 @@ from data.copy_files import (
     record_all,
     rows_recorded,
 )
-from data.materialize import open_copy_manifest
-from data.npy_reads import npy_header
-from data.validate import IngestError
+from atlasldm.data.materialize import open_copy_manifest
+from atlasldm.data.npy_reads import npy_header
+from atlasldm.data.validate import IngestError
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,13 @@ def check_at_open(root: Path, manifest: dict, with_rows: bool) -> None:
     root = Path(root)
     if "files" not in manifest:
         log.warning("%s has no recorded checksums (written before they existed), so damage is "
-                    "not detected; record them once: python -m data.verify %s --record",
+                    "not detected; record them once: python -m atlasldm.data.verify %s --record",
                     root, root)  # fmt: skip
     else:
         check_files(root, manifest, with_rows)
         if with_rows and not rows_recorded(manifest):
             log.warning("%s: the row store has no recorded checksums; record them: "
-                        "python -m data.verify %s --record", root, root)  # fmt: skip
+                        "python -m atlasldm.data.verify %s --record", root, root)  # fmt: skip
     check_structure(root, manifest, with_rows)
 
 
@@ -112,7 +112,7 @@ def verify(root: Path, quick: bool = False) -> tuple[int, int]:
     if "files" not in manifest:
         raise CopyDamagedError(
             f"{root} has no recorded checksums (written before they existed); record them "
-            f"first: python -m data.verify {root} --record"
+            f"first: python -m atlasldm.data.verify {root} --record"
         )
     with_rows = rows_in_use(root, manifest)
     covered = check_files(root, manifest, with_rows, full=not quick)

@@ -10,14 +10,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from evaluation.conditional import conditional_fidelity
-from evaluation.distances import energy_distance, frechet_distance, mmd2_unbiased, wasserstein
-from evaluation.genes import gene_fidelity
-from evaluation.prdc import prdc
-from evaluation.twosample import c2st_auc, equal_size
+from atlasldm.evaluation.conditional import conditional_fidelity
+from atlasldm.evaluation.distances import (
+    energy_distance,
+    frechet_distance,
+    mmd2_unbiased,
+    wasserstein,
+)
+from atlasldm.evaluation.genes import gene_fidelity
+from atlasldm.evaluation.prdc import prdc
+from atlasldm.evaluation.twosample import c2st_auc, equal_size
 
 if TYPE_CHECKING:
-    from evaluation.protocol import Context, EvalSet
+    from atlasldm.evaluation.protocol import Context, EvalSet
 
 PC_REP = "{p} PCs of {h} HVGs, reference PCA, centred"
 GENE_REP = "log1p-CP10k, all genes and HVGs"

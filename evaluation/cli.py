@@ -15,10 +15,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from evaluation.figures import trajectory_figure, write_figures
-from evaluation.fixtures import PBMC_LABEL_KEY, carve_floor, pbmc68k_splits
-from evaluation.protocol import EvalConfig, align_genes, make_set, prepare, run
-from evaluation.report import write_report
+from atlasldm.evaluation.figures import trajectory_figure, write_figures
+from atlasldm.evaluation.fixtures import PBMC_LABEL_KEY, carve_floor, pbmc68k_splits
+from atlasldm.evaluation.protocol import EvalConfig, align_genes, make_set, prepare, run
+from atlasldm.evaluation.report import write_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,11 +12,16 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from evaluation.distances import frechet_distance, mmd_scdiffusion, rbf_mmd2_biased, wasserstein
-from evaluation.genes import stat_agreement
-from evaluation.prdc import prdc
-from evaluation.preprocess import Projection, ProjectionMode, fit_projection
-from evaluation.twosample import knn_identity_f1, one_nn_accuracy, rf_auc
+from atlasldm.evaluation.distances import (
+    frechet_distance,
+    mmd_scdiffusion,
+    rbf_mmd2_biased,
+    wasserstein,
+)
+from atlasldm.evaluation.genes import stat_agreement
+from atlasldm.evaluation.prdc import prdc
+from atlasldm.evaluation.preprocess import Projection, ProjectionMode, fit_projection
+from atlasldm.evaluation.twosample import knn_identity_f1, one_nn_accuracy, rf_auc
 
 MODES: tuple[ProjectionMode, ...] = ("centred", "uncentered_published")
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from evaluation.protocol import Context, EvalSet
+    from atlasldm.evaluation.protocol import Context, EvalSet
 
 REAL_COLOR = "0.6"
 

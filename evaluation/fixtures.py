@@ -12,7 +12,7 @@ import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
 
-from evaluation.preprocess import to_dense
+from atlasldm.evaluation.preprocess import to_dense
 
 PBMC_LABEL_KEY = "bulk_labels"
 

@@ -13,12 +13,12 @@ import anndata as ad
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from evaluation.blockb import block_b
-from evaluation.compat import cfgen_metrics, scdiffusion_metrics
-from evaluation.conditional import celltypist_available, fit_label_classifier
-from evaluation.distances import median_bandwidth
-from evaluation.fixtures import gene_shuffled_counts, poisson_mean_counts
-from evaluation.preprocess import (
+from atlasldm.evaluation.blockb import block_b
+from atlasldm.evaluation.compat import cfgen_metrics, scdiffusion_metrics
+from atlasldm.evaluation.conditional import celltypist_available, fit_label_classifier
+from atlasldm.evaluation.distances import median_bandwidth
+from atlasldm.evaluation.fixtures import gene_shuffled_counts, poisson_mean_counts
+from atlasldm.evaluation.preprocess import (
     Projection,
     Representation,
     fit_projection,

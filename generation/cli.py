@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from generation.encode import encode_cells
-from generation.models import Exports, load_exports
-from generation.plan import (
+from atlasldm.generation.encode import encode_cells
+from atlasldm.generation.models import Exports, load_exports
+from atlasldm.generation.plan import (
     LibrarySizes,
     Plan,
     grid_plan,
@@ -42,9 +42,9 @@ from generation.plan import (
     match_plan,
     parse_conditions,
 )
-from generation.sampling import GuidanceConfig, check_guidance, decode, sample_latents
-from generation.vocabulary import ConditionError
-from generation.writers import (
+from atlasldm.generation.sampling import GuidanceConfig, check_guidance, decode, sample_latents
+from atlasldm.generation.vocabulary import ConditionError
+from atlasldm.generation.writers import (
     Part,
     assemble,
     create_soma,
@@ -52,8 +52,8 @@ from generation.writers import (
     write_h5ad_atomic,
     write_soma_part,
 )
-from models.flow import SAMPLERS, FlowConfig
-from models.pretrained import ExportError
+from atlasldm.models.flow import SAMPLERS, FlowConfig
+from atlasldm.models.pretrained import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _dist():
     """Return (rank, world, barrier) from the launcher's variables (no process group for 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, lambda: None
-    from train.distributed import barrier, init_distributed, rank, world_size
+    from atlasldm.train.distributed import barrier, init_distributed, rank, world_size
 
     init_distributed()
     return rank(), world_size(), barrier

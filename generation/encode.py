@@ -7,9 +7,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from generation.vocabulary import ConditionError
-from models.batch import CellBatch
-from models.vae import VAE
+from atlasldm.generation.vocabulary import ConditionError
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.vae import VAE
 
 
 def vocabulary_tokens(var_names: pd.Index, genes: pd.DataFrame) -> np.ndarray:

@@ -13,15 +13,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from generation.vocabulary import ConditionError, Vocabulary
-from models.pretrained import (
+from atlasldm.generation.vocabulary import ConditionError, Vocabulary
+from atlasldm.models.pretrained import (
     ExportError,
     export_digest,
     load_classifier,
     load_denoiser,
     load_vae,
 )
-from models.vae import VAE
+from atlasldm.models.vae import VAE
 
 
 @dataclass

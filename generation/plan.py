@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from generation.vocabulary import ConditionError, Vocabulary
+from atlasldm.generation.vocabulary import ConditionError, Vocabulary
 
 MIN_STATS_CELLS = 50  # a per-condition library-size statistic needs this many training cells
 UNSET = ""  # condition value of an attribute left unconditioned in a row

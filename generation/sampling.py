@@ -13,11 +13,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from generation.models import Exports
-from generation.plan import Plan
-from generation.vocabulary import ConditionError
-from models.flow import FlowConfig, sample, velocity_from_model
-from models.guidance import (
+from atlasldm.generation.models import Exports
+from atlasldm.generation.plan import Plan
+from atlasldm.generation.vocabulary import ConditionError
+from atlasldm.models.flow import FlowConfig, sample, velocity_from_model
+from atlasldm.models.guidance import (
     VALID_GUIDANCE,
     ClassifierTerm,
     cfg_interpolation_velocity,
@@ -26,7 +26,7 @@ from models.guidance import (
     interpolation_terms,
     noised_start,
 )
-from models.likelihoods import sample_nb
+from atlasldm.models.likelihoods import sample_nb
 
 
 @dataclass

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from generation.plan import Plan
+from atlasldm.generation.plan import Plan
 
 MEANS_LAYER = "means"  # decoded NB means μ
 LATENT_KEY = "latent"  # obsm key of the flattened latents z (VAE space)

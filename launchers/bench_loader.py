@@ -2,7 +2,7 @@
 
 import sys
 
-from data import benchmark
+from atlasldm.data import benchmark
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 import sys
 
-from train import bench_model
+from atlasldm.train import bench_model
 
 
 def main() -> int:

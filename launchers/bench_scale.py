@@ -3,7 +3,7 @@
 
 import sys
 
-from data import bench_scale
+from atlasldm.data import bench_scale
 
 
 def main() -> int:

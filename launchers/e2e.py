@@ -6,7 +6,7 @@ comparing scLDM with its baselines, the real-vs-real floor and the known-bad ref
 
 import sys
 
-from pipeline import e2e
+from atlasldm.pipeline import e2e
 
 
 def main() -> None:

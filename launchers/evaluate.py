@@ -2,7 +2,7 @@
 
 import sys
 
-from evaluation import cli
+from atlasldm.evaluation import cli
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from train import classifier_stage, dit_stage, vae_stage
-from train.cli import run_stage
+from atlasldm.train import classifier_stage, dit_stage, vae_stage
+from atlasldm.train.cli import run_stage
 
 STAGES = {
     "vae": vae_stage.main,

@@ -6,7 +6,7 @@ splits the batches over N processes.
 
 import sys
 
-from generation import cli
+from atlasldm.generation import cli
 
 
 def main() -> None:

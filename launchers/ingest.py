@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from data.ingest import main as ingest_main
+from atlasldm.data.ingest import main as ingest_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Needs the VAE export of `train_vae.py`; `stage.attribute=cell_type` picks the label to classify.
 """
 
-from train import classifier_stage
-from train.cli import run_stage
+from atlasldm.train import classifier_stage
+from atlasldm.train.cli import run_stage
 
 
 def main() -> None:

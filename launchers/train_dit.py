@@ -4,8 +4,8 @@ Needs the VAE export of `train_vae.py` (default run folder runs/vae). Also runs 
 `torchrun --nproc_per_node N` and `accelerate launch --multi_gpu --num_processes N`.
 """
 
-from train import dit_stage
-from train.cli import run_stage
+from atlasldm.train import dit_stage
+from atlasldm.train.cli import run_stage
 
 
 def main() -> None:

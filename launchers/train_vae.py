@@ -5,8 +5,8 @@ Runs with no arguments (reference-default VAE on the built-in pbmc68k copy). Als
 launcher's `--local_rank` argument is ignored.
 """
 
-from train import vae_stage
-from train.cli import run_stage
+from atlasldm.train import vae_stage
+from atlasldm.train.cli import run_stage
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention import pad_packed, seq_index
+from atlasldm.models.attention import pad_packed, seq_index
 
 
 def _cu_from_lengths(lengths: Tensor) -> Tensor:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import TimestepEmbedder
-from models.flow import draw_time_and_noise, interpolate
-from models.skip_mlp import TimeConditionedLayer
+from atlasldm.models.embeddings import TimestepEmbedder
+from atlasldm.models.flow import draw_time_and_noise, interpolate
+from atlasldm.models.skip_mlp import TimeConditionedLayer
 
 
 @dataclass

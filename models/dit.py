@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.attention import BACKENDS, Backend, SelfAttention
-from models.embeddings import (
+from atlasldm.models.attention import BACKENDS, Backend, SelfAttention
+from atlasldm.models.embeddings import (
     CFG_DROPOUT_SCHEMES,
     CfgDropoutScheme,
     ConditionEmbedder,
     TimestepEmbedder,
     drop_conditions,
 )
-from models.layers import SwiGLU, modulate, sincos_embedding_1d
+from atlasldm.models.layers import SwiGLU, modulate, sincos_embedding_1d
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.layers import timestep_embedding
+from atlasldm.models.layers import timestep_embedding
 
 CfgDropoutScheme = Literal["joint", "per_batch_attribute", "independent"]
 CFG_DROPOUT_SCHEMES: tuple[str, ...] = ("joint", "per_batch_attribute", "independent")

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # type hints only: this module does not need torch at run time
-    from models.dit import DiTConfig
-    from models.vae import VAEConfig
+    from atlasldm.models.dit import DiTConfig
+    from atlasldm.models.vae import VAEConfig
 
 TRAIN_FACTOR = 3  # forward + backward ≈ 3 x forward (two products per product in backward)
 # Encoder count embeddings (docs/model.md, 'Count embeddings') that are elementwise, i.e. cost

@@ -22,8 +22,8 @@ from typing import Literal
 
 import torch
 
-from models.embeddings import CFG_DROPOUT_SCHEMES, CfgDropoutScheme, null_labels
-from models.flow import ModelFn, VelocityFn
+from atlasldm.models.embeddings import CFG_DROPOUT_SCHEMES, CfgDropoutScheme, null_labels
+from atlasldm.models.flow import ModelFn, VelocityFn
 
 GuidanceMode = Literal["joint", "additive"]
 # Which guidance modes a dropout scheme trains for (docs/model.md, 'Classifier-free guidance'):

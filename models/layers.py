@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import Backend, CrossAttention, SelfAttention
+from atlasldm.models.attention import Backend, CrossAttention, SelfAttention
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 4) -> int:

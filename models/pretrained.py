@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from models.classifier import ClassifierConfig, NoisyLatentClassifier
-from models.dit import DiT, DiTConfig
-from models.skip_mlp import SkipMLP, SkipMLPConfig
-from models.vae import VAE, VAEConfig
+from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
+from atlasldm.models.vae import VAE, VAEConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "export.json"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.embeddings import (
+from atlasldm.models.embeddings import (
     CFG_DROPOUT_SCHEMES,
     CfgDropoutScheme,
     ConditionEmbedder,

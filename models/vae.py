@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import BACKENDS, Backend
-from models.batch import CellBatch
-from models.embeddings_count import COUNT_EMBEDDINGS, CountEmbedding, InputLayer
-from models.layers import Block, CrossAttentionBlock, sincos_embedding_1d
-from models.likelihoods import (
+from atlasldm.models.attention import BACKENDS, Backend
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.embeddings_count import COUNT_EMBEDDINGS, CountEmbedding, InputLayer
+from atlasldm.models.layers import Block, CrossAttentionBlock, sincos_embedding_1d
+from atlasldm.models.likelihoods import (
     LIKELIHOODS,
     Likelihood,
     LikelihoodHead,

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import DataConfig
-from data.to_anndata import split_to_anndata
+from atlasldm.configs import CONFIGS_DIR
+from atlasldm.data.config import DataConfig
+from atlasldm.data.to_anndata import split_to_anndata
+from atlasldm.launchers import LAUNCHERS_DIR
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "configs" / "e2e"
+CONFIGS = CONFIGS_DIR / "e2e"
 LABEL_KEY = "cell_type"
 VAL_FRACTION = 0.3  # must equal data.val_fraction of every configs/e2e recipe
 MODELS = ("scldm", "vae_prior", "scdiffusion")  # the generated sets, in table order
@@ -82,12 +83,12 @@ class Timer:
 
 def _launch(script: str, args: list[str], launcher: str, log: Path) -> None:
     """Run a launcher to completion with its output in `log`; raise with the log's tail."""
-    cmd = [sys.executable, str(REPO / "launchers" / script), *args]
+    cmd = [sys.executable, str(LAUNCHERS_DIR / script), *args]
     if launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "launchers" / script), *args]
+        cmd = ["deepspeed", "--num_gpus", "2", str(LAUNCHERS_DIR / script), *args]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
@@ -120,7 +121,7 @@ def real_splits(copy: Path, root: Path) -> tuple[Path, Path]:
 
 def generate(name: str, exports: dict[str, Path], test: Path, root: Path, seeds, quick) -> Path:
     """Generate the test set's cells with one model at every seed; return the h5ad path."""
-    from generation import cli
+    from atlasldm.generation import cli
 
     out = root / "generated" / f"{name}.h5ad"
     args = ["--vae", str(exports["vae"]), "--match", str(test), "--match-keys", LABEL_KEY,
@@ -142,7 +143,7 @@ TRAJECTORY = ("CD14+ Monocyte", "CD19+ B")  # endpoints of the example trajector
 
 def trajectory(exports: dict[str, Path], root: Path, quick: bool) -> Path:
     """Generate an scLDM trajectory between two cell types (CFG interpolation); return its path."""
-    from generation import cli
+    from atlasldm.generation import cli
 
     out = root / "generated" / "scldm_trajectory.h5ad"
     cli.run(["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]),
@@ -156,7 +157,7 @@ def evaluate(
     real: tuple[Path, Path], generated: dict[str, Path], traj: Path, root: Path, seeds, quick
 ) -> dict:
     """Run the evaluation protocol; return report.json as a dict."""
-    from evaluation import cli
+    from atlasldm.evaluation import cli
 
     out = root / "report"
     args = ["--real-test", str(real[0]), "--real-train", str(real[1]), "--label-key", LABEL_KEY,

@@ -11,11 +11,11 @@ import pytest
 import tiledbsoma
 import torch
 
-from data import soma
-from data.ingest import main as ingest_main
-from data.materialize import open_copy_manifest
-from train.checkpoint import write_latest
-from train.export import read_export
+from atlasldm.data import soma
+from atlasldm.data.ingest import main as ingest_main
+from atlasldm.data.materialize import open_copy_manifest
+from atlasldm.train.checkpoint import write_latest
+from atlasldm.train.export import read_export
 
 SMALL_SYNTHETIC = "synthetic:cells=3000,genes=300,datasets=5,cell_types=6,seed=0"
 

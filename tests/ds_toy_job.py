@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.checkpoint import load_checkpoint, prepare_resume, save_checkpoint, tag_for
-from train.cli import end_process
-from train.config import (
+from atlasldm.train.checkpoint import load_checkpoint, prepare_resume, save_checkpoint, tag_for
+from atlasldm.train.cli import end_process
+from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
     EMAConfig,
@@ -44,7 +44,7 @@ from train.config import (
     ZeroConfig,
     accumulation_steps,
 )
-from train.distributed import (
+from atlasldm.train.distributed import (
     all_reduce_mean,
     build_engine,
     consolidated_state_dict,
@@ -58,10 +58,10 @@ from train.distributed import (
     usable_cores,
     world_size,
 )
-from train.export import write_export
-from train.loop import run as loop_run
-from train.optim import EMA, build_optimizer, lr_at, set_lr
-from train.stage import Stage
+from atlasldm.train.export import write_export
+from atlasldm.train.loop import run as loop_run
+from atlasldm.train.optim import EMA, build_optimizer, lr_at, set_lr
+from atlasldm.train.stage import Stage
 
 
 class ToyStream:

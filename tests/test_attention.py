@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from models import attention as attn_mod
-from models.attention import (
+from atlasldm.models import attention as attn_mod
+from atlasldm.models.attention import (
     CrossAttention,
     SelfAttention,
     attention,
@@ -16,7 +16,7 @@ from models.attention import (
     reference_attention,
     varlen_attention,
 )
-from models.layers import Block, CrossAttentionBlock, SwiGLU, sincos_embedding_1d
+from atlasldm.models.layers import Block, CrossAttentionBlock, SwiGLU, sincos_embedding_1d
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

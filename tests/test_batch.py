@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from data.batch import CsrBatch
-from data.pipeline import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.pipeline import (
     Csr,
     csr_from_sorted_coo,
     drop_zero_tokens,

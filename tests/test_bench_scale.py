@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import bench_scale, bench_scale_sweep
-from data.benchmark import batch_entropy
-from data.sampler import LockstepSampler
+from atlasldm.data import bench_scale, bench_scale_sweep
+from atlasldm.data.benchmark import batch_entropy
+from atlasldm.data.sampler import LockstepSampler
 
 SWEEP = ["--parts", "sweep", "--sweep-cells", "3000", "--max-world-size", "8",
          "--datasets", "4", "--micro-batch", "64", "--max-eval-ranks", "3"]  # fmt: skip

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from data.benchmark import batch_entropy, random_entropy
+from atlasldm.data.benchmark import batch_entropy, random_entropy
 
 
 def test_batch_entropy_closed_forms() -> None:

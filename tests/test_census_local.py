@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data import soma
-from data.ingest import run_ingest
-from data.synthetic import write_census_folder
-from data.validate import IngestError
+from atlasldm.data import soma
+from atlasldm.data.ingest import run_ingest
+from atlasldm.data.synthetic import write_census_folder
+from atlasldm.data.validate import IngestError
 
 
 @pytest.fixture(scope="module")

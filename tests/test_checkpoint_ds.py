@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.checkpoint import (
+from atlasldm.train.checkpoint import (
     COMPLETE,
     CheckpointError,
     ResumePoint,
@@ -33,7 +33,7 @@ from train.checkpoint import (
     tag_for,
     write_latest,
 )
-from train.export import read_export
+from atlasldm.train.export import read_export
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "ds_toy_job.py"

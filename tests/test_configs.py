@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from train.classifier_stage import ClassifierTrainConfig
-from train.config import ConfigError, load_config
-from train.dit_stage import DiTStageConfig
-from train.vae_stage import VAEStageConfig
+from atlasldm.train.classifier_stage import ClassifierTrainConfig
+from atlasldm.train.config import ConfigError, load_config
+from atlasldm.train.dit_stage import DiTStageConfig
+from atlasldm.train.vae_stage import VAEStageConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {

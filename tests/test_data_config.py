@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from data.config import DataConfig
-from train.config import ConfigError, load_config
+from atlasldm.data.config import DataConfig
+from atlasldm.train.config import ConfigError, load_config
 
 
 def test_defaults_and_derived_chunk():

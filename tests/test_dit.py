@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.dit import DiT, DiTConfig
-from models.embeddings import drop_conditions, null_labels
-from models.flow import flow_loss
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.embeddings import drop_conditions, null_labels
+from atlasldm.models.flow import flow_loss
 
 VOCAB = [3, 2]
 

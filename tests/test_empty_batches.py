@@ -21,21 +21,21 @@ import torch
 from conftest import read_run_metrics
 from torch import nn
 
-from data.batch import CsrBatch
-from data.config import DataConfig
-from data.sampler import LockstepSampler
-from data.stream import CellStream
-from models.classifier import ClassifierConfig, NoisyLatentClassifier
-from models.dit import DiT, DiTConfig
-from models.vae import VAE, VAEConfig
-from train.classifier_stage import _make_loss as classifier_loss_fn
-from train.config import BatchConfig, PrecisionConfig, RunConfig, TrainConfig
-from train.dit_stage import make_flow_loss
-from train.latents import lookup
-from train.loop import LoopState, _log, _one_step, cell_weight, stand_in_batch
-from train.stage import Stage
-from train.tracking import NullTracker
-from train.vae_stage import cell_batch, vae_loss
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.sampler import LockstepSampler
+from atlasldm.data.stream import CellStream
+from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.classifier_stage import _make_loss as classifier_loss_fn
+from atlasldm.train.config import BatchConfig, PrecisionConfig, RunConfig, TrainConfig
+from atlasldm.train.dit_stage import make_flow_loss
+from atlasldm.train.latents import lookup
+from atlasldm.train.loop import LoopState, _log, _one_step, cell_weight, stand_in_batch
+from atlasldm.train.stage import Stage
+from atlasldm.train.tracking import NullTracker
+from atlasldm.train.vae_stage import cell_batch, vae_loss
 
 REPO = Path(__file__).resolve().parents[1]
 GENES = 20

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from train.export import MANIFEST, WEIGHTS, ExportError, read_export, write_export
+from atlasldm.train.export import MANIFEST, WEIGHTS, ExportError, read_export, write_export
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import flops
-from models.batch import CellBatch
-from models.dit import DiT, DiTConfig
-from models.vae import VAE, VAEConfig
+from atlasldm.models import flops
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.vae import VAE, VAEConfig
 
 FORWARD_RTOL = 1e-4  # analytic vs counted forward FLOPs (exact up to float rounding)
 TRAIN_RTOL = 0.02  # analytic 3 x forward (+ recompute) vs counted forward + backward
@@ -122,14 +122,14 @@ def test_linear_form_and_census_scale_estimate() -> None:
 
 
 def test_swiglu_hidden_matches_layers() -> None:
-    from models.layers import swiglu_hidden_dim
+    from atlasldm.models.layers import swiglu_hidden_dim
 
     for dim in (16, 32, 100, 256, 512, 1024):
         assert flops.swiglu_hidden(dim, 4) == swiglu_hidden_dim(dim, 4)
 
 
 def test_bench_presets_and_overrides() -> None:
-    from train.bench_model import build_configs
+    from atlasldm.train.bench_model import build_configs
 
     overrides = ["vae.latent_dim=8", "dit.hidden_dim=128", "bench.dec_genes=100,200"]
     vae, dit, bench = build_configs("census70m", [*overrides, "vae.checkpoint_decode=false"], True)

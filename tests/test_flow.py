@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.flow import (
+from atlasldm.models.flow import (
     FlowConfig,
     draw_time_and_noise,
     flow_loss,

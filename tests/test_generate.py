@@ -20,13 +20,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from generation import cli
-from generation.vocabulary import ConditionError
-from models.classifier import ClassifierConfig, NoisyLatentClassifier
-from models.dit import DiT, DiTConfig
-from models.pretrained import ExportError, export_digest
-from models.vae import VAE, VAEConfig
-from train.export import write_export
+from atlasldm.generation import cli
+from atlasldm.generation.vocabulary import ConditionError
+from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.pretrained import ExportError, export_digest
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.export import write_export
 
 REPO = Path(__file__).resolve().parent.parent
 G, M, D = 30, 4, 8
@@ -177,7 +177,7 @@ def test_grid_library_sizes_follow_the_condition_statistics(exports, tmp_path) -
 
 def test_classifier_guidance_raises_the_target_class_probability(exports, tmp_path) -> None:
     # The classifier's own p(target | z) at t = 1 must rise with the guidance scale.
-    from models.pretrained import load_classifier
+    from atlasldm.models.pretrained import load_classifier
 
     clf = load_classifier(exports["classifier"])
     shares = []
@@ -215,7 +215,7 @@ def test_vae_prior_samples_standard_normal_latents(exports, tmp_path) -> None:
 def test_soma_output_equals_h5ad_output(exports, tmp_path) -> None:
     import tiledbsoma
 
-    from evaluation.cli import read_cells
+    from atlasldm.evaluation.cli import read_cells
 
     args = ("--condition", "cell_type=*", "--n-cells", "3", "--batch-size", "4")
     h5 = _gen(exports, tmp_path, *args)
@@ -236,7 +236,7 @@ def test_soma_output_equals_h5ad_output(exports, tmp_path) -> None:
 
 
 def test_large_h5ad_means_are_refused_before_any_work() -> None:
-    from generation.cli import check_h5ad_size
+    from atlasldm.generation.cli import check_h5ad_size
 
     check_h5ad_size("soma", 10**6, 36_000, means=True)  # streamed: fine
     check_h5ad_size("h5ad", 10**6, 36_000, means=False)  # no dense layer: fine
@@ -323,8 +323,8 @@ def test_trajectory_from_real_cells_starts_near_their_latents(exports, tmp_path)
     # started from noise it lands far from them.
     import torch
 
-    from generation.encode import encode_cells
-    from models.pretrained import load_vae
+    from atlasldm.generation.encode import encode_cells
+    from atlasldm.models.pretrained import load_vae
 
     ref = _reference((6, 0, 0))  # six cells of type B
     ref.write_h5ad(tmp_path / "src.h5ad")

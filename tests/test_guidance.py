@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.dit import DiT, DiTConfig
-from models.embeddings import null_labels
-from models.flow import sample_heun
-from models.guidance import (
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.embeddings import null_labels
+from atlasldm.models.flow import sample_heun
+from atlasldm.models.guidance import (
     ClassifierTerm,
     cfg_interpolation_velocity,
     cfg_velocity,

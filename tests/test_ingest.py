@@ -12,17 +12,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from data import shuffle_spill
-from data.config import DataConfig
-from data.ingest import run_ingest
-from data.materialize import open_copy_manifest
-from data.pbmc import pbmc68k_counts
-from data.rowstore import RowWriter
-from data.rowstore import main as rowstore_main
-from data.stream import CellStream
-from data.synthetic import generate_anndata, parse_spec
-from data.validate import IngestError
-from data.vocab import GeneVocab, load_labels
+from atlasldm.data import shuffle_spill
+from atlasldm.data.config import DataConfig
+from atlasldm.data.ingest import run_ingest
+from atlasldm.data.materialize import open_copy_manifest
+from atlasldm.data.pbmc import pbmc68k_counts
+from atlasldm.data.rowstore import RowWriter
+from atlasldm.data.rowstore import main as rowstore_main
+from atlasldm.data.stream import CellStream
+from atlasldm.data.synthetic import generate_anndata, parse_spec
+from atlasldm.data.validate import IngestError
+from atlasldm.data.vocab import GeneVocab, load_labels
 
 RESUME_SOURCE = "synthetic:cells=1500,genes=80,datasets=3,cell_types=4,seed=5"
 REPO = Path(__file__).resolve().parents[1]
@@ -347,7 +347,7 @@ def test_soma_experiment_source(pbmc_copy, tmp_path, read_copy):
 
 
 def test_command_reports_bad_source_with_exit_code(tmp_path, caplog):
-    from data.ingest import main
+    from atlasldm.data.ingest import main
 
     assert main(["--source", "builtin:nope", "--out", str(tmp_path / "c")]) == 2
     assert "builtin:pbmc68k" in caplog.text  # the message lists what is available

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from models.likelihoods import (
+from atlasldm.models.likelihoods import (
     LikelihoodHead,
     StreamingLogSumExp,
     gaussian_log_prob,

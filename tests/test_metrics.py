@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from evaluation.distances import (
+from atlasldm.evaluation.distances import (
     energy_distance,
     frechet_distance,
     mmd2_unbiased,
@@ -15,11 +15,11 @@ from evaluation.distances import (
     rbf_mmd2_biased,
     wasserstein,
 )
-from evaluation.fixtures import carve_floor, gene_shuffled_counts, stratified_split
-from evaluation.genes import gene_fidelity, r2_score_real_target
-from evaluation.prdc import prdc
-from evaluation.preprocess import fit_projection, log1p_cp10k, select_hvgs
-from evaluation.twosample import c2st_auc, one_nn_accuracy
+from atlasldm.evaluation.fixtures import carve_floor, gene_shuffled_counts, stratified_split
+from atlasldm.evaluation.genes import gene_fidelity, r2_score_real_target
+from atlasldm.evaluation.prdc import prdc
+from atlasldm.evaluation.preprocess import fit_projection, log1p_cp10k, select_hvgs
+from atlasldm.evaluation.twosample import c2st_auc, one_nn_accuracy
 
 
 def _pair(seed: int, m: int = 8, n: int = 8, d: int = 3, shift: float = 0.0):

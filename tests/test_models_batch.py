@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.batch import CellBatch
+from atlasldm.models.batch import CellBatch
 
 
 def _batch():

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.npy_reads import TAKE_GAP, NpyFile
+from atlasldm.data.npy_reads import TAKE_GAP, NpyFile
 
 
 @settings(max_examples=40, deadline=None)

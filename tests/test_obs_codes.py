@@ -7,8 +7,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.obs_codes import dictionary_codes, hashes_of, present_sorted, read_obs, recode
-from data.split import hash_strings
+from atlasldm.data.obs_codes import dictionary_codes, hashes_of, present_sorted, read_obs, recode
+from atlasldm.data.split import hash_strings
 
 label = st.one_of(st.none(), st.sampled_from(["B", "T", "NK", "mono", "é"]))
 

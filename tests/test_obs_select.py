@@ -7,8 +7,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.obs_select import ObsFold, fold_obs, joinid_dtype
-from data.split import hash_int_keys, hash_strings, split_mask
+from atlasldm.data.obs_select import ObsFold, fold_obs, joinid_dtype
+from atlasldm.data.split import hash_int_keys, hash_strings, split_mask
 
 label = st.one_of(st.none(), st.sampled_from(["B", "T", "NK", "mono", "é"]))
 donor = st.sampled_from(["d1", "d2", "d3", "d4"])

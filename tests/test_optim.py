@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.config import EMAConfig, OptimConfig
-from train.optim import EMA, build_optimizer, lr_at, param_groups, set_lr
+from atlasldm.train.config import EMAConfig, OptimConfig
+from atlasldm.train.optim import EMA, build_optimizer, lr_at, param_groups, set_lr
 
 
 class RMSNorm(nn.Module):

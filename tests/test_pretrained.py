@@ -5,11 +5,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from models.batch import CellBatch
-from models.dit import DiT, DiTConfig
-from models.pretrained import ExportError, load_denoiser, load_vae
-from models.vae import VAE, VAEConfig
-from train.export import write_export
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.pretrained import ExportError, load_denoiser, load_vae
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.export import write_export
 
 V = 40
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.cli import main
+from atlasldm.evaluation.cli import main
 
 CLASSES = ("a", "b", "c")
 
@@ -88,9 +88,9 @@ def test_shifted_generated_set_scores_worse_than_the_floor(report_dir: Path) -> 
 @pytest.mark.slow
 def test_umap_figure_is_written(tmp_path: Path) -> None:
     # umap-learn compiles with numba on first use (~20 s), hence the slow tier.
-    from evaluation.figures import write_figures
-    from evaluation.fixtures import carve_floor
-    from evaluation.protocol import EvalConfig, prepare
+    from atlasldm.evaluation.figures import write_figures
+    from atlasldm.evaluation.fixtures import carve_floor
+    from atlasldm.evaluation.protocol import EvalConfig, prepare
 
     test, train = _synthetic(30, seed=0), _synthetic(60, seed=1)
     floor, ref = carve_floor(train.obs["cell_type"], test.obs["cell_type"])

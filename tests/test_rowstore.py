@@ -13,12 +13,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from data.config import DataConfig
-from data.ingest import main as run_ingest
-from data.reader import CopySource
-from data.rowstore import MARKER, RowStore, build_row_store, has_row_store, row_store_dir
-from data.stream import CellStream
-from data.validate import IngestError
+from atlasldm.data.config import DataConfig
+from atlasldm.data.ingest import main as run_ingest
+from atlasldm.data.reader import CopySource
+from atlasldm.data.rowstore import MARKER, RowStore, build_row_store, has_row_store, row_store_dir
+from atlasldm.data.stream import CellStream
+from atlasldm.data.validate import IngestError
 
 
 def _stream_batches(cfg: DataConfig, world: int, epochs: int = 2) -> list:

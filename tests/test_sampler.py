@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.pipeline import BYTES_PER_NNZ, MAX_ROUND_CELLS, chunks_per_rank_from_budget
-from data.sampler import (
+from atlasldm.data.pipeline import BYTES_PER_NNZ, MAX_ROUND_CELLS, chunks_per_rank_from_budget
+from atlasldm.data.sampler import (
     LockstepSampler,
     elastic_restart,
     eval_rounds,

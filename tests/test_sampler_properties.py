@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.config import DataConfig
-from data.sampler import LockstepSampler, Restart, elastic_restart, eval_rounds
-from data.stream import stream_layout
+from atlasldm.data.config import DataConfig
+from atlasldm.data.sampler import LockstepSampler, Restart, elastic_restart, eval_rounds
+from atlasldm.data.stream import stream_layout
 
 CI_EXAMPLES = 60
 DEEP_EXAMPLES = 2000

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss
-from models.flow import flow_loss, sample_euler, velocity_from_model
-from models.guidance import ClassifierTerm, cfg_velocity, classifier_guided_velocity
-from models.skip_mlp import SkipMLP, SkipMLPConfig
+from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss
+from atlasldm.models.flow import flow_loss, sample_euler, velocity_from_model
+from atlasldm.models.guidance import ClassifierTerm, cfg_velocity, classifier_guided_velocity
+from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
 
 
 def tiny_skip(**overrides) -> SkipMLP:

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from data.split import (
+from atlasldm.data.split import (
     hash_coded_strings,
     hash_int_keys,
     hash_strings,

@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.config import DataConfig
-from data.split import hash_int_keys, hash_strings, val_mask
-from data.stream import CellStream
-from data.synthetic import SyntheticSpec, var_frame, write_synthetic_experiment
-from data.vocab import GeneVocab
+from atlasldm.data.config import DataConfig
+from atlasldm.data.split import hash_int_keys, hash_strings, val_mask
+from atlasldm.data.stream import CellStream
+from atlasldm.data.synthetic import SyntheticSpec, var_frame, write_synthetic_experiment
+from atlasldm.data.vocab import GeneVocab
 
 C, K, B = 32, 3, 24  # awkward on 3,000 cells: 93 full chunks + 24 rows, K*C/B = 4 per round
 

@@ -6,8 +6,8 @@ import scipy.sparse as sp
 import scipy.stats
 import tiledbsoma
 
-from data import soma
-from data.synthetic import (
+from atlasldm.data import soma
+from atlasldm.data.synthetic import (
     GEN_BLOCK,
     _sample_nb,
     generate_anndata,

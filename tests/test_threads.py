@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import distributed
-from train.config import ConfigError, RunConfig, TrainConfig, load_config
-from train.distributed import local_world_size, rank_threads, set_rank_threads, usable_cores
+from atlasldm.train import distributed
+from atlasldm.train.config import ConfigError, RunConfig, TrainConfig, load_config
+from atlasldm.train.distributed import (
+    local_world_size,
+    rank_threads,
+    set_rank_threads,
+    usable_cores,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "ds_toy_job.py"

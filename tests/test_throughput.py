@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.flops import TRAIN_FACTOR, vae_train_flops
-from models.skip_mlp import SkipMLP, SkipMLPConfig
-from models.vae import VAEConfig
-from train.throughput import (
+from atlasldm.models.flops import TRAIN_FACTOR, vae_train_flops
+from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
+from atlasldm.models.vae import VAEConfig
+from atlasldm.train.throughput import (
     denoiser_flops_fn,
     peak_tflops,
     throughput_metrics,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from train.config import (
+from atlasldm.train.config import (
     BatchConfig,
     ConfigError,
     TrainConfig,
@@ -15,7 +15,7 @@ from train.config import (
     load_config,
     to_yaml,
 )
-from train.distributed import deepspeed_config, save_deepspeed_config
+from atlasldm.train.distributed import deepspeed_config, save_deepspeed_config
 
 
 def test_accumulation_is_derived_and_checked():

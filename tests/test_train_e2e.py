@@ -23,18 +23,24 @@ import pytest
 import torch
 from conftest import TINY_VAE, assert_same_export, read_run_metrics
 
-from data.config import DataConfig
-from data.stream import CellStream
-from models.dit import DiT, DiTConfig
-from models.vae import VAE, VAEConfig
-from train.checkpoint import COMPLETE, CRASH_ENV, read_latest
-from train.config import BatchConfig, CheckpointConfig, PrecisionConfig, RunConfig, TrainConfig
-from train.export import read_export
-from train.loop import LoopConfig, LoopState, TrainingError
-from train.loop import _train as loop_train
-from train.stage import Stage
-from train.tracking import NullTracker
-from train.vae_stage import cell_batch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.stream import CellStream
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.checkpoint import COMPLETE, CRASH_ENV, read_latest
+from atlasldm.train.config import (
+    BatchConfig,
+    CheckpointConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+)
+from atlasldm.train.export import read_export
+from atlasldm.train.loop import LoopConfig, LoopState, TrainingError
+from atlasldm.train.loop import _train as loop_train
+from atlasldm.train.stage import Stage
+from atlasldm.train.tracking import NullTracker
+from atlasldm.train.vae_stage import cell_batch
 
 pytestmark = pytest.mark.integration
 
@@ -119,9 +125,9 @@ def test_model_flops_of_every_step_are_logged(vae_run):
     # perf/model_tflops x step time must equal the analytic FLOPs of the step's batches: the
     # encoder term scales with the expressed genes (tokens), the decoder with cells x genes,
     # and the per-micro-batch terms with the micro-batches of all ranks.
-    from train.config import load_config
-    from train.throughput import vae_flops_fn
-    from train.vae_stage import VAEStageConfig
+    from atlasldm.train.config import load_config
+    from atlasldm.train.throughput import vae_flops_fn
+    from atlasldm.train.vae_stage import VAEStageConfig
 
     run_dir, _ = vae_run
     cfg = load_config(VAEStageConfig, [run_dir / "config.yaml"])
@@ -307,7 +313,7 @@ def test_classifier_trains_from_the_vae_export(vae_run, tmp_path):
     args = [DEBUG, f"run.root={tmp_path}", "run.name=clf", "run.max_steps=3"]
     args += [f"stage.vae_export={run_dir / 'export'}", "model.hidden_dims=[32,16]"]
     args += ["model.time_freq_dim=32"]
-    code = f"from train.classifier_stage import main; main({args!r})"
+    code = f"from atlasldm.train.classifier_stage import main; main({args!r})"
     _, env = _command("train_vae.py", [], "python")
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True

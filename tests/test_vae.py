@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batch import CellBatch
-from models.vae import VAE, VAEConfig
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.vae import VAE, VAEConfig
 
 V = 40
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.vocab import GeneVocab, encode_labels, load_labels, save_labels
+from atlasldm.data.vocab import GeneVocab, encode_labels, load_labels, save_labels
 
 
 def _vocab() -> GeneVocab:

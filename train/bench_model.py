@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import flops
-from models.dit import DiT, DiTConfig
-from models.skip_mlp import SkipMLP, SkipMLPConfig
-from models.vae import VAE, VAEConfig
+from atlasldm.models import flops
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
+from atlasldm.models.vae import VAE, VAEConfig
 
 MEMORY_METHOD = (
     "peak RSS (VmHWM) over the timed steps minus RSS before them, after malloc_trim and a "
@@ -37,7 +37,7 @@ MEMORY_METHOD = (
 # Fixed threshold: buffers >= 128 KiB are mmapped and unmapped on free, so the decoder scan's
 # RSS follows live memory instead of glibc's dynamic-threshold heap reuse.
 DECODER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-_WORKER = "import sys; from train.bench_worker import main; sys.exit(main(sys.argv[1:]))"
+_WORKER = "import sys; from atlasldm.train.bench_worker import main; sys.exit(main(sys.argv[1:]))"
 
 
 @dataclass

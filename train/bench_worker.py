@@ -29,11 +29,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from data.heap import release_freed_heap
-from models.batch import CellBatch
-from models.dit import DiT, DiTConfig
-from models.flow import flow_loss
-from models.vae import VAE, VAEConfig
+from atlasldm.data.heap import release_freed_heap
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.flow import flow_loss
+from atlasldm.models.vae import VAE, VAEConfig
 
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}  # docs/model.md, 'Training recipes'
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
+from atlasldm.train.checkpoint_files import (  # noqa: F401  (re-exported: the public checkpoint API)
     COMPLETE,
     LATEST,
     TAG_RE,
@@ -56,9 +56,9 @@ from train.checkpoint_files import (  # noqa: F401  (re-exported: the public che
     write_complete,
     write_latest,
 )
-from train.disk_space import free_bytes, human, is_disk_full, one_line, with_headroom
-from train.distributed import all_reduce_min, is_main, rank, world_size
-from train.preempt import Preemption
+from atlasldm.train.disk_space import free_bytes, human, is_disk_full, one_line, with_headroom
+from atlasldm.train.distributed import all_reduce_min, is_main, rank, world_size
+from atlasldm.train.preempt import Preemption
 
 FORMAT_VERSION = 1
 CRASH_ENV = "ATLASLDM_CRASH_BEFORE_COMMIT"  # fault injection for tests (module docstring)

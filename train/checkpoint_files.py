@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data.copy_files import stream_digest
+from atlasldm.data.copy_files import stream_digest
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

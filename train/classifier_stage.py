@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.batch import CsrBatch
-from data.config import DataConfig
-from data.stream import CellStream
-from models.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss
-from train.config import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.stream import CellStream
+from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier, classifier_loss
+from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
     ConfigError,
@@ -28,8 +28,8 @@ from train.config import (
     RunConfig,
     TrainConfig,
 )
-from train.distributed import all_reduce_mean, rank
-from train.dit_stage import (
+from atlasldm.train.distributed import all_reduce_mean, rank
+from atlasldm.train.dit_stage import (
     Encode,
     FrozenVAEConfig,
     frozen_vae_provenance,
@@ -37,9 +37,9 @@ from train.dit_stage import (
     load_frozen_vae,
     vae_export_dir,
 )
-from train.export import write_export
-from train.loop import LoopConfig, step_generator
-from train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
+from atlasldm.train.export import write_export
+from atlasldm.train.loop import LoopConfig, step_generator
+from atlasldm.train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
 
 
 @dataclass

@@ -10,13 +10,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-from data.source_check import DataSourceError
-from data.validate import IngestError
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.disk_space import OutputWriteError
-from train.export import ExportError
-from train.loop import TrainingError
+from atlasldm.data.source_check import DataSourceError
+from atlasldm.data.validate import IngestError
+from atlasldm.train.checkpoint import CheckpointError
+from atlasldm.train.config import ConfigError
+from atlasldm.train.disk_space import OutputWriteError
+from atlasldm.train.export import ExportError
+from atlasldm.train.loop import TrainingError
 
 # Raised identically on every rank before any collective: rank 0 alone says it, once.
 SAME_ON_EVERY_RANK = (ConfigError, DataSourceError, IngestError)

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.config import TrainConfig, accumulation_steps
-from train.shm_buffers import (
+from atlasldm.train.config import TrainConfig, accumulation_steps
+from atlasldm.train.shm_buffers import (
     buffer_path,
     claim_buffer,
     job_prefix,

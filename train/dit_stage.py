@@ -18,15 +18,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from data.batch import CsrBatch
-from data.config import DataConfig
-from data.stream import CellStream
-from models.dit import DiT, DiTConfig
-from models.flow import flow_loss
-from models.pretrained import export_digest
-from models.skip_mlp import SkipMLP, SkipMLPConfig
-from models.vae import VAE, VAEConfig
-from train.config import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.stream import CellStream
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.flow import flow_loss
+from atlasldm.models.pretrained import export_digest
+from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
     ConfigError,
@@ -37,11 +37,11 @@ from train.config import (
     RunConfig,
     TrainConfig,
 )
-from train.distributed import all_reduce_mean, rank, world_size
-from train.export import ExportError, read_export, write_export
-from train.latents import build_cache, cache_stats, lookup
-from train.loop import LoopConfig, step_generator
-from train.stage import (
+from atlasldm.train.distributed import all_reduce_mean, rank, world_size
+from atlasldm.train.export import ExportError, read_export, write_export
+from atlasldm.train.latents import build_cache, cache_stats, lookup
+from atlasldm.train.loop import LoopConfig, step_generator
+from atlasldm.train.stage import (
     Stage,
     open_streams,
     provenance_json,
@@ -49,8 +49,8 @@ from train.stage import (
     run_dir_of,
     stage_main,
 )
-from train.throughput import denoiser_flops_fn
-from train.vae_stage import cell_batch
+from atlasldm.train.throughput import denoiser_flops_fn
+from atlasldm.train.vae_stage import cell_batch
 
 Encode = Callable[[CsrBatch, torch.device], torch.Tensor]  # batch -> latents (B, M, D) fp32
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 # The reading side and the format constants live in models/, so that downstream packages load
 # exports with models alone; this module adds the atomic writer.
-from models.pretrained import (  # noqa: F401  (re-exported)
+from atlasldm.models.pretrained import (  # noqa: F401  (re-exported)
     CONFIG,
     FORMAT_VERSION,
     MANIFEST,

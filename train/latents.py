@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.config import DataConfig
-from data.stream import CellStream
-from models.pretrained import export_digest
-from models.vae import VAE
-from train.distributed import all_reduce_mean, barrier, is_main, rank, world_size
-from train.vae_stage import cell_batch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.stream import CellStream
+from atlasldm.models.pretrained import export_digest
+from atlasldm.models.vae import VAE
+from atlasldm.train.distributed import all_reduce_mean, barrier, is_main, rank, world_size
+from atlasldm.train.vae_stage import cell_batch
 
 META = "meta.json"
 

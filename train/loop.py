@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from data.batch import CsrBatch
-from train.checkpoint import load_checkpoint, prepare_resume
-from train.checkpoint import save_checkpoint as save_tag
-from train.config import TrainConfig, accumulation_steps, to_yaml
-from train.disk_space import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.train.checkpoint import load_checkpoint, prepare_resume
+from atlasldm.train.checkpoint import save_checkpoint as save_tag
+from atlasldm.train.config import TrainConfig, accumulation_steps, to_yaml
+from atlasldm.train.disk_space import (
     OutputWriteError,
     append_line,
     describe_write_failure,
     one_line,
     with_headroom,
 )
-from train.distributed import (
+from atlasldm.train.distributed import (
     all_reduce_mean,
     any_rank,
     build_engine,
@@ -49,13 +49,13 @@ from train.distributed import (
     update_skipped,
     world_size,
 )
-from train.optim import EMA, build_optimizer, lr_at, set_lr
-from train.preempt import install_preemption
-from train.throughput import peak_tflops, throughput_metrics
-from train.tracking import make_tracker
+from atlasldm.train.optim import EMA, build_optimizer, lr_at, set_lr
+from atlasldm.train.preempt import install_preemption
+from atlasldm.train.throughput import peak_tflops, throughput_metrics
+from atlasldm.train.tracking import make_tracker
 
 if TYPE_CHECKING:  # train.stage imports this module
-    from train.stage import Stage
+    from atlasldm.train.stage import Stage
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

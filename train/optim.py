@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from train.config import EMAConfig, OptimConfig
+from atlasldm.train.config import EMAConfig, OptimConfig
 
 # Modules whose parameters never get weight decay: decaying a norm gain or an embedding row
 # pulls it towards 0, which is a change of function rather than a regulariser.

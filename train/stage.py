@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.batch import CsrBatch
-from data.config import DataConfig
-from data.ingest import main as ingest_main
-from data.source_check import check_source
-from data.stream import CellStream
-from train.config import TrainConfig, accumulation_steps, load_config, split_cli
-from train.distributed import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.ingest import main as ingest_main
+from atlasldm.data.source_check import check_source
+from atlasldm.data.stream import CellStream
+from atlasldm.train.config import TrainConfig, accumulation_steps, load_config, split_cli
+from atlasldm.train.distributed import (
     barrier,
     init_distributed,
     is_main,
@@ -34,7 +34,7 @@ from train.distributed import (
     shutdown_distributed,
     world_size,
 )
-from train.loop import run
+from atlasldm.train.loop import run
 
 BUILTIN = "builtin:pbmc68k"
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import torch
 
-from data.batch import CsrBatch
-from models.dit import DiTConfig
-from models.flops import TRAIN_FACTOR, dit_forward_flops, vae_linear_form
-from models.skip_mlp import SkipMLPConfig
-from models.vae import VAEConfig
+from atlasldm.data.batch import CsrBatch
+from atlasldm.models.dit import DiTConfig
+from atlasldm.models.flops import TRAIN_FACTOR, dit_forward_flops, vae_linear_form
+from atlasldm.models.skip_mlp import SkipMLPConfig
+from atlasldm.models.vae import VAEConfig
 
 FlopsFn = Callable[[CsrBatch], float]
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.config import LoggingConfig
+from atlasldm.train.config import LoggingConfig
 
 _ID_FILE = "wandb_run_id"
 INIT_TIMEOUT_S = 30.0  # bound on wandb.init (online mode without network retries for minutes)
@@ -207,6 +207,6 @@ def _call_with_timeout(fn: Any, timeout_s: float) -> str | None:
 
 def make_tracker(cfg: LoggingConfig, run_dir: str | Path, run_name: str, **kwargs: Any) -> Any:
     """Return a `Tracker` on rank 0 and a `NullTracker` elsewhere (kwargs go to `Tracker`)."""
-    from train.distributed import is_main
+    from atlasldm.train.distributed import is_main
 
     return Tracker(cfg, run_dir, run_name, **kwargs) if is_main() else NullTracker()

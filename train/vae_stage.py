@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.batch import CsrBatch
-from data.config import DataConfig
-from data.stream import CellStream
-from models.batch import CellBatch
-from models.vae import VAE, VAEConfig
-from train.config import (
+from atlasldm.data.batch import CsrBatch
+from atlasldm.data.config import DataConfig
+from atlasldm.data.stream import CellStream
+from atlasldm.models.batch import CellBatch
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
     ConfigError,
@@ -32,11 +32,11 @@ from train.config import (
     RunConfig,
     TrainConfig,
 )
-from train.distributed import all_reduce_mean, rank
-from train.export import write_export
-from train.loop import LoopConfig, step_generator
-from train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
-from train.throughput import vae_flops_fn
+from atlasldm.train.distributed import all_reduce_mean, rank
+from atlasldm.train.export import write_export
+from atlasldm.train.loop import LoopConfig, step_generator
+from atlasldm.train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
+from atlasldm.train.throughput import vae_flops_fn
 
 _DERIVED_V = 1  # placeholder for model.num_genes until the copy's genes.tsv is read
 _VAL_KEYS = ("nll", "mse", "pearson", "zero_agreement")

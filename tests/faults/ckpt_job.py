@@ -19,13 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from atlasldm.train.cli import run_stage
+from atlasldm.train.config import CheckpointConfig, LoggingConfig
+from atlasldm.train.distributed import init_distributed, shutdown_distributed
+from atlasldm.train.export import write_export
+from atlasldm.train.loop import run
+from atlasldm.train.stage import Stage
 from tests.ds_toy_job import ToyLoopStream, _toy_loss, make_config
-from train.cli import run_stage
-from train.config import CheckpointConfig, LoggingConfig
-from train.distributed import init_distributed, shutdown_distributed
-from train.export import write_export
-from train.loop import run
-from train.stage import Stage
 
 
 def main(argv: Sequence[str]) -> None:

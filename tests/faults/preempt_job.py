@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from train.cli import end_process
-from train.config import (
+from atlasldm.train.cli import end_process
+from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
     LoggingConfig,
@@ -31,10 +31,10 @@ from train.config import (
     RunConfig,
     TrainConfig,
 )
-from train.distributed import init_distributed, rank, shutdown_distributed, world_size
-from train.export import write_export
-from train.loop import run
-from train.stage import Stage
+from atlasldm.train.distributed import init_distributed, rank, shutdown_distributed, world_size
+from atlasldm.train.export import write_export
+from atlasldm.train.loop import run
+from atlasldm.train.stage import Stage
 
 
 class CountingStream:

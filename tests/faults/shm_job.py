@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from train.cli import end_process
-from train.distributed import all_reduce_mean, init_distributed, shm_buffer_path
+from atlasldm.train.cli import end_process
+from atlasldm.train.distributed import all_reduce_mean, init_distributed, shm_buffer_path
 
 
 def main() -> None:

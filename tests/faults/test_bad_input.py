@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_VAE
 
-from data.synthetic import SyntheticSpec, write_synthetic_experiment
-from train import vae_stage
-from train.cli import one_line_errors
+from atlasldm.data.synthetic import SyntheticSpec, write_synthetic_experiment
+from atlasldm.train import vae_stage
+from atlasldm.train.cli import one_line_errors
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = str(REPO / "configs" / "debug.yaml")

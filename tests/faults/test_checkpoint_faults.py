@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_same_export
 
-from train.checkpoint import COMPLETE, read_latest
+from atlasldm.train.checkpoint import COMPLETE, read_latest
 
 REPO = Path(__file__).resolve().parents[2]
 TAGS = [f"step_{s:07d}" for s in range(1, 5)]

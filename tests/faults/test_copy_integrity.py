@@ -2,7 +2,7 @@
 
 Each case damages a private copy of the session's synthetic copy on disk, the way a bad disk,
 an interrupted rsync or a stray script would, then opens it as the training stream does
-(CopySource) and runs the full check (`python -m data.verify`).
+(CopySource) and runs the full check (`python -m atlasldm.data.verify`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.config import DataConfig
-from data.copy_files import CopyDamagedError, copy_files, file_record, record_all, sampling_recipe
-from data.reader import CopySource
-from data.rowstore import build_row_store
-from data.validate import IngestError
-from data.verify import main as verify_main
+from atlasldm.data.config import DataConfig
+from atlasldm.data.copy_files import (
+    CopyDamagedError,
+    copy_files,
+    file_record,
+    record_all,
+    sampling_recipe,
+)
+from atlasldm.data.reader import CopySource
+from atlasldm.data.rowstore import build_row_store
+from atlasldm.data.validate import IngestError
+from atlasldm.data.verify import main as verify_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,7 +130,7 @@ def test_damage_is_named_at_open_and_by_verify(copy, case, capsys) -> None:
 
 def test_verify_command_prints_one_line(copy) -> None:
     _double_library(copy)
-    done = subprocess.run([sys.executable, "-m", "data.verify", str(copy)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "atlasldm.data.verify", str(copy)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
@@ -160,7 +166,7 @@ def test_copy_without_records_opens_with_one_warning(copy, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         open_copy(copy)
     warnings = [r.getMessage() for r in caplog.records if "checksums" in r.getMessage()]
-    assert len(warnings) == 1 and "python -m data.verify" in warnings[0]
+    assert len(warnings) == 1 and "python -m atlasldm.data.verify" in warnings[0]
     assert "--record" in warnings[0]
     assert verify_main([str(copy), "--record"]) == 0
     recorded = json.loads((copy / "manifest.json").read_text())

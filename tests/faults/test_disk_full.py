@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_same_export
 
+from atlasldm.train.checkpoint import read_latest
 from tests.faults.test_checkpoint_faults import launch
-from train.checkpoint import read_latest
 
 REPO = Path(__file__).resolve().parents[2]
 RANK_TIMEOUT_S = 240  # a rank still running then counts as hung (DeepSpeed start takes < 60 s)

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data.ingest import main as ingest_main
-from data.synthetic import generate_anndata, parse_spec
-from data.verify import main as verify_main
+from atlasldm.data.ingest import main as ingest_main
+from atlasldm.data.synthetic import generate_anndata, parse_spec
+from atlasldm.data.verify import main as verify_main
 
 REPO = Path(__file__).resolve().parents[2]
 INGEST = "launchers/ingest.py"
@@ -225,7 +225,7 @@ def test_killed_row_store_build_is_removed_on_resume(h5ad_source, tmp_path) -> N
     args = ("--source", str(h5ad_source), "--out", str(out), *BLOCKS)
     assert ingest_cli(*args).returncode == 0
     # Killed between removing the old store and moving the new one in place.
-    killed_at("os.rename", "/.rows.tmp", "data.rowstore", str(out), "--rebuild")
+    killed_at("os.rename", "/.rows.tmp", "atlasldm.data.rowstore", str(out), "--rebuild")
     assert [p.name.startswith(".rows.tmp") for p in out.glob(".rows.tmp*")] == [True]
     done = ingest_cli(*args, "--resume")
     assert done.returncode == 0, done.stderr

@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from train.checkpoint import COMPLETE, read_latest
-from train.config import ConfigError, LoggingConfig, TrainConfig, load_config
-from train.preempt import PREEMPT_TIMEOUT_EXIT, is_launcher, launcher_chain
-from train.tracking import Tracker
+from atlasldm.train.checkpoint import COMPLETE, read_latest
+from atlasldm.train.config import ConfigError, LoggingConfig, TrainConfig, load_config
+from atlasldm.train.preempt import PREEMPT_TIMEOUT_EXIT, is_launcher, launcher_chain
+from atlasldm.train.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).with_name("preempt_job.py")
@@ -318,8 +318,8 @@ def test_launcher_chain_is_the_launcher_processes_above_a_rank():
 
 _TRACKER_SCRIPT = """
 import os, signal, sys, psutil
-from train.config import ConfigError, LoggingConfig, TrainConfig, load_config
-from train.tracking import Tracker
+from atlasldm.train.config import ConfigError, LoggingConfig, TrainConfig, load_config
+from atlasldm.train.tracking import Tracker
 tracker = Tracker(LoggingConfig(every_steps=1, progress_bar=False), sys.argv[1], "t")
 if sys.argv[2] == "kill-service":
     for child in psutil.Process().children(recursive=True):

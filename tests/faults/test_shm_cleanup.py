@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from train.shm_buffers import BUFFER_PREFIX, SHM_DIR, owner_record, release_buffer
+from atlasldm.train.shm_buffers import BUFFER_PREFIX, SHM_DIR, owner_record, release_buffer
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "tests" / "faults" / "shm_job.py"
@@ -104,7 +104,7 @@ def test_new_job_removes_buffers_of_killed_jobs_and_keeps_live_ones(tmp_path):
 def test_unrecorded_buffer_is_removed_only_when_unmapped_and_old(tmp_path):
     """Buffers left by a version without owner records: removed when no process maps them and
     they are past the grace period; a mapped one (a live job's) stays."""
-    from train.shm_buffers import UNRECORDED_GRACE_S, job_prefix, remove_stale_buffers
+    from atlasldm.train.shm_buffers import UNRECORDED_GRACE_S, job_prefix, remove_stale_buffers
 
     old = time.time() - 2 * UNRECORDED_GRACE_S
     port = _free_port()

@@ -32,9 +32,9 @@ import torch
 import yaml
 from conftest import read_run_metrics
 
-from models.pretrained import load_classifier, load_denoiser, load_vae, read_export
-from train.config import OptimConfig
-from train.optim import lr_at
+from atlasldm.models.pretrained import load_classifier, load_denoiser, load_vae, read_export
+from atlasldm.train.config import OptimConfig
+from atlasldm.train.optim import lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -198,12 +198,12 @@ def test_zero3_bf16_export_loads_and_matches_zero0_fp32(runs: Runs, stage: str):
 _FRESH_ENGINE = """
 import json, sys
 import torch
-from models.dit import DiT, DiTConfig
-from models.vae import VAE, VAEConfig
-from train.distributed import build_engine, consolidated_state_dict, init_distributed
-from train.distributed import master_weights
-from train.optim import build_optimizer
-from train.config import OptimConfig
+from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.distributed import build_engine, consolidated_state_dict, init_distributed
+from atlasldm.train.distributed import master_weights
+from atlasldm.train.optim import build_optimizer
+from atlasldm.train.config import OptimConfig
 
 init_distributed()
 torch.manual_seed(0)

@@ -1,0 +1,1 @@
+"""Benchmarks (loader, model, scale), installed as `atlasldm.bench`; the library never uses it."""
