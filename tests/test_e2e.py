@@ -1,15 +1,22 @@
-"""The shortened end-to-end run: every stage runs through its launcher and the table comes out.
+"""The shortened end-to-end run, from a wheel, in a folder that shadows the generic names.
 
-`python launchers/e2e.py --quick` trains each stage for a few steps, so the model rows are not a
-result; the test checks the plumbing (each generated set matches the held-out cells one to one)
-and that the known-bad references order as they must on this split.
+The package is built as a wheel and installed (not editable) into a fresh venv. From an unrelated
+folder that holds its own `train.py` and `models.py` (the most common names in ML projects, which
+broke the imports when the project installed top-level `train` and `models` packages), the test
+runs `python -m atlasldm.launchers.e2e --quick`: every stage runs through its launcher and the
+table comes out. `--quick` trains each stage for a few steps, so the model rows are not a result;
+the test checks the plumbing (each generated set matches the held-out cells one to one) and that
+the known-bad references order as they must on this split. Uninstalling then leaves the venv's
+site-packages as it was before the install.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import anndata as ad
@@ -17,14 +24,55 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = ("real_floor", "scldm", "vae_prior", "scdiffusion", "poisson_mean", "gene_shuffled")
+SHADOW = 'raise SystemExit("the user\'s own {name} was imported instead of atlasldm")\n'
+
+
+def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, " ".join(map(str, cmd)) + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _wheel_venv(tmp: Path) -> tuple[Path, Path]:
+    """Build the wheel and make a venv that sees the installed dependencies; return python, site."""
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist")]
+    _run([sys.executable, "-m", "pip", *build, str(REPO)])
+    venv = tmp / "venv"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    python = venv / "bin" / "python"
+    purelib = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    return python, Path(purelib)
+
+
+def _user_folder(tmp: Path) -> Path:
+    """A folder with its own train.py and models.py, on PYTHONPATH for every process."""
+    folder = tmp / "my_project"
+    folder.mkdir()
+    for name in ("train", "models", "data"):
+        (folder / f"{name}.py").write_text(SHADOW.format(name=f"{name}.py"))
+    return folder
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    root = tmp_path_factory.mktemp("e2e")
-    cmd = [sys.executable, str(REPO / "launchers" / "e2e.py"), "--quick", "--root", str(root)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    tmp = tmp_path_factory.mktemp("wheel")
+    python, site = _wheel_venv(tmp)
+    before = sorted(p.name for p in site.iterdir())
+    wheel = next((tmp / "dist").glob("atlasldm-*.whl"))
+    _run([python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)])
+    installed = sorted(p.name for p in site.iterdir())
+    folder, root = _user_folder(tmp), tmp / "e2e"
+    env = {**os.environ, "PYTHONPATH": str(folder), "WANDB_MODE": "offline"}
+    probe = "import atlasldm.models.vae as m; print(m.__file__)"
+    where = _run([python, "-c", probe], cwd=folder, env=env)
+    cmd = [python, "-m", "atlasldm.launchers.e2e", "--quick", "--root", str(root)]
+    proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run([python, "-m", "pip", "uninstall", "-y", "-q", "atlasldm"])
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout  # the wheel, not the repo
+    version = wheel.name.split("-")[1]
+    assert set(installed) - set(before) == {"atlasldm", f"atlasldm-{version}.dist-info"}
+    assert sorted(p.name for p in site.iterdir()) == before, "uninstall left files behind"
     return root, proc
 
 
@@ -58,6 +106,8 @@ def test_known_bad_references_order_above_the_floor(quick_run) -> None:
     root, _ = quick_run
     sets = json.loads((root / "report" / "report.json").read_text())["sets"]
     for key in ("w2", "mmd2_u", "energy", "c2st_knn_auc"):
-        floor, pois, shuf = (sets[s]["summary"][key]["value"] for s in
-                             ("real_floor", "poisson_mean", "gene_shuffled"))  # fmt: skip
+        floor, pois, shuf = (
+            sets[name]["summary"][key]["value"]
+            for name in ("real_floor", "poisson_mean", "gene_shuffled")
+        )
         assert floor < pois < shuf, (key, floor, pois, shuf)
