@@ -55,8 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, default=Path("runs/e2e"), help="folder of everything")
     p.add_argument("--quick", action="store_true", help="CI-sized run (minutes, not a result)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="generation seeds")
-    p.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
-                   help="python: one process per stage; deepspeed: 2 ranks")  # fmt: skip
+    p.add_argument(
+        "--launcher",
+        choices=["python", "deepspeed"],
+        default="python",
+        help="python: one process per stage; deepspeed: 2 ranks",
+    )
     return p.parse_args(argv)
 
 
@@ -104,8 +108,11 @@ def train(stage: str, root: Path, copy: Path, quick: bool, launcher: str) -> Pat
         args.append("batch.micro_cells=32")
     if quick:
         steps = QUICK[stage]
-        args += [f"run.max_steps={steps}", f"run.eval_every={steps}",
-                 f"checkpoint.every_steps={steps}"]  # fmt: skip
+        args += [
+            f"run.max_steps={steps}",
+            f"run.eval_every={steps}",
+            f"checkpoint.every_steps={steps}",
+        ]
     _launch(script, args, launcher, root / f"{stage}.log")
     return root / stage / "export"
 
@@ -124,8 +131,18 @@ def generate(name: str, exports: dict[str, Path], test: Path, root: Path, seeds,
     from atlasldm.generation import cli
 
     out = root / "generated" / f"{name}.h5ad"
-    args = ["--vae", str(exports["vae"]), "--match", str(test), "--match-keys", LABEL_KEY,
-            "--out", str(out), "--seeds", *map(str, seeds)]  # fmt: skip
+    args = [
+        "--vae",
+        str(exports["vae"]),
+        "--match",
+        str(test),
+        "--match-keys",
+        LABEL_KEY,
+        "--out",
+        str(out),
+        "--seeds",
+        *map(str, seeds),
+    ]
     if name == "scldm":
         args += ["--denoiser", str(exports["dit"])]
     elif name == "scdiffusion":
@@ -146,10 +163,26 @@ def trajectory(exports: dict[str, Path], root: Path, quick: bool) -> Path:
     from atlasldm.generation import cli
 
     out = root / "generated" / "scldm_trajectory.h5ad"
-    cli.run(["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]),
-             "--interpolate", f"{LABEL_KEY}={TRAJECTORY[0]}:{TRAJECTORY[1]}", "--interp-steps", "5",
-             "--n-cells", "40", "--sampler", "euler", "--steps", "5" if quick else "50",
-             "--out", str(out)])  # fmt: skip
+    cli.run(
+        [
+            "--vae",
+            str(exports["vae"]),
+            "--denoiser",
+            str(exports["dit"]),
+            "--interpolate",
+            f"{LABEL_KEY}={TRAJECTORY[0]}:{TRAJECTORY[1]}",
+            "--interp-steps",
+            "5",
+            "--n-cells",
+            "40",
+            "--sampler",
+            "euler",
+            "--steps",
+            "5" if quick else "50",
+            "--out",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -160,10 +193,22 @@ def evaluate(
     from atlasldm.evaluation import cli
 
     out = root / "report"
-    args = ["--real-test", str(real[0]), "--real-train", str(real[1]), "--label-key", LABEL_KEY,
-            "--out", str(out), "--seeds", *map(str, seeds),
-            "--generated", *[f"{k}={v}" for k, v in generated.items()],
-            "--trajectory", f"scldm={traj}"]  # fmt: skip
+    args = [
+        "--real-test",
+        str(real[0]),
+        "--real-train",
+        str(real[1]),
+        "--label-key",
+        LABEL_KEY,
+        "--out",
+        str(out),
+        "--seeds",
+        *map(str, seeds),
+        "--generated",
+        *[f"{k}={v}" for k, v in generated.items()],
+        "--trajectory",
+        f"scldm={traj}",
+    ]
     args += ["--rf-trees", "50"] if quick else ["--umap"]
     cli.main(args)
     return json.loads((out / "report.json").read_text())
@@ -217,20 +262,32 @@ def main(argv: list[str] | None = None) -> dict:
         timer.run("ingest", _launch, "ingest.py", ingest, "python", root / "ingest.log")
     exports = {"vae": timer.run("train vae", train, "vae", root, copy, args.quick, args.launcher)}
     for stage in ("dit", "skip_mlp", "classifier"):
-        exports[stage] = timer.run(f"train {stage}", train, stage, root, copy, args.quick,
-                                   args.launcher)  # fmt: skip
+        exports[stage] = timer.run(
+            f"train {stage}", train, stage, root, copy, args.quick, args.launcher
+        )
     real = timer.run("real splits", real_splits, copy, root)
-    generated = {m: timer.run(f"generate {m}", generate, m, exports, real[0], root, seeds,
-                              args.quick) for m in MODELS}  # fmt: skip
+    generated = {
+        m: timer.run(f"generate {m}", generate, m, exports, real[0], root, seeds, args.quick)
+        for m in MODELS
+    }
     traj = timer.run("generate trajectory", trajectory, exports, root, args.quick)
     report = timer.run("evaluate", evaluate, real, generated, traj, root, seeds, args.quick)
-    text = "\n".join([
-        f"# End-to-end run ({'quick' if args.quick else 'full'}), {timer.total / 60:.1f} min",
-        "", table(report), "", *verdict(report), "",
-        "wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.steps.items()),
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"# End-to-end run ({'quick' if args.quick else 'full'}), {timer.total / 60:.1f} min",
+            "",
+            table(report),
+            "",
+            *verdict(report),
+            "",
+            "wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.steps.items()),
+        ]
+    )
     (root / "e2e.md").write_text(text + "\n")
-    (root / "e2e.json").write_text(json.dumps({"steps_s": timer.steps, "total_s": timer.total,
-                                                "verdict": verdict(report)}, indent=2))  # fmt: skip
+    (root / "e2e.json").write_text(
+        json.dumps(
+            {"steps_s": timer.steps, "total_s": timer.total, "verdict": verdict(report)}, indent=2
+        )
+    )
     print(text, flush=True)
     return report

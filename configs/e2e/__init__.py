@@ -1,0 +1,1 @@
+"""End-to-end recipes (the scLDM and baseline stages of `python launchers/e2e.py`)."""
