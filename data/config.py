@@ -7,8 +7,9 @@ from typing import Literal
 
 # Chunk sizes when `chunk_cells` is 0. A training copy is pre-shuffled with cell tiles of 256
 # rows. A Census-layout experiment is grouped by dataset in tiles of 2,048 rows: a 512-row chunk
-# is read as one slice, ~4x faster per cell than 64-row chunks, and the stratified chunk order
-# (sampler.py) keeps batches diverse by spreading each round over the whole selection.
+# is read as one slice, far cheaper per cell than short chunks (each decodes a whole tile for a
+# few rows), and the stratified chunk order (sampler.py) keeps batches diverse by spreading each
+# round over the whole selection.
 DEFAULT_CHUNK_CELLS = {"copy": 256, "direct": 512}
 
 

@@ -35,8 +35,14 @@ def input_key(paths: Sequence[str]) -> list[dict]:
         with open(path, "rb") as fh:
             while chunk := fh.read(HASH_CHUNK):
                 digest.update(chunk)
-        key.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                    "sha256": digest.hexdigest()})  # fmt: skip
+        key.append(
+            {
+                "path": str(path),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "sha256": digest.hexdigest(),
+            }
+        )
     return key
 
 

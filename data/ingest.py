@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-index", type=int, default=0, help="this process, 0..K-1")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ingest")
     p.add_argument("--finalize", action="store_true", help="only write side files + manifest")
-    p.add_argument("--no-row-store", action="store_true",
-                   help="skip the copy's memory-mapped row store (data/rowstore.py)")  # fmt: skip
+    p.add_argument(
+        "--no-row-store",
+        action="store_true",
+        help="skip the copy's memory-mapped row store (data/rowstore.py)",
+    )
     p.add_argument(
         "--max-blocks", type=int, default=None, help="stop after this many gather blocks"
     )
@@ -133,8 +136,10 @@ def _get_plan(args, source: Source, opts: mat.CopyOptions, out: Path) -> dict:
                 f"{changed[0]} changed since the interrupted ingest into {out} began; rerun "
                 "worker 0 with --resume first (it starts over from the new content), then this one"
             )
-        logger.warning("%s changed since the interrupted ingest began: starting over from its "
-                       "current content", changed[0])  # fmt: skip
+        logger.warning(
+            "%s changed since the interrupted ingest began: starting over from its current content",
+            changed[0],
+        )
         shutil.rmtree(mat.progress_dir(out))  # the plan and spill describe the old content
     if args.worker_index == 0:
         shutil.rmtree(row_store_dir(out), ignore_errors=True)  # no plan: none of it is trusted
@@ -183,8 +188,9 @@ def _row_writer(out: Path, plan: dict) -> RowWriter:
     layout = load_layout(folder)
     if layout is None:
         block_nnz, largest = spill.row_stats(out, plan)
-        layout = RowLayout.from_block_nnz(plan["n_cells"], plan["options"]["block_cells"],
-                                          block_nnz, plan["n_genes"], largest)  # fmt: skip
+        layout = RowLayout.from_block_nnz(
+            plan["n_cells"], plan["options"]["block_cells"], block_nnz, plan["n_genes"], largest
+        )
         layout = create_store(folder, layout)
     return RowWriter(folder, layout, mat.progress_dir(out))
 

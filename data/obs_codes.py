@@ -99,12 +99,6 @@ def recode_lookup(values: list, vocabulary: list) -> np.ndarray:
     return np.array([index.get(v, null) for v in values] + [null], dtype=np.int32)
 
 
-def recode(coded: tuple[np.ndarray, list], vocabulary: list) -> np.ndarray:
-    """int32 codes into `vocabulary` from (codes, values); unseen or null -> len(vocabulary)."""
-    codes, values = coded
-    return recode_lookup(values, vocabulary)[codes]
-
-
 def present_sorted(coded: tuple[np.ndarray, list]) -> list:
     """Sorted distinct non-null values that occur in the coded column."""
     codes, values = coded

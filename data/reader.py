@@ -19,12 +19,13 @@ import pyarrow as pa
 import tiledbsoma
 
 from atlasldm.data.config import DataConfig
+from atlasldm.data.csr import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from atlasldm.data.materialize import open_copy_manifest
 from atlasldm.data.npy_reads import NpyFile
 from atlasldm.data.obs_codes import ObsColumns, hashes_of, read_obs
 from atlasldm.data.obs_select import ObsFold, fold_obs, joinid_dtype
-from atlasldm.data.pipeline import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from atlasldm.data.rowstore import RowStore, has_row_store
+from atlasldm.data.soma import local_rows, obs_domain, obs_ranges, read_rows
 from atlasldm.data.split import hash_coded_strings, hash_int_keys, split_mask
 from atlasldm.data.verify import check_at_open, rows_in_use
 from atlasldm.data.vocab import GeneVocab, load_labels
@@ -40,58 +41,6 @@ class Piece:
     csr: Csr  # n rows
     library_size: np.ndarray | None  # float32 (n,), all source genes (direct mode), else None
     dropped_nnz: int  # entries of genes outside the vocabulary (direct mode, unknown=drop)
-
-
-def read_coo(X: tiledbsoma.SparseNDArray, coords: slice | np.ndarray) -> tuple[np.ndarray, ...]:
-    """Return (dim0 int64, dim1 int64, data float32) of X rows `coords`, in read order.
-
-    result_order stays "auto": asking TileDB for row-major made 256-row reads ~10x slower, and
-    csr_from_sorted_coo sorts only when needed. Arrow chunks are viewed zero-copy
-    (`combine_chunks` copied even a single chunk, at ~40 ms per 166k entries).
-    """
-    names = ("soma_dim_0", "soma_dim_1", "soma_data")
-    columns: list[list[np.ndarray]] = [[], [], []]
-    for tbl in X.read(coords=(coords,)).tables():
-        for out, name in zip(columns, names, strict=True):
-            out.extend(chunk.to_numpy() for chunk in tbl.column(name).chunks if len(chunk))
-    dtypes = (np.int64, np.int64, np.float32)
-    return tuple(  # type: ignore[return-value]
-        (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else np.zeros(0, dt)
-        for parts, dt in zip(columns, dtypes, strict=True)
-    )
-
-
-def read_rows(X: tiledbsoma.SparseNDArray, joinids: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Return (dim0, dim1, data) of the sorted `joinids`: one slice read when they are dense.
-
-    A slice over [first, last] beats a point list when at least half of it is wanted (a point
-    list of 2,048 whole-tile rows read 2.6x slower than the slice); rows of the slice that were
-    not asked for (another split, a consumed part of a resumed round) are dropped.
-    """
-    lo, hi = int(joinids[0]), int(joinids[-1])
-    if len(joinids) * 2 < hi - lo + 1:
-        return read_coo(X, joinids)
-    dim0, dim1, data = read_coo(X, slice(lo, hi))
-    if len(joinids) != hi - lo + 1:
-        wanted = np.zeros(hi - lo + 1, dtype=bool)
-        wanted[joinids - lo] = True
-        keep = wanted[dim0 - lo]
-        dim0, dim1, data = dim0[keep], dim1[keep], data[keep]
-    return dim0, dim1, data
-
-
-def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
-    """Return the row index in sorted `joinids` of each entry's joinid (dense range: offset)."""
-    if not len(joinids):
-        return dim0
-    span = int(joinids[-1] - joinids[0]) + 1
-    if span == len(joinids):
-        return dim0 - joinids[0]
-    if span <= 64 * len(joinids):  # a lookup table is O(nnz); searchsorted is O(nnz log n)
-        table = np.zeros(span, dtype=np.int64)
-        table[joinids - joinids[0]] = np.arange(len(joinids))
-        return table[dim0 - joinids[0]]
-    return np.searchsorted(joinids, dim0)
 
 
 def selection_mask(
@@ -115,7 +64,6 @@ def selection_mask(
     return mask
 
 
-OBS_RANGE = 1 << 19  # obs joinids per read at stream start-up
 SELECT_BLOCK = 1 << 20  # candidates per block of the selection
 
 
@@ -173,30 +121,14 @@ class _Source:
     def _query_joinids(self) -> np.ndarray:
         """Ascending joinids (uint32 where they fit) of the cells that obs_filter keeps."""
         with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
-            lo, hi = _obs_domain(exp.obs)
+            lo, hi = obs_domain(exp.obs)
             fold = ObsFold(hi - lo + 1, hi + 1, [], None)
             ranges = self._obs_ranges(exp.obs, ["soma_joinid"])
             return fold_obs(ranges, fold, lambda ids, *_: np.ones(len(ids), bool), None).joinids
 
     def _obs_ranges(self, obs: tiledbsoma.DataFrame, columns: list[str]) -> Iterator[pa.Table]:
-        """Yield the filtered obs as one table per range of OBS_RANGE joinids, ascending.
-
-        One unbounded read returns a single table whose TileDB buffers peaked at ~110 B per
-        cell; bounded joinid ranges keep that to one range whatever the corpus size.
-        """
-        lo, hi = _obs_domain(obs)
-        flt = self.cfg.obs_filter or None
-        for start in range(lo, hi + 1, OBS_RANGE):
-            coords = (slice(start, min(start + OBS_RANGE, hi + 1) - 1),)
-            yield obs.read(coords=coords, value_filter=flt, column_names=columns).concat()
-
-
-def _obs_domain(obs: tiledbsoma.DataFrame) -> tuple[int, int]:
-    """(first, last) joinid written in obs; (0, -1) when it is empty."""
-    domain = obs.non_empty_domain()
-    if not domain or domain[0] is None or domain[0][0] is None:
-        return 0, -1
-    return int(domain[0][0]), int(domain[0][1])
+        """The obs of the cells obs_filter keeps, read in bounded joinid ranges, ascending."""
+        return obs_ranges(obs, columns, self.cfg.obs_filter or None)
 
 
 class CopySource(_Source):
@@ -355,7 +287,7 @@ class DirectSource(_Source):
         with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
             columns = [*self.condition_names, *([split_column] if split_column else [])]
             self._check_obs_columns(exp.obs, columns)
-            lo, hi = _obs_domain(exp.obs)
+            lo, hi = obs_domain(exp.obs)
             fold = ObsFold(hi - lo + 1, hi + 1, list(self.condition_names), split_column)
             names = ["soma_joinid", *dict.fromkeys(columns), *(["nnz"] if self._has_nnz else [])]
             given = load_labels(self.cfg.labels_path) if self.cfg.labels_path else None

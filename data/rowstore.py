@@ -5,8 +5,8 @@ vocabulary allows, else int32) and `counts.npy` (uint16 when every count is an i
 65,536, else float32), `layout.json` (the nnz offset of every write block and the dtypes) and
 `rows.json`, written last: a folder without it is ignored. The SOMA experiment stays the copy's
 interoperable form; the row store holds the same entries in copy-row order, so reading a batch is
-a gather from the page cache instead of a TileDB decode (profiled: 54% of the single-thread copy
-read time was TileDB's decode). 4 bytes per nonzero at most sizes.
+a gather from the page cache instead of a TileDB decode (most of the CPU time of a copy read
+through TileDB). 4 bytes per nonzero at most sizes.
 
 Written during the ingest's gather pass, no serial pass: once the scatter pass has counted every
 block's nonzeros and the largest count, the arrays are preallocated at their final size
@@ -32,9 +32,10 @@ import numpy as np
 import tiledbsoma
 
 from atlasldm.data.copy_files import record_row_store, rows_recorded
+from atlasldm.data.csr import Csr, gather_positions
 from atlasldm.data.materialize import progress_dir
 from atlasldm.data.npy_reads import NpyFile, npy_header
-from atlasldm.data.pipeline import Csr, gather_positions
+from atlasldm.data.soma import read_coo
 from atlasldm.data.validate import IngestError
 from atlasldm.data.vocab import atomic_write_text
 
@@ -88,8 +89,13 @@ class RowLayout:
         """Layout from the nonzeros of each block and the largest count."""
         offsets = np.zeros(len(block_nnz) + 1, dtype=np.int64)
         np.cumsum(block_nnz, out=offsets[1:])
-        return cls(int(n_cells), int(block_cells), tuple(int(x) for x in offsets),
-                   genes_dtype(n_genes), counts_dtype(max_count))  # fmt: skip
+        return cls(
+            int(n_cells),
+            int(block_cells),
+            tuple(int(x) for x in offsets),
+            genes_dtype(n_genes),
+            counts_dtype(max_count),
+        )
 
     @property
     def nnz(self) -> int:
@@ -107,8 +113,11 @@ class RowLayout:
 
     def arrays(self) -> dict[str, tuple[str, int]]:
         """{name: (dtype, length)} of the store's arrays."""
-        return {"indptr": ("int64", self.n_cells + 1), "genes": (self.genes_dtype, self.nnz),
-                "counts": (self.counts_dtype, self.nnz)}  # fmt: skip
+        return {
+            "indptr": ("int64", self.n_cells + 1),
+            "genes": (self.genes_dtype, self.nnz),
+            "counts": (self.counts_dtype, self.nnz),
+        }
 
 
 def load_layout(folder: Path) -> RowLayout | None:
@@ -143,8 +152,11 @@ def create_store(folder: Path, layout: RowLayout) -> RowLayout:
 def _preallocate(path: Path, dtype: np.dtype, length: int) -> None:
     """Create a zero-filled (sparse) .npy of `length` values unless a matching one exists."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-              "shape": (length,)}  # fmt: skip
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": False,
+        "shape": (length,),
+    }
     with open(tmp, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
         fh.truncate(fh.tell() + length * dtype.itemsize)  # no data written: O(1) at any size
@@ -236,14 +248,19 @@ def complete_store(copy: str | Path, block_cells: int = 16384) -> Path:
     layout = load_layout(folder)
     # Markers number the ingest's blocks: a layout of other blocks (or cells) cannot use them.
     ingest_layout = layout is not None and (layout.n_cells, layout.block_cells) == (
-        manifest["n_cells"], manifest["block_cells"])  # fmt: skip
+        manifest["n_cells"],
+        manifest["block_cells"],
+    )
     if not ingest_layout or has_row_store(copy):
         return build_row_store(copy, block_cells)
     marks = progress_dir(copy)
     missing = [b for b in range(layout.n_blocks) if not block_marker(marks, b).is_file()]
     if missing:
-        log.warning("row store: %d of %d blocks unwritten; reading them from X",
-                    len(missing), layout.n_blocks)  # fmt: skip
+        log.warning(
+            "row store: %d of %d blocks unwritten; reading them from X",
+            len(missing),
+            layout.n_blocks,
+        )
         _fill_from_x(copy, RowWriter(folder, layout, marks), missing)
     _write_meta(folder, layout, manifest)
     record_row_store(copy)
@@ -323,8 +340,6 @@ def _fill_from_x(copy: Path, writer: RowWriter, blocks) -> None:
 
 def _x_rows(X: tiledbsoma.SparseNDArray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
     """(local indptr, tokens, counts) of copy rows [lo, hi), genes ascending per row."""
-    from atlasldm.data.reader import read_coo  # reader imports this module
-
     dim0, dim1, data = read_coo(X, slice(lo, hi - 1))
     key = (dim0 - lo) << 32 | dim1  # (row, gene); TileDB returns a copy block sorted
     if len(key) > 1 and not np.all(key[1:] > key[:-1]):
@@ -341,9 +356,13 @@ def _meta(folder: Path) -> dict:
 
 def _write_meta(folder: Path, layout: RowLayout, manifest: dict) -> None:
     """rows.json, last: it marks the store complete and names the copy it belongs to."""
-    meta = {"n_cells": layout.n_cells, "nnz": layout.nnz, "genes_dtype": layout.genes_dtype,
-            "counts_dtype": layout.counts_dtype,
-            "copy_fingerprint": manifest.get("fingerprint", "")}  # fmt: skip
+    meta = {
+        "n_cells": layout.n_cells,
+        "nnz": layout.nnz,
+        "genes_dtype": layout.genes_dtype,
+        "counts_dtype": layout.counts_dtype,
+        "copy_fingerprint": manifest.get("fingerprint", ""),
+    }
     atomic_write_text(Path(folder) / MARKER, json.dumps(meta, indent=1) + "\n")
 
 

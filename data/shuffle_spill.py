@@ -2,8 +2,8 @@
 
 Why: output block b holds the source cells order[b*B:(b+1)*B] (B = block_cells), spread over
 the whole source. Reading them by coordinates decompresses nearly every source X tile once per
-block (Census layout: 2,048-cell x 2,048-gene zstd tiles): measured 56 s per 16,384-cell block
-on a 500,000 x 20,000 source against 10 s for a contiguous block, and the cost grows as N^2.
+block (Census layout: 2,048-cell x 2,048-gene zstd tiles), so every block costs about a decode
+of the whole source, several times a contiguous block's read, and the ingest grows as N^2.
 Here the source is read once, in joinid order, and the permutation is applied on local disk.
 
 Pass 1, scatter of chunk c = the sorted selected joinids [c*B, (c+1)*B): one coordinate read

@@ -1,9 +1,14 @@
-"""TileDB-SOMA access: open experiments (local, S3, Census) and read rows by joinid as CSR."""
+"""TileDB-SOMA access: contexts, opening experiments (local, S3, Census) and reading X and obs.
+
+The ingest reads whole rows as scipy CSR (`read_csr`) and obs tables (`read_obs`, `query_obs`);
+the stream reads rows as raw COO (`read_rows`, mapped to local rows by `local_rows`) and obs in
+bounded joinid ranges (`obs_ranges`); the row store fills blocks from X with `read_coo`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,20 +20,30 @@ from atlasldm.data.validate import IngestError
 
 logger = logging.getLogger(__name__)
 
-# Bounded read memory; users override any key with tiledb_config. Measured on a 16,384-cell
-# random read of a Census-layout array (31M values): 7.3 GB peak RSS with the library defaults,
-# 2.1 GB with these, at the same speed.
-DEFAULT_TILEDB_CONFIG: dict[str, Any] = {
+# Bounded read memory of the ingest; users override any key with tiledb_config. Measured on a
+# 16,384-cell random read of a Census-layout array (31M values): 7.3 GB peak RSS with the library
+# defaults, 2.1 GB with these, at the same speed.
+INGEST_TILEDB_CONFIG: dict[str, Any] = {
     "py.init_buffer_bytes": 128 * 1024**2,
     "soma.init_buffer_bytes": 128 * 1024**2,
     "sm.mem.total_budget": 2 * 1024**3,
 }
+# Per-query result buffers of the stream: tiledbsoma's 1 GiB default is allocated per read and
+# per thread, which costs more than a small read itself; larger results arrive in several
+# tables anyway.
+STREAM_TILEDB_CONFIG = {"soma.init_buffer_bytes": str(64 * 1024**2)}
+OBS_RANGE = 1 << 19  # obs joinids per read of `obs_ranges`
 
 
 def make_context(tiledb_config: dict[str, Any] | None = None) -> tiledbsoma.SOMATileDBContext:
-    """Return a SOMATileDBContext with our defaults overridden by tiledb_config."""
-    cfg = dict(DEFAULT_TILEDB_CONFIG, **(tiledb_config or {}))
+    """Return the ingest's SOMATileDBContext: INGEST_TILEDB_CONFIG overridden by tiledb_config."""
+    cfg = dict(INGEST_TILEDB_CONFIG, **(tiledb_config or {}))
     return tiledbsoma.SOMATileDBContext(tiledb_config=cfg)
+
+
+def stream_context(tiledb_config: dict[str, str]) -> tiledbsoma.SOMATileDBContext:
+    """Return a stream's SOMATileDBContext (one per stream, shared by its reader threads)."""
+    return tiledbsoma.SOMATileDBContext(tiledb_config={**STREAM_TILEDB_CONFIG, **tiledb_config})
 
 
 def open_experiment(
@@ -63,11 +78,6 @@ def open_census_experiment(
             "fix --organism"
         )
     return census, data[organism]
-
-
-def obs_columns(exp: tiledbsoma.Experiment) -> list[str]:
-    """Names of the experiment's obs columns."""
-    return list(exp.obs.schema.names)
 
 
 def var_table(exp: tiledbsoma.Experiment, measurement: str = "RNA") -> pa.Table:
@@ -138,3 +148,77 @@ def query_obs(
     cols = ["soma_joinid", *[c for c in columns if c != "soma_joinid"]]
     tbl = exp.obs.read(value_filter=value_filter, column_names=cols).concat()
     return tbl.sort_by("soma_joinid")
+
+
+def read_coo(X: tiledbsoma.SparseNDArray, coords: slice | np.ndarray) -> tuple[np.ndarray, ...]:
+    """Return (dim0 int64, dim1 int64, data float32) of X rows `coords`, in read order.
+
+    result_order stays "auto": asking TileDB for row-major makes it sort every result, while
+    csr_from_sorted_coo sorts only when needed. Arrow chunks are viewed zero-copy
+    (`combine_chunks` copies even a single chunk).
+    """
+    names = ("soma_dim_0", "soma_dim_1", "soma_data")
+    columns: list[list[np.ndarray]] = [[], [], []]
+    for tbl in X.read(coords=(coords,)).tables():
+        for out, name in zip(columns, names, strict=True):
+            out.extend(chunk.to_numpy() for chunk in tbl.column(name).chunks if len(chunk))
+    dtypes = (np.int64, np.int64, np.float32)
+    return tuple(  # type: ignore[return-value]
+        (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else np.zeros(0, dt)
+        for parts, dt in zip(columns, dtypes, strict=True)
+    )
+
+
+def read_rows(X: tiledbsoma.SparseNDArray, joinids: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Return (dim0, dim1, data) of the sorted `joinids`: one slice read when they are dense.
+
+    A slice over [first, last] beats a point list when at least half of it is wanted (TileDB
+    plans one range instead of one per row); rows of the slice that were not asked for (another
+    split, a consumed part of a resumed round) are dropped.
+    """
+    lo, hi = int(joinids[0]), int(joinids[-1])
+    if len(joinids) * 2 < hi - lo + 1:
+        return read_coo(X, joinids)
+    dim0, dim1, data = read_coo(X, slice(lo, hi))
+    if len(joinids) != hi - lo + 1:
+        wanted = np.zeros(hi - lo + 1, dtype=bool)
+        wanted[joinids - lo] = True
+        keep = wanted[dim0 - lo]
+        dim0, dim1, data = dim0[keep], dim1[keep], data[keep]
+    return dim0, dim1, data
+
+
+def local_rows(dim0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
+    """Return the row index in sorted `joinids` of each entry's joinid (dense range: offset)."""
+    if not len(joinids):
+        return dim0
+    span = int(joinids[-1] - joinids[0]) + 1
+    if span == len(joinids):
+        return dim0 - joinids[0]
+    if span <= 64 * len(joinids):  # a lookup table is O(nnz); searchsorted is O(nnz log n)
+        table = np.zeros(span, dtype=np.int64)
+        table[joinids - joinids[0]] = np.arange(len(joinids))
+        return table[dim0 - joinids[0]]
+    return np.searchsorted(joinids, dim0)
+
+
+def obs_domain(obs: tiledbsoma.DataFrame) -> tuple[int, int]:
+    """(first, last) joinid written in obs; (0, -1) when it is empty."""
+    domain = obs.non_empty_domain()
+    if not domain or domain[0] is None or domain[0][0] is None:
+        return 0, -1
+    return int(domain[0][0]), int(domain[0][1])
+
+
+def obs_ranges(
+    obs: tiledbsoma.DataFrame, columns: list[str], value_filter: str | None
+) -> Iterator[pa.Table]:
+    """Yield the filtered obs as one table per range of OBS_RANGE joinids, ascending.
+
+    One unbounded read returns a single table whose TileDB buffers grow with the corpus (about
+    110 B per cell); bounded joinid ranges keep that to one range whatever the corpus size.
+    """
+    lo, hi = obs_domain(obs)
+    for start in range(lo, hi + 1, OBS_RANGE):
+        coords = (slice(start, min(start + OBS_RANGE, hi + 1) - 1),)
+        yield obs.read(coords=coords, value_filter=value_filter, column_names=columns).concat()

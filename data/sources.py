@@ -23,6 +23,9 @@ from typing import Any
 import tiledbsoma
 
 from atlasldm.data import soma
+from atlasldm.data.h5ad_stage import changed_inputs, stage_h5ads
+from atlasldm.data.pbmc import write_pbmc_experiment
+from atlasldm.data.synthetic import parse_spec, write_synthetic_experiment
 from atlasldm.data.validate import IngestError
 
 logger = logging.getLogger(__name__)
@@ -73,24 +76,16 @@ class Source:
         """Create the staging experiment if this source needs one (idempotent)."""
         uri = self.staging_uri(out)
         if self.kind == "pbmc68k":
-            from atlasldm.data.pbmc import write_pbmc_experiment
-
             write_pbmc_experiment(uri)
         elif self.kind == "synthetic":
-            from atlasldm.data.synthetic import write_synthetic_experiment
-
             write_synthetic_experiment(uri, self.text)
         elif self.kind == "h5ad":
-            from atlasldm.data.h5ad_stage import stage_h5ads
-
             stage_h5ads(self.paths, uri, self.layer)
 
     def changed_inputs(self, out: Path) -> list[str]:
         """Input files that differ from what was staged in out (none for other sources)."""
         if self.kind != "h5ad":
             return []  # builtins are regenerated identically; other sources are read directly
-        from atlasldm.data.h5ad_stage import changed_inputs
-
         return changed_inputs(self.paths, str(self.staging_uri(out)))
 
     @contextlib.contextmanager
@@ -139,8 +134,6 @@ def parse_source(
     if text.startswith("builtin:"):
         raise IngestError(f"unknown builtin source {text!r}; available: builtin:pbmc68k")
     if text.startswith("synthetic:"):
-        from atlasldm.data.synthetic import parse_spec
-
         parse_spec(text)  # fail early on a bad spec
         return Source(kind="synthetic", **common)
     if text == "census" or text.startswith("census:"):

@@ -196,7 +196,7 @@ def var_frame(spec: SyntheticSpec) -> pd.DataFrame:
 
 
 # Coordinates we pass are already in the array's global order: TileDB skips its sort, which
-# costs about 5x more CPU than the rest of the write.
+# costs more CPU than the rest of the write.
 GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
 CENSUS_TILE = 2048
 
@@ -331,26 +331,3 @@ def _create_census_experiment(uri: str, spec: SyntheticSpec, zstd_level: int) ->
             shape=(spec.cells, spec.genes),
             platform_config=census_x_platform_config(zstd_level),
         )
-
-
-def write_census_folder(
-    root: str | Path, spec: SyntheticSpec | str, organism: str = "homo_sapiens"
-) -> str:
-    """Write a local folder with the Census structure: a SOMA Collection root holding
-    `census_data/<organism>` (a Census-layout synthetic experiment), openable with
-    `cellxgene_census.open_soma(uri=root)`. No `census_info` (open_soma(uri=...) does not need it).
-
-    Returns:
-        The root URI as a string.
-    """
-    root = Path(root)
-    exp_uri = root / "census_data" / organism
-    if not (root / "census_data").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tiledbsoma.Collection.create(str(root)) as coll:
-            coll.add_new_collection("census_data")
-    write_synthetic_experiment(exp_uri, spec)
-    with tiledbsoma.Collection.open(str(root / "census_data"), mode="w") as data:
-        if organism not in data:
-            data.set(organism, tiledbsoma.Experiment.open(str(exp_uri)), use_relative_uri=True)
-    return str(root)

@@ -94,14 +94,21 @@ def check_at_open(root: Path, manifest: dict, with_rows: bool) -> None:
     """The cheap check run when a copy is opened for training."""
     root = Path(root)
     if "files" not in manifest:
-        log.warning("%s has no recorded checksums (written before they existed), so damage is "
-                    "not detected; record them once: python -m atlasldm.data.verify %s --record",
-                    root, root)  # fmt: skip
+        log.warning(
+            "%s has no recorded checksums (written before they existed), so damage is "
+            "not detected; record them once: python -m atlasldm.data.verify %s --record",
+            root,
+            root,
+        )
     else:
         check_files(root, manifest, with_rows)
         if with_rows and not rows_recorded(manifest):
-            log.warning("%s: the row store has no recorded checksums; record them: "
-                        "python -m atlasldm.data.verify %s --record", root, root)  # fmt: skip
+            log.warning(
+                "%s: the row store has no recorded checksums; record them: "
+                "python -m atlasldm.data.verify %s --record",
+                root,
+                root,
+            )
     check_structure(root, manifest, with_rows)
 
 
@@ -119,8 +126,12 @@ def verify(root: Path, quick: bool = False) -> tuple[int, int]:
     check_structure(root, manifest, with_rows)
     unrecorded = [] if quick else sorted(set(copy_files(root)) - set(manifest["files"]))
     if unrecorded:
-        log.warning("%s: %d files are not recorded (e.g. %s); they are not checked",
-                    root, len(unrecorded), unrecorded[:3])  # fmt: skip
+        log.warning(
+            "%s: %d files are not recorded (e.g. %s); they are not checked",
+            root,
+            len(unrecorded),
+            unrecorded[:3],
+        )
     checked = [r for r in manifest["files"] if with_rows or not r.startswith("rows/")]
     return len(checked), covered
 
@@ -138,16 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.record:
             manifest = open_copy_manifest(args.copy)
             files = record_all(args.copy)["files"]
-            print(f"{args.copy}: recorded {len(files)} files "
-                  f"(fingerprint {manifest['fingerprint'][:12]} unchanged)")  # fmt: skip
+            print(
+                f"{args.copy}: recorded {len(files)} files "
+                f"(fingerprint {manifest['fingerprint'][:12]} unchanged)"
+            )
             return 0
         n_files, covered = verify(args.copy, args.quick)
     except IngestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     kind = "open-time check" if args.quick else "full check"
-    print(f"{args.copy}: {kind} ok, {n_files} files ({covered / 1e6:.1f} MB) in "
-          f"{time.perf_counter() - start:.3f} s")  # fmt: skip
+    print(
+        f"{args.copy}: {kind} ok, {n_files} files ({covered / 1e6:.1f} MB) in "
+        f"{time.perf_counter() - start:.3f} s"
+    )
     return 0
 
 

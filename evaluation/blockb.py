@@ -6,11 +6,10 @@ number leaves without its sample sizes and representation. Shape legend: N cells
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from atlasldm.evaluation.conditional import conditional_fidelity
+from atlasldm.evaluation.context import Context, EvalSet
 from atlasldm.evaluation.distances import (
     energy_distance,
     frechet_distance,
@@ -20,9 +19,6 @@ from atlasldm.evaluation.distances import (
 from atlasldm.evaluation.genes import gene_fidelity
 from atlasldm.evaluation.prdc import prdc
 from atlasldm.evaluation.twosample import c2st_auc, equal_size
-
-if TYPE_CHECKING:
-    from atlasldm.evaluation.protocol import Context, EvalSet
 
 PC_REP = "{p} PCs of {h} HVGs, reference PCA, centred"
 GENE_REP = "log1p-CP10k, all genes and HVGs"

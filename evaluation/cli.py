@@ -15,9 +15,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from atlasldm.evaluation.context import EvalConfig
 from atlasldm.evaluation.figures import trajectory_figure, write_figures
 from atlasldm.evaluation.fixtures import PBMC_LABEL_KEY, carve_floor, pbmc68k_splits
-from atlasldm.evaluation.protocol import EvalConfig, align_genes, make_set, prepare, run
+from atlasldm.evaluation.protocol import align_genes, make_set, prepare, run
 from atlasldm.evaluation.report import write_report
 
 
@@ -100,9 +101,12 @@ def read_cells(path: str | Path) -> ad.AnnData:
         layer = next((name for name in ("counts", "raw") if name in layers), layers[0])
         obs_id = "obs_id" if "obs_id" in exp.obs.schema.names else None
         return tiledbsoma.io.to_anndata(
-            exp, measurement_name=ms, X_layer_name=layer, obs_id_name=obs_id,
+            exp,
+            measurement_name=ms,
+            X_layer_name=layer,
+            obs_id_name=obs_id,
             var_id_name="feature_id",
-        )  # fmt: skip
+        )
 
 
 def load_generated(specs: list[str], seeds: list[int] | None) -> dict[str, ad.AnnData]:

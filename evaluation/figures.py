@@ -6,7 +6,6 @@ Each set is drawn at its first seed. Shape legend: N cells, G genes, P PCs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,8 +13,7 @@ matplotlib.use("Agg")  # headless: figures are written to files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:
-    from atlasldm.evaluation.protocol import Context, EvalSet
+from atlasldm.evaluation.context import Context, EvalSet  # noqa: E402
 
 REAL_COLOR = "0.6"
 

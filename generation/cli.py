@@ -61,39 +61,77 @@ log = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Return the parsed command line."""
     p = argparse.ArgumentParser(description="Generate cells from exported scLDM models.")
+    for add_group in (_model_args, _request_args, _sampler_args, _output_args):
+        add_group(p)
+    return p.parse_args(argv)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Add the 'models' options."""
     m = p.add_argument_group("models")
     m.add_argument("--vae", required=True, type=Path, help="VAE export folder")
     m.add_argument("--denoiser", type=Path, help="DiT / skip-MLP export (absent: VAE prior)")
-    m.add_argument("--classifier", type=Path, action="append", default=[],
-                   help="noisy-latent classifier export (repeatable, one per attribute)",
-    )  # fmt: skip
+    m.add_argument(
+        "--classifier",
+        type=Path,
+        action="append",
+        default=[],
+        help="noisy-latent classifier export (repeatable, one per attribute)",
+    )
+
+
+def _request_args(p: argparse.ArgumentParser) -> None:
+    """Add the 'what to generate' options."""
     w = p.add_argument_group("what to generate")
-    w.add_argument("--condition", action="append", default=[], metavar="ATTR=VALUE",
-                   help="condition value (repeatable; VALUE '*' = every value); cells are made "
-                   "for every combination")  # fmt: skip
+    w.add_argument(
+        "--condition",
+        action="append",
+        default=[],
+        metavar="ATTR=VALUE",
+        help="condition value (repeatable; VALUE '*' = every value); cells are made "
+        "for every combination",
+    )
     w.add_argument("--n-cells", type=int, default=100, help="cells per combination (per α)")
     w.add_argument("--match", type=Path, help="reference .h5ad: its cells' conditions and sizes")
     w.add_argument("--match-keys", nargs="*", help="obs columns to match (default: conditioned)")
-    w.add_argument("--library-size", default="auto",
-                   help="'auto' (reference with --match, else statistics), 'stats', 'reference', "
-                   "an obs column name of the reference, or a number")  # fmt: skip
+    w.add_argument(
+        "--library-size",
+        default="auto",
+        help="'auto' (reference with --match, else statistics), 'stats', 'reference', "
+        "an obs column name of the reference, or a number",
+    )
     w.add_argument("--interpolate", metavar="ATTR=A:B", help="trajectory between two values")
     w.add_argument("--interp-steps", type=int, default=5, help="α values from 0 to 1")
     w.add_argument("--interp-method", choices=["auto", "cfg", "classifier"], default="auto")
-    w.add_argument("--interp-source", type=Path,
-                   help=".h5ad of real cells; those with value A start the trajectory")  # fmt: skip
+    w.add_argument(
+        "--interp-source",
+        type=Path,
+        help=".h5ad of real cells; those with value A start the trajectory",
+    )
     w.add_argument("--t-start", type=float, default=0.1, help="noise level of --interp-source")
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    """Add the 'guidance and sampler' options."""
     g = p.add_argument_group("guidance and sampler")
     g.add_argument("--cfg-mode", choices=["joint", "additive"], default="")
     g.add_argument("--cfg-weight", action="append", default=[], metavar="ATTR=W")
     g.add_argument("--classifier-scale", action="append", default=[], metavar="ATTR=S")
     g.add_argument("--t-min", type=float, default=0.05)
     g.add_argument("--max-factor", type=float, default=20.0)
-    g.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default dopri5; euler with classifier guidance")  # fmt: skip
+    g.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=None,
+        help="default dopri5; euler with classifier guidance",
+    )
     g.add_argument("--steps", type=int, default=50, help="steps of euler / heun")
     g.add_argument("--atol", type=float, default=1e-5)
     g.add_argument("--rtol", type=float, default=1e-5)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """Add the 'output' options."""
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, type=Path, help=".h5ad file or SOMA folder")
     o.add_argument("--format", choices=["h5ad", "soma"], default=None, help="default: by suffix")
@@ -101,7 +139,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--seeds", nargs="+", type=int, default=[0])
     o.add_argument("--batch-size", type=int, default=256)
     o.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    return p.parse_args(argv)
 
 
 def _pairs(specs: list[str], flag: str) -> dict[str, float]:
@@ -115,6 +152,18 @@ def _pairs(specs: list[str], flag: str) -> dict[str, float]:
         if not sep or not key:
             raise ConditionError(f"{flag} expects ATTR=NUMBER, got {spec!r}")
     return out
+
+
+def guidance_config(args: argparse.Namespace) -> GuidanceConfig:
+    """Return the guidance options of the command line (checked later against the exports)."""
+    return GuidanceConfig(
+        args.cfg_mode,
+        _pairs(args.cfg_weight, "--cfg-weight"),
+        _pairs(args.classifier_scale, "--classifier-scale"),
+        args.t_min,
+        args.max_factor,
+        args.interp_method,
+    )
 
 
 def library_mode(text: str, has_match: bool) -> tuple[str, float | str | None]:
@@ -148,8 +197,15 @@ def build_plan(args: argparse.Namespace, ex: Exports) -> Plan:
             reference, keys, args.seeds, ex.vocab, libs, value if libs is None else None
         )
     if args.interpolate:
-        return interpolation_plan(args.interpolate, args.interp_steps, args.n_cells, conditions,
-                                  args.seeds, ex.vocab, libs)  # fmt: skip
+        return interpolation_plan(
+            args.interpolate,
+            args.interp_steps,
+            args.n_cells,
+            conditions,
+            args.seeds,
+            ex.vocab,
+            libs,
+        )
     return grid_plan(conditions, args.n_cells, args.seeds, libs)
 
 
@@ -205,8 +261,13 @@ def generate_parts(args, ex: Exports, plan: Plan, guidance, flow, rank, world, d
     mine = list(range(rank, len(batches), world))
     keys = batch_generators(plan, batches)
     nfe = 0
-    bar = tqdm(total=sum(len(batches[k]) for k in mine), unit="cell", disable=rank != 0,
-               desc="generate", dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(len(batches[k]) for k in mine),
+        unit="cell",
+        disable=rank != 0,
+        desc="generate",
+        dynamic_ncols=True,
+    )
     for k in mine:
         rows = batches[k]
         gen = generator_of(keys[k])
@@ -271,16 +332,13 @@ def run(argv: list[str] | None = None) -> Path:
     device = _device(args.device)
     ex = load_exports(args.vae, args.denoiser, args.classifier).to(device)
     plan = build_plan(args, ex)
-    guidance = check_guidance(ex, plan, GuidanceConfig(
-        args.cfg_mode, _pairs(args.cfg_weight, "--cfg-weight"),
-        _pairs(args.classifier_scale, "--classifier-scale"), args.t_min, args.max_factor,
-        args.interp_method,
-    ))  # fmt: skip
+    guidance = check_guidance(ex, plan, guidance_config(args))
     sampler = args.sampler or ("euler" if ex.classifiers else "dopri5")
     t_start = args.t_start if args.interp_source else 0.0
-    flow = FlowConfig(sampler=sampler, num_steps=args.steps, atol=args.atol, rtol=args.rtol,
-                      t_start=t_start)  # fmt: skip
-    latent_width = ex.vae.cfg.num_inducing_points * ex.vae.cfg.latent_dim
+    flow = FlowConfig(
+        sampler=sampler, num_steps=args.steps, atol=args.atol, rtol=args.rtol, t_start=t_start
+    )
+    latent_width = ex.vae.config.num_latent_tokens * ex.vae.config.latent_dim
     check_h5ad_size(fmt, plan.num_cells, len(ex.genes), not args.no_means)
     if fmt == "soma" and rank == 0:
         create_soma(args.out, plan, ex.genes, latent_width, not args.no_means)

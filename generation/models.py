@@ -111,7 +111,7 @@ def load_exports(
     vae_folder = Path(vae_dir)
     vae = load_vae(vae_folder)
     digest = export_digest(vae_folder)
-    shape = (vae.cfg.num_inducing_points, vae.cfg.latent_dim)
+    shape = (vae.config.num_latent_tokens, vae.config.latent_dim)
     genes = pd.read_csv(vae_folder / "genes.tsv", sep="\t", dtype=str, keep_default_na=False)
     vocab = Vocabulary(_json(vae_folder, "labels.json"))
     libsize = _json(vae_folder, "libsize.json").get("log_library_size")
@@ -119,8 +119,9 @@ def load_exports(
     if denoiser_dir is not None:
         folder = Path(denoiser_dir)
         net = load_denoiser(folder)
-        _check_same_vae(folder, vae_folder, digest, shape, net.config.latent_tokens,
-                        net.config.latent_dim)  # fmt: skip
+        _check_same_vae(
+            folder, vae_folder, digest, shape, net.config.num_latent_tokens, net.config.latent_dim
+        )
         if (folder / "genes.tsv").read_text() != (vae_folder / "genes.tsv").read_text():
             raise ExportError(f"{folder} has another gene vocabulary than {vae_folder}")
         cond = _json(folder, "conditions.json")
@@ -133,8 +134,9 @@ def load_exports(
     for cdir in classifier_dirs:
         folder = Path(cdir)
         net = load_classifier(folder)
-        _check_same_vae(folder, vae_folder, digest, shape, net.config.latent_tokens,
-                        net.config.latent_dim)  # fmt: skip
+        _check_same_vae(
+            folder, vae_folder, digest, shape, net.config.num_latent_tokens, net.config.latent_dim
+        )
         cond = _json(folder, "conditions.json")
         _check_vocabulary(folder, cond["attribute"], cond["values"], vocab)
         stats = _json(folder, "latent_stats.json")

@@ -155,7 +155,7 @@ def sample_latents(
     Without a denoiser z ~ N(0, I), the VAE prior (the paper's "w/o LDM" ablation). `start`
     holds standardised source latents (B, M, D) for trajectories begun from real cells.
     """
-    m, d = ex.vae.cfg.num_inducing_points, ex.vae.cfg.latent_dim
+    m, d = ex.vae.config.num_latent_tokens, ex.vae.config.latent_dim
     noise = torch.randn(len(rows), m, d, generator=gen).to(device)  # CPU draw: device-free
     if ex.denoiser is None:
         return noise, 0
@@ -189,7 +189,7 @@ def decode(
         mu = logits
     else:
         log_mu = head.log_mu(logits, torch.logsumexp(logits, dim=-1), ell)  # (B, G)
-        genes = torch.arange(1, vae.cfg.num_genes + 1, device=z.device)
+        genes = torch.arange(1, vae.config.num_genes + 1, device=z.device)
         # Sampled on the CPU: the generator is a CPU one, so counts do not depend on the device.
         x = sample_nb(log_mu.cpu(), head.log_theta(genes).cpu(), gen)
         mu = log_mu.exp()

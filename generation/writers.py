@@ -116,19 +116,20 @@ def create_soma(out: Path, plan: Plan, genes: pd.DataFrame, latent_width: int, m
     for col, dtype in probe.dtypes.items():
         kind = pa.from_numpy_dtype(dtype) if dtype.kind in "biuf" else pa.large_string()
         fields.append(pa.field(str(col), kind))
-    var_schema = pa.schema([
-        pa.field("soma_joinid", pa.int64()), pa.field("feature_id", pa.large_string()),
-        pa.field("feature_name", pa.large_string()),
-    ])  # fmt: skip
+    text = pa.large_string()
+    var_schema = pa.schema(
+        [("soma_joinid", pa.int64()), ("feature_id", text), ("feature_name", text)]
+    )
     with tiledbsoma.Experiment.create(str(uri)) as exp:
         exp.add_new_dataframe("obs", schema=pa.schema(fields), domain=[(0, n - 1)])
         rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
         var = rna.add_new_dataframe("var", schema=var_schema, domain=[(0, g - 1)])
-        var.write(pa.table({
+        columns = {
             "soma_joinid": np.arange(g, dtype=np.int64),
             "feature_id": genes["feature_id"].to_numpy().astype(str),
             "feature_name": genes["feature_name"].to_numpy().astype(str),
-        }))  # fmt: skip
+        }
+        var.write(pa.table(columns))
         xs = rna.add_new_collection("X")
         xs.add_new_sparse_ndarray("counts", type=pa.float32(), shape=(n, g))
         if means:
@@ -149,10 +150,12 @@ def write_soma_part(out: Path, plan: Plan, part: Part) -> None:
     with tiledbsoma.Experiment.open(str(tmp_soma_uri(out)), mode="w") as exp:
         exp.obs.write(pa.Table.from_pandas(obs, schema=exp.obs.schema, preserve_index=False))
         rna = exp.ms["RNA"]
-        rna.X["counts"].write(pa.table({
-            "soma_dim_0": rows[coo.row], "soma_dim_1": coo.col.astype(np.int64),
+        counts = {
+            "soma_dim_0": rows[coo.row],
+            "soma_dim_1": coo.col.astype(np.int64),
             "soma_data": coo.data.astype(np.float32),
-        }))  # fmt: skip
+        }
+        rna.X["counts"].write(pa.table(counts))
         if part.means is not None and MEANS_LAYER in rna.X:
             rna.X[MEANS_LAYER].write(
                 (slice(lo, hi - 1), slice(None)), pa.Tensor.from_numpy(part.means)

@@ -2,12 +2,12 @@
 
 import sys
 
-from atlasldm.data import benchmark
+from atlasldm.bench import loader
 
 
 def main() -> int:
     """Run the loader benchmark with the command-line arguments."""
-    return benchmark.main(sys.argv[1:])
+    return loader.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

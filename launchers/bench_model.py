@@ -2,12 +2,12 @@
 
 import sys
 
-from atlasldm.train import bench_model
+from atlasldm.bench import model
 
 
 def main() -> int:
     """Run the model benchmark with the command-line arguments."""
-    return bench_model.main(sys.argv[1:])
+    return model.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

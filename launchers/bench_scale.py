@@ -3,12 +3,12 @@
 
 import sys
 
-from atlasldm.data import bench_scale
+from atlasldm.bench import scale
 
 
 def main() -> int:
     """Run the scale benchmark with the command-line arguments."""
-    return bench_scale.main(sys.argv[1:])
+    return scale.main(sys.argv[1:])
 
 
 if __name__ == "__main__":

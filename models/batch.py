@@ -28,7 +28,7 @@ def _cu_from_lengths(lengths: Tensor) -> Tensor:
 
 @dataclass
 class CellBatch:
-    """Cells for the VAE. Build with :meth:`from_packed` or :meth:`from_padded`.
+    """Cells for the VAE. Build with :meth:`from_packed`; :meth:`padded` gives the padded form.
 
     Attributes:
         gene_ids: int64 tokens, (T,) packed or (B, S) padded; 0 = PAD.
@@ -38,7 +38,7 @@ class CellBatch:
         mask: (B, S) bool True = real gene (padded form) else None.
         max_seqlen: longest cell (python int).
         labels: optional (B, A) int64 condition codes.
-        stats: counters from construction (``dropped_unknown``, ``subsampled_cells``).
+        stats: counters from construction (``dropped_unknown``).
     """
 
     gene_ids: Tensor
@@ -75,8 +75,6 @@ class CellBatch:
         *,
         labels: Tensor | None = None,
         num_genes: int | None = None,
-        max_genes: int | None = None,
-        generator: torch.Generator | None = None,
     ) -> CellBatch:
         """Wrap packed CSR tensors (e.g. ``CsrBatch`` fields moved to the device).
 
@@ -87,8 +85,9 @@ class CellBatch:
             library_size: (B,) ℓ; default: the sum of each cell's counts.
             labels: optional (B, A) condition codes.
             num_genes: V; tokens outside 1..V are dropped and counted (OURS).
-            max_genes: cells with more tokens keep a random subset of this size, counted.
-            generator: RNG for the subsample.
+
+        Genes per cell are capped (``max_genes``) by the loader, before a batch gets here
+        (docs/contracts.md §2.1).
         """
         gene_ids, counts = gene_ids.long(), counts.float()
         cu = cu_seqlens.to(device=gene_ids.device, dtype=torch.int64)
@@ -97,12 +96,10 @@ class CellBatch:
         if library_size is None:
             library_size = torch.zeros(n, device=counts.device).index_add_(0, seq, counts)
         keep = torch.ones_like(gene_ids, dtype=torch.bool)  # (T,)
-        stats = {"dropped_unknown": 0, "subsampled_cells": 0}
+        stats = {"dropped_unknown": 0}
         if num_genes is not None:
             keep = (gene_ids >= 1) & (gene_ids <= num_genes)
             stats["dropped_unknown"] = int((~keep).sum())
-        if max_genes is not None:
-            keep, stats["subsampled_cells"] = _subsample(keep, seq, n, max_genes, generator)
         if not bool(keep.all()):
             lengths = torch.zeros(n, dtype=torch.int64, device=cu.device)
             lengths.index_add_(0, seq[keep], torch.ones_like(seq[keep]))
@@ -116,31 +113,6 @@ class CellBatch:
             max_seqlen=int(lengths.max()) if n else 0,
             labels=labels,
             stats=stats,
-        )
-
-    @classmethod
-    def from_padded(
-        cls,
-        gene_ids: Tensor,
-        counts: Tensor,
-        mask: Tensor | None = None,
-        library_size: Tensor | None = None,
-        *,
-        labels: Tensor | None = None,
-    ) -> CellBatch:
-        """Wrap a padded view; ``mask`` defaults to ``gene_ids != 0``."""
-        mask = (gene_ids != 0) if mask is None else mask.to(torch.bool)
-        counts = torch.where(mask, counts.float(), torch.zeros((), device=counts.device))
-        gene_ids = torch.where(mask, gene_ids.long(), torch.zeros_like(gene_ids.long()))
-        if library_size is None:
-            library_size = counts.sum(dim=1)  # (B,)
-        return cls(
-            gene_ids=gene_ids,
-            counts=counts,
-            library_size=library_size.float(),
-            mask=mask,
-            max_seqlen=int(mask.sum(dim=1).max()) if mask.numel() else 0,
-            labels=labels,
         )
 
     def padded(self, max_len: int | None = None) -> CellBatch:
@@ -204,20 +176,3 @@ class CellBatch:
         out = torch.zeros(self.num_cells, gene_ids.shape[0], device=self.device)
         out[rows[sel], col[sel]] = cnt[sel]
         return out
-
-
-def _subsample(
-    keep: Tensor, seq: Tensor, n: int, max_genes: int, generator: torch.Generator | None
-) -> tuple[Tensor, int]:
-    """Keep at most ``max_genes`` random kept tokens per cell (loop-free). -> (keep, #cells)."""
-    r = torch.rand(keep.shape[0], generator=generator, device=keep.device)  # (T,)
-    key = seq.double() * 2.0 + torch.where(keep, r.double(), torch.full_like(r.double(), 1.5))
-    order = torch.argsort(key)  # kept tokens first within each cell, random order
-    kept_per = torch.zeros(n, dtype=torch.int64, device=keep.device)
-    kept_per.index_add_(0, seq[keep], torch.ones_like(seq[keep]))
-    start = F.pad(torch.cumsum(torch.bincount(seq, minlength=n), 0), (1, 0))[:-1]  # (B,)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.shape[0], device=keep.device)
-    rank = rank - start[seq]  # position within its cell in the random order
-    new_keep = keep & (rank < max_genes)
-    return new_keep, int((kept_per > max_genes).sum())

@@ -15,6 +15,7 @@ Shape legend (docs/model.md, 'Notation'):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +30,16 @@ from atlasldm.models.skip_mlp import TimeConditionedLayer
 class ClassifierConfig:
     """Hyperparameters of a noisy-latent classifier (scDiffusion widths by default)."""
 
-    latent_tokens: int = 16  # M: latent tokens, from the VAE export
+    num_latent_tokens: int = 16  # M: latent tokens, from the VAE export
     latent_dim: int = 16  # D: latent width per token, from the VAE export
     num_classes: int = 2  # C: classes of the attribute; code C (null) is ignored in the loss
     hidden_dims: list[int] = field(default_factory=lambda: [1000, 500, 200])  # layer widths
     time_freq_dim: int = 2000  # sinusoidal channels (scDiffusion: its first width, 2000)
     time_scale: float = 1000.0  # t in [0, 1] scaled like scDiffusion's integer DDPM steps
     norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as scDiffusion)
+
+    # Old field names, still accepted in YAML and export config.json (models.config_names).
+    DEPRECATED_NAMES: ClassVar[dict[str, str]] = {"latent_tokens": "num_latent_tokens"}
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -51,7 +55,7 @@ class NoisyLatentClassifier(nn.Module):
         super().__init__()
         self.config = config
         dims = list(config.hidden_dims)
-        n_in = config.latent_tokens * config.latent_dim
+        n_in = config.num_latent_tokens * config.latent_dim
         self.t_embedder = TimestepEmbedder(dims[0], config.time_freq_dim, config.time_scale)
         self.layers = nn.ModuleList(
             TimeConditionedLayer(a, b, dims[0], config.norm_eps)

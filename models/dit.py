@@ -4,9 +4,9 @@ Spec: docs/model.md, 'Latent DiT' and 'Conditioning and null tokens'.
 
 Shape legend (docs/model.md, 'Notation'):
     B  cells
-    M  latent tokens (the VAE's inducing points)
+    M  latent tokens (the VAE's num_latent_tokens)
     D  latent width per token
-    W  DiT width
+    W  DiT width (embed_dim)
     A  condition attributes; labels (B, A) int64, code vocab_a is attribute a's null token
 
 Parameter names follow the scLDM reference (`input_proj`, `pos_embed`, `t_embedder.mlp`,
@@ -19,6 +19,7 @@ reference implementation (docs/model.md, 'Tags').
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,9 +39,9 @@ from atlasldm.models.layers import SwiGLU, modulate, sincos_embedding_1d
 class DiTConfig:
     """Hyperparameters of the DiT; defaults are the REF `ldm_base` recipe (`dit_s`)."""
 
-    latent_tokens: int = 16  # M: latent tokens, from the VAE export
+    num_latent_tokens: int = 16  # M: latent tokens, from the VAE export
     latent_dim: int = 16  # D: latent width per token, from the VAE export
-    hidden_dim: int = 256  # W: transformer width
+    embed_dim: int = 256  # W: transformer width
     num_layers: int = 8  # adaLN-Zero blocks
     num_heads: int = 8  # attention heads (W divisible by it)
     multiple_of: int = 4  # SwiGLU hidden width rounding
@@ -48,25 +49,33 @@ class DiTConfig:
     cfg_dropout_scheme: CfgDropoutScheme = "per_batch_attribute"  # REF `mutually_exclusive`
     cond_drop_prob: float = 0.8  # probability of nulling a condition in training (REF config)
     time_scale: float = 1.0  # factor on t in [0, 1] before the sinusoids (REF: unscaled)
-    freq_dim: int = 256  # sinusoidal channels of the timestep embedder (REF 256)
+    time_freq_dim: int = 256  # sinusoidal channels of the timestep embedder (REF 256)
     bias: bool = True  # bias on attention, input projection and final layer (REF bias: true)
     norm_eps: float = 1e-8  # LayerNorm epsilon (REF takes the VAE's 1e-8)
     swap_shift_scale: bool = False  # REF block modulate bug; true only to load released weights
-    attn_backend: Backend = "auto"  # attention kernel (models.attention)
+    attention_backend: Backend = "auto"  # attention kernel (models.attention)
+
+    # Old field names, still accepted in YAML and export config.json (models.config_names).
+    DEPRECATED_NAMES: ClassVar[dict[str, str]] = {
+        "latent_tokens": "num_latent_tokens",
+        "hidden_dim": "embed_dim",
+        "freq_dim": "time_freq_dim",
+        "attn_backend": "attention_backend",
+    }
 
     def __post_init__(self) -> None:
-        if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
-            raise ValueError("hidden_dim must be even and divisible by num_heads")
+        if self.embed_dim % self.num_heads or self.embed_dim % 2:
+            raise ValueError("embed_dim must be even and divisible by num_heads")
         if self.cfg_dropout_scheme not in CFG_DROPOUT_SCHEMES:
             raise ValueError(f"cfg_dropout_scheme must be one of {CFG_DROPOUT_SCHEMES}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         if any(int(v) < 1 for v in self.vocab_sizes):
             raise ValueError(f"vocab_sizes must be positive, got {self.vocab_sizes}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {BACKENDS}")
-        if min(self.latent_tokens, self.latent_dim, self.num_layers) < 1:
-            raise ValueError("latent_tokens, latent_dim and num_layers must be >= 1")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}")
+        if min(self.num_latent_tokens, self.latent_dim, self.num_layers) < 1:
+            raise ValueError("num_latent_tokens, latent_dim and num_layers must be >= 1")
 
 
 def _adaln(width: int, chunks: int, bias: bool = True) -> nn.Sequential:
@@ -79,10 +88,10 @@ class DiTBlock(nn.Module):
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
-        w = config.hidden_dim
+        w = config.embed_dim
         self.ln_1 = nn.LayerNorm(w, eps=config.norm_eps, elementwise_affine=False)
         self.ln_2 = nn.LayerNorm(w, eps=config.norm_eps, elementwise_affine=False)
-        heads, backend = config.num_heads, config.attn_backend
+        heads, backend = config.num_heads, config.attention_backend
         self.attn = SelfAttention(w, heads, bias=config.bias, backend=backend)
         # REF's DiT MLP has no bias whatever `bias` says (its MLP class hard-codes bias=False);
         # the published parameter count (9,745,424) only matches without it.
@@ -105,7 +114,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
-        w = config.hidden_dim
+        w = config.embed_dim
         self.norm_final = nn.LayerNorm(w, eps=config.norm_eps, elementwise_affine=False)
         self.linear = nn.Linear(w, config.latent_dim, bias=config.bias)
         self.adaln_modulation = _adaln(w, 2, bias=config.bias)
@@ -122,12 +131,13 @@ class DiT(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config
-        w = config.hidden_dim
+        w = config.embed_dim
         self.input_proj = nn.Linear(config.latent_dim, w, bias=config.bias)
         # Frozen Parameter rather than buffer: REF stores it as one, so state dicts and the
         # published parameter count include it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.latent_tokens, w), requires_grad=False)
-        self.t_embedder = TimestepEmbedder(w, config.freq_dim, config.time_scale)
+        positions = torch.zeros(1, config.num_latent_tokens, w)  # (1, M, W), filled at init
+        self.pos_embed = nn.Parameter(positions, requires_grad=False)
+        self.t_embedder = TimestepEmbedder(w, config.time_freq_dim, config.time_scale)
         self.cond_embedder = ConditionEmbedder(config.vocab_sizes, w)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(config)
@@ -141,7 +151,8 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        self.pos_embed.copy_(sincos_embedding_1d(self.config.latent_tokens, self.config.hidden_dim))
+        m, w = self.config.num_latent_tokens, self.config.embed_dim
+        self.pos_embed.copy_(sincos_embedding_1d(m, w))
         for table in self.cond_embedder.tables:
             nn.init.normal_(table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -167,7 +178,7 @@ class DiT(nn.Module):
         Condition dropout is not applied here: the training step calls `drop_labels` first, so
         the forward is deterministic and evaluation needs no train/eval switch.
         """
-        m, d = self.config.latent_tokens, self.config.latent_dim
+        m, d = self.config.num_latent_tokens, self.config.latent_dim
         if x.dim() != 3 or x.shape[1:] != (m, d):
             raise ValueError(f"x must be (B, {m}, {d}), got {tuple(x.shape)}")
         if t.dim() == 0:

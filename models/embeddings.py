@@ -68,11 +68,6 @@ class ConditionEmbedder(nn.Module):
         # model's device; not saved in state dicts.
         self.register_buffer("anchor", torch.zeros(0), persistent=False)
 
-    @property
-    def num_attributes(self) -> int:
-        """Number of attributes A."""
-        return len(self.vocab_sizes)
-
     def forward(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Return Σ_a Emb_a[labels[:, a]] as (B, W); labels None means every attribute null."""
         if labels is None:

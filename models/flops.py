@@ -4,7 +4,7 @@ Architectures: docs/model.md, 'VAE', 'Latent DiT' and 'Numerics and memory'.
 
 Shape legend (docs/model.md, 'Notation'):
     B   cells in a micro-batch        S   expressed genes of a cell (encoder set size)
-    G   decoded genes                 M   latent tokens (inducing points)
+    G   decoded genes                 M   latent tokens
     D   latent width per token        E   VAE width           W   DiT width
     F   SwiGLU hidden width           L   blocks per stack
 
@@ -105,7 +105,7 @@ def _count_embedding_flops(kind: str, S: int, E: int) -> float:
 
 def vae_encoder_flops(cfg: VAEConfig, S: int) -> FlopCount:
     """Encoder forward for a cell with S gene tokens (S = padded length on the padded path)."""
-    E, M, D = cfg.embed_dim, cfg.num_inducing_points, cfg.latent_dim
+    E, M, D = cfg.embed_dim, cfg.num_latent_tokens, cfg.latent_dim
     F = swiglu_hidden(E, cfg.multiple_of)
     cell = {
         "count_embedding": _count_embedding_flops(cfg.count_embedding, S, E),
@@ -125,7 +125,7 @@ def vae_encoder_flops(cfg: VAEConfig, S: int) -> FlopCount:
 
 def vae_decoder_context_flops(cfg: VAEConfig) -> FlopCount:
     """Decoder work on the M latent tokens (independent of G): input linear, stack, K/V."""
-    E, M, D = cfg.embed_dim, cfg.num_inducing_points, cfg.latent_dim
+    E, M, D = cfg.embed_dim, cfg.num_latent_tokens, cfg.latent_dim
     F = swiglu_hidden(E, cfg.multiple_of)
     cell = {"latent_input": 2.0 * M * D * E}
     stack = _self_attention_stack(cfg.num_layers, M, E, F)
@@ -136,7 +136,7 @@ def vae_decoder_context_flops(cfg: VAEConfig) -> FlopCount:
 
 def vae_decoder_gene_flops(cfg: VAEConfig, G: int) -> FlopCount:
     """Decoder work per decoded gene (the part run, and recomputed, chunk by chunk)."""
-    E, M = cfg.embed_dim, cfg.num_inducing_points
+    E, M = cfg.embed_dim, cfg.num_latent_tokens
     F = swiglu_hidden(E, cfg.multiple_of)
     cell = {
         "gene_attention": 4.0 * G * M * E,  # G gene queries against M latent keys
@@ -166,11 +166,11 @@ def vae_train_flops(cfg: VAEConfig, S: int, G: int, recompute: bool = False) -> 
 
 def dit_forward_flops(cfg: DiTConfig) -> FlopCount:
     """DiT forward per cell (M tokens of width W); independent of S and G."""
-    M, D, W = cfg.latent_tokens, cfg.latent_dim, cfg.hidden_dim
+    M, D, W = cfg.num_latent_tokens, cfg.latent_dim, cfg.embed_dim
     F = swiglu_hidden(W, cfg.multiple_of)
     L = cfg.num_layers
     cell = {
-        "timestep_mlp": 2.0 * (cfg.freq_dim * W + W * W),
+        "timestep_mlp": 2.0 * (cfg.time_freq_dim * W + W * W),
         "input_proj": 2.0 * M * D * W,
         "adaln": L * 2.0 * W * 6 * W,  # one condition vector per cell, not per token
     }

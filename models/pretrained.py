@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
+from atlasldm.models.config_names import upgrade_config_dict
 from atlasldm.models.dit import DiT, DiTConfig
 from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
 from atlasldm.models.vae import VAE, VAEConfig
@@ -91,7 +92,15 @@ def export_digest(folder: str | Path) -> str:
 
 
 def _config(cls: type, values: dict[str, Any], folder: Path) -> Any:
-    """Build dataclass `cls` from exported values; unknown keys mean another code version."""
+    """Build dataclass `cls` from exported values; unknown keys mean another code version.
+
+    Exports written before a field was renamed keep loading: old names are renamed, with a
+    deprecation warning (models.config_names).
+    """
+    try:
+        values = upgrade_config_dict(cls, values, where=str(folder / CONFIG))
+    except ValueError as exc:
+        raise ExportError(f"{exc}; the export is corrupt, write it again") from exc
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -20,6 +20,7 @@ Shape legend (docs/model.md, 'Notation'):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from atlasldm.models.embeddings import (
 class SkipMLPConfig:
     """Hyperparameters of the skip-connected MLP denoiser (scDiffusion widths by default)."""
 
-    latent_tokens: int = 16  # M: latent tokens, from the VAE export
+    num_latent_tokens: int = 16  # M: latent tokens, from the VAE export
     latent_dim: int = 16  # D: latent width per token, from the VAE export
     hidden_dims: list[int] = field(default_factory=lambda: [2000, 1000, 500])  # down path widths
     head_dim: int = 2000  # width of the output head's hidden layer
@@ -47,6 +48,9 @@ class SkipMLPConfig:
     cfg_dropout_scheme: CfgDropoutScheme = "per_batch_attribute"  # see models.embeddings
     cond_drop_prob: float = 0.8  # probability of nulling a condition in training
     norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as scDiffusion)
+
+    # Old field names, still accepted in YAML and export config.json (models.config_names).
+    DEPRECATED_NAMES: ClassVar[dict[str, str]] = {"latent_tokens": "num_latent_tokens"}
 
     def __post_init__(self) -> None:
         if not self.hidden_dims or min(self.hidden_dims) < 1 or self.head_dim < 1:
@@ -86,7 +90,7 @@ class SkipMLP(nn.Module):
         super().__init__()
         self.config = config
         dims = list(config.hidden_dims)
-        n_in, h0 = config.latent_tokens * config.latent_dim, dims[0]
+        n_in, h0 = config.num_latent_tokens * config.latent_dim, dims[0]
         freq = config.time_freq_dim or h0
         self.t_embedder = TimestepEmbedder(h0, freq, config.time_scale)
         self.cond_embedder = ConditionEmbedder(config.vocab_sizes, h0)

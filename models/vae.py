@@ -2,7 +2,7 @@
 
 Shape legend:
     B   cells                  T   packed tokens (expressed genes)     S   padded length
-    M   inducing points        D   latent width per token              E   transformer width
+    M   latent tokens          D   latent width per token              E   transformer width
     G   decoded genes          c   genes in one decode chunk           H   heads, Dh = E / H
     V   vocabulary size (tokens 1..V, 0 = PAD)
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class VAEConfig:
     num_layers: int = 8  # self-attention blocks in the encoder, and again in the decoder
     num_heads: int = 8  # heads of the self-attention blocks (head dim E / heads)
     num_cross_heads: int = 4  # heads of the MCAB and gene-query cross-attention
-    num_inducing_points: int = 16  # M, latent tokens per cell
+    num_latent_tokens: int = 16  # M, latent tokens per cell (the encoder's inducing points)
     latent_dim: int = 16  # D, latent width per token
     count_embedding: CountEmbedding = "log1p_mul"  # f(E[g], c): docs/model.md, 'Count embeddings'
     posterior: Posterior = "deterministic"  # deterministic (REF autoencoder) or gaussian
@@ -67,6 +67,9 @@ class VAEConfig:
     norm_eps: float = 1e-8  # LayerNorm epsilon
     attention_backend: Backend = "auto"  # auto | sdpa | flash | reference
 
+    # Old field names, still accepted in YAML and export config.json (models.config_names).
+    DEPRECATED_NAMES: ClassVar[dict[str, str]] = {"num_inducing_points": "num_latent_tokens"}
+
     def __post_init__(self) -> None:
         """Check enums and cross-field constraints."""
         checks = [
@@ -77,7 +80,7 @@ class VAEConfig:
             (self.num_genes > 0, "num_genes must be > 0"),
             (self.embed_dim % self.num_heads == 0, "embed_dim % num_heads != 0"),
             (self.embed_dim % self.num_cross_heads == 0, "embed_dim % num_cross_heads != 0"),
-            (self.num_inducing_points > 0 and self.decode_chunk > 0, "M, decode_chunk > 0"),
+            (self.num_latent_tokens > 0 and self.decode_chunk > 0, "M, decode_chunk > 0"),
             (self.beta >= 0 and self.logvar_min < self.logvar_max, "beta/logvar bounds"),
             (not self.latent_positions or self.embed_dim % 2 == 0, "sin-cos needs even E"),
         ]
@@ -103,37 +106,37 @@ class VAELoss:
     metrics: dict[str, Tensor]
 
 
-def _block_kwargs(cfg: VAEConfig) -> dict:
+def _block_kwargs(config: VAEConfig) -> dict:
     return {
-        "bias": cfg.bias,
-        "dropout": cfg.dropout,
-        "multiple_of": cfg.multiple_of,
-        "norm_eps": cfg.norm_eps,
-        "backend": cfg.attention_backend,
+        "bias": config.bias,
+        "dropout": config.dropout,
+        "multiple_of": config.multiple_of,
+        "norm_eps": config.norm_eps,
+        "backend": config.attention_backend,
     }
 
 
 class Encoder(nn.Module):
     """MCAB pooling of gene tokens into M latent tokens, self-attention stack, latent head."""
 
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        E, M, D = cfg.embed_dim, cfg.num_inducing_points, cfg.latent_dim
-        kw = _block_kwargs(cfg)
-        self.ca_layer = CrossAttentionBlock(E, cfg.num_cross_heads, num_inducing_points=M, **kw)
+        E, M, D = config.embed_dim, config.num_latent_tokens, config.latent_dim
+        kw = _block_kwargs(config)
+        self.ca_layer = CrossAttentionBlock(E, config.num_cross_heads, num_inducing_points=M, **kw)
         self.pos_embed = None
-        if cfg.latent_positions:  # frozen, filled (REF declares it but leaves it at zero)
+        if config.latent_positions:  # frozen, filled (REF declares it but leaves it at zero)
             table = sincos_embedding_1d(M, E).unsqueeze(0)  # (1, M, E)
             self.pos_embed = nn.Parameter(table, requires_grad=False)
         self.encoder_layers = nn.ModuleList(
-            [Block(E, cfg.num_heads, **kw) for _ in range(cfg.num_layers)]
+            [Block(E, config.num_heads, **kw) for _ in range(config.num_layers)]
         )
         self.encoder_latent_input = nn.Sequential(
-            nn.Linear(E, D, bias=cfg.bias),
-            nn.LayerNorm(D, eps=cfg.norm_eps, elementwise_affine=False),
+            nn.Linear(E, D, bias=config.bias),
+            nn.LayerNorm(D, eps=config.norm_eps, elementwise_affine=False),
         )
         self.encoder_logvar = None
-        if cfg.posterior == "gaussian":
+        if config.posterior == "gaussian":
             self.encoder_logvar = nn.Linear(E, D, bias=True)
 
     def forward(
@@ -163,21 +166,21 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent trunk (LN, Linear D->E, self-attention stack) and the gene-query block."""
 
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        E, D = cfg.embed_dim, cfg.latent_dim
-        kw = _block_kwargs(cfg)
+        E, D = config.embed_dim, config.latent_dim
+        kw = _block_kwargs(config)
         self.gene_embedding = (
-            nn.Identity() if cfg.shared_embedding else nn.Embedding(cfg.num_genes + 1, E)
+            nn.Identity() if config.shared_embedding else nn.Embedding(config.num_genes + 1, E)
         )
         self.decoder_latent_input = nn.Sequential(
-            nn.LayerNorm(D, eps=cfg.norm_eps, elementwise_affine=False),
-            nn.Linear(D, E, bias=cfg.bias),
+            nn.LayerNorm(D, eps=config.norm_eps, elementwise_affine=False),
+            nn.Linear(D, E, bias=config.bias),
         )
         self.decoder_layers = nn.ModuleList(
-            [Block(E, cfg.num_heads, **kw) for _ in range(cfg.num_layers)]
+            [Block(E, config.num_heads, **kw) for _ in range(config.num_layers)]
         )
-        self.decoder_cross_attention = CrossAttentionBlock(E, cfg.num_cross_heads, **kw)
+        self.decoder_cross_attention = CrossAttentionBlock(E, config.num_cross_heads, **kw)
 
     def context(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z (B, M, D) -> projected keys/values of the gene-query attention, 2 x (B, M, H, Dh)."""
@@ -204,16 +207,16 @@ class VAE(nn.Module):
     """scLDM VAE: encode cells to z (B, M, D), decode per-gene NB (or Gaussian) parameters.
 
     Args:
-        cfg: the model configuration.
+        config: the model configuration.
     """
 
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.input_layer = InputLayer(cfg.num_genes, cfg.embed_dim, cfg.count_embedding)
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.decoder_head = LikelihoodHead(cfg.num_genes, cfg.embed_dim, cfg.likelihood)
+        self.config = config
+        self.input_layer = InputLayer(config.num_genes, config.embed_dim, config.count_embedding)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.decoder_head = LikelihoodHead(config.num_genes, config.embed_dim, config.likelihood)
 
     # ----- encoder -----------------------------------------------------------------------------
     def _encode(self, batch: CellBatch) -> tuple[Tensor, Tensor | None]:
@@ -226,7 +229,7 @@ class VAE(nn.Module):
         if self.encoder.encoder_logvar is None:
             return mu, None
         lv = self.encoder.encoder_logvar(h).float()  # (B, M, D)
-        return mu, lv.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+        return mu, lv.clamp(self.config.logvar_min, self.config.logvar_max)
 
     def encode(self, batch: CellBatch) -> Tensor:
         """Posterior mean z (B, M, D), fp32. The diffusion stage trains on this."""
@@ -246,14 +249,14 @@ class VAE(nn.Module):
         return self.decoder_head.logits(h)  # (B, c)
 
     def _all_genes(self, device: torch.device) -> Tensor:
-        return torch.arange(1, self.cfg.num_genes + 1, device=device)  # (V,)
+        return torch.arange(1, self.config.num_genes + 1, device=device)  # (V,)
 
     def _logit_chunks(self, z: Tensor, gene_ids: Tensor | None, chunk: int | None):
         """Yield (start, end, gene_ids chunk, logits (B, c) fp32) over the decoded genes."""
         gene_ids = self._all_genes(z.device) if gene_ids is None else gene_ids.to(z.device)
-        chunk = chunk or self.cfg.decode_chunk
+        chunk = chunk or self.config.decode_chunk
         k, v = self.decoder.context(z)  # (B, M, H, Dh), computed once for all chunks
-        use_ckpt = self.cfg.checkpoint_decode and self.training and torch.is_grad_enabled()
+        use_ckpt = self.config.checkpoint_decode and self.training and torch.is_grad_enabled()
         G = gene_ids.shape[-1]
         for s in range(0, G, chunk):
             ids = gene_ids[..., s : s + chunk]  # (c,) or (B, c)
@@ -271,7 +274,7 @@ class VAE(nn.Module):
         Args:
             z: (B, M, D) latents.
             gene_ids: (G,) shared or (B, G) per-cell tokens (no PAD); default all 1..V.
-            chunk: genes per chunk (default ``cfg.decode_chunk``).
+            chunk: genes per chunk (default ``config.decode_chunk``).
         """
         return torch.cat([lg for *_, lg in self._logit_chunks(z, gene_ids, chunk)], dim=-1)
 
@@ -310,8 +313,8 @@ class VAE(nn.Module):
             kl_cell = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2))  # (B,)
             kl = kl_cell.mean()
         nll = self._nll(z, batch, gene_ids).mean()
-        total = nll + self.cfg.beta * kl
-        G = self.cfg.num_genes if gene_ids is None else gene_ids.shape[-1]
+        total = nll + self.config.beta * kl
+        G = self.config.num_genes if gene_ids is None else gene_ids.shape[-1]
         metrics = {"nll": nll.detach(), "kl": kl.detach(), "nll_per_gene": nll.detach() / G}
         return VAELoss(total=total, nll=nll, kl=kl, metrics=metrics)
 
@@ -372,7 +375,7 @@ class VAE(nn.Module):
         nll = self._nll(z, batch, gene_ids).mean()
         sample = self.sample_counts(z, batch.library_size, gene_ids, generator).to_dense()
         if gene_ids is None:
-            obs = batch.dense_target_chunk(1, self.cfg.num_genes + 1)  # (B, V)
+            obs = batch.dense_target_chunk(1, self.config.num_genes + 1)  # (B, V)
         else:
             obs = batch.dense_target(gene_ids)  # (B, G)
         is_nb = self.decoder_head.theta is not None  # gaussian samples are already log1p CP10k

@@ -90,9 +90,13 @@ def fork_run():
 
 # A 1-layer VAE that trains in seconds on 2 CPU ranks (launcher overrides for tests).
 TINY_VAE = [
-    "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "model.num_cross_heads=2",
-    "model.num_inducing_points=4", "model.latent_dim=4",
-]  # fmt: skip
+    "model.embed_dim=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_cross_heads=2",
+    "model.num_latent_tokens=4",
+    "model.latent_dim=4",
+]
 
 
 def assert_same_export(got: Path, ref: Path) -> None:

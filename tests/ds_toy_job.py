@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from atlasldm.train.checkpoint import load_checkpoint, prepare_resume, save_checkpoint, tag_for
+from atlasldm.train.checkpoint import CRASH_ENV, Snapshot, save_checkpoint, tag_for
 from atlasldm.train.cli import end_process
 from atlasldm.train.config import (
     BatchConfig,
@@ -61,6 +60,7 @@ from atlasldm.train.distributed import (
 from atlasldm.train.export import write_export
 from atlasldm.train.loop import run as loop_run
 from atlasldm.train.optim import EMA, build_optimizer, lr_at, set_lr
+from atlasldm.train.resume import load_checkpoint, prepare_resume
 from atlasldm.train.stage import Stage
 
 
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.loop:
         loop_main(args)
         return
+    if args.kill_at >= 0:  # rank 0 dies once every rank wrote this tag, before it is committed
+        os.environ[CRASH_ENV] = tag_for(args.kill_at)
     cfg, world, run_dir = make_config(args), world_size(), Path(args.run_dir)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
@@ -150,10 +152,13 @@ def main(argv: list[str] | None = None) -> None:
 def _write_threads(folder: Path) -> None:
     # After training, so the counts are the ones DeepSpeed and the steps left in place.
     record = {
-        "rank": rank(), "threads": torch.get_num_threads(),
-        "interop": torch.get_num_interop_threads(), "cores": usable_cores(),
-        "local_ranks": local_world_size(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    }  # fmt: skip
+        "rank": rank(),
+        "threads": torch.get_num_threads(),
+        "interop": torch.get_num_interop_threads(),
+        "cores": usable_cores(),
+        "local_ranks": local_world_size(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{rank()}.json").write_text(json.dumps(record))
 
@@ -186,24 +191,8 @@ def train(
                 fh.write(json.dumps({"step": step, "loss": mean["loss"], "rng": probe}) + "\n")
         if step % cfg.checkpoint.every_steps == 0 or step == args.stop_at:
             state = {"data": data.state_dict(), "config": dataclasses.asdict(cfg)}
-            save_checkpoint(
-                engine,
-                Path(args.run_dir),
-                step,
-                state,
-                ema.state_dict() if is_main() else None,
-                cfg.checkpoint.keep_last_k,
-                before_commit=_kill_hook(args.kill_at),
-            )
-
-
-def _kill_hook(kill_at: int) -> Any:
-    def hook(tag: str) -> None:
-        # Rank 0 commits `latest`; dying here is the worst moment: every shard is on disk.
-        if tag == tag_for(kill_at) and rank() == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
+            snapshot = Snapshot(step, state, ema.state_dict() if is_main() else None)
+            save_checkpoint(engine, Path(args.run_dir), snapshot, cfg.checkpoint.keep_last_k)
 
 
 class ToyLoopStream:
@@ -231,7 +220,8 @@ class ToyLoopStream:
         self.position = int(state["position"])
 
 
-def _toy_loss(module: nn.Module, batch: SimpleNamespace, gen: torch.Generator):
+def toy_loss(module: nn.Module, batch: SimpleNamespace, gen: torch.Generator):
+    """MSE of the toy model; NaN on the micro-batch the stream marks."""
     loss = nn.functional.mse_loss(module(batch.x).float(), batch.y)
     return (loss * float("nan") if batch.nan else loss), {}
 
@@ -250,13 +240,15 @@ def loop_main(args: argparse.Namespace) -> None:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
     stage = Stage(
-        name="toy", model=model, loss_fn=_toy_loss,
+        name="toy",
+        model=model,
+        loss_fn=toy_loss,
         train_stream=ToyLoopStream(cfg.batch.micro_cells, nan_position, sizes),
         export_fn=lambda folder, weights, info: write_export(
             folder.parent / args.export_name, weights, {"kind": "toy"}
         ),
         use_ema=not args.no_ema,
-    )  # fmt: skip
+    )
     loop_run(stage, cfg, args.run_dir, export_only=args.export_only)
 
 

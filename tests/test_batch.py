@@ -8,15 +8,24 @@ import scipy.sparse as sp
 import torch
 
 from atlasldm.data.batch import CsrBatch
-from atlasldm.data.pipeline import (
+from atlasldm.data.csr import (
     Csr,
     csr_from_sorted_coo,
     drop_zero_tokens,
     gather_positions,
-    gather_rows,
     row_sums,
     truncate_rows,
 )
+
+
+def as_csr(m: sp.csr_matrix) -> Csr:
+    return Csr(m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data)
+
+
+def select_rows(csr: Csr, rows: np.ndarray) -> Csr:
+    """Rows of `csr` in the order given, through scipy."""
+    m = sp.csr_matrix((csr.data, csr.indices, csr.indptr))[rows]
+    return as_csr(m)
 
 
 def random_csr(n_rows=7, n_genes=50, density=0.2, seed=0) -> sp.csr_matrix:
@@ -29,9 +38,14 @@ def random_csr(n_rows=7, n_genes=50, density=0.2, seed=0) -> sp.csr_matrix:
 
 def to_batch(m: sp.csr_matrix) -> CsrBatch:
     return CsrBatch.from_numpy(
-        m.indices + 1, m.data, m.indptr, np.asarray(m.sum(axis=1)).ravel() + 5,
-        np.arange(m.shape[0] * 2).reshape(-1, 2), ("a", "b"), np.arange(m.shape[0]) + 100,
-    )  # fmt: skip
+        m.indices + 1,
+        m.data,
+        m.indptr,
+        np.asarray(m.sum(axis=1)).ravel() + 5,
+        np.arange(m.shape[0] * 2).reshape(-1, 2),
+        ("a", "b"),
+        np.arange(m.shape[0]) + 100,
+    )
 
 
 def test_dtypes_and_sizes():
@@ -77,34 +91,26 @@ def test_pin_memory():
     assert to_batch(random_csr()).pin_memory().counts.is_pinned()
 
 
-def test_gather_rows_matches_scipy():
-    m = random_csr(n_rows=20, seed=1)
-    rows = np.array([5, 2, 19, 0, 5])
-    out = gather_rows(Csr(m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data), rows)
-    ref = m[rows]
-    np.testing.assert_array_equal(out.indptr, ref.indptr)
-    np.testing.assert_array_equal(out.indices, ref.indices)
-    np.testing.assert_array_equal(out.data, ref.data)
-
-
 def test_truncate_rows_deterministic_subset():
     m = random_csr(n_rows=30, n_genes=200, density=0.3, seed=2)
     csr = Csr(m.indptr.astype(np.int64), (m.indices + 1).astype(np.int32), m.data)
     joinids = np.arange(30) * 7
     out, truncated = truncate_rows(csr, joinids, max_genes=40, seed=0)
     lengths = np.diff(m.indptr)
-    assert np.array_equal(truncated, lengths > 40) and truncated.any()
+    assert np.array_equal(truncated, lengths > 40) and truncated.any() and not truncated.all()
     assert np.array_equal(np.diff(out.indptr), np.minimum(lengths, 40))
     for i in range(30):
         kept = out.indices[out.indptr[i] : out.indptr[i + 1]]
         full = csr.indices[csr.indptr[i] : csr.indptr[i + 1]]
-        assert np.all(np.diff(kept) > 0) and np.isin(kept, full).all()
+        assert np.all(np.diff(kept) > 0) and np.isin(kept, full).all()  # original order kept
         values = out.data[out.indptr[i] : out.indptr[i + 1]]
         np.testing.assert_array_equal(values, csr.data[csr.indptr[i] + np.searchsorted(full, kept)])
+        if not truncated[i]:  # a short cell keeps every gene
+            np.testing.assert_array_equal(kept, full)
     # Same cell (joinid), other batch composition and order -> same genes kept.
     rows = np.array([29, 3, 17])
-    sub, _ = truncate_rows(gather_rows(csr, rows), joinids[rows], 40, 0)
-    ref = gather_rows(out, rows)
+    sub, _ = truncate_rows(select_rows(csr, rows), joinids[rows], 40, 0)
+    ref = select_rows(out, rows)
     np.testing.assert_array_equal(sub.indices, ref.indices)
     other_seed, _ = truncate_rows(csr, joinids, 40, 1)
     assert not np.array_equal(other_seed.indices, out.indices)
@@ -152,7 +158,7 @@ def test_row_sums_and_drop_zero_tokens_keep_library_exact():
     m = random_csr(n_rows=9, n_genes=30, density=0.3, seed=4)  # row 2 is empty
     m.indices[m.indices < 6] = 0  # genes outside the vocabulary carry token 0
     m = sp.csr_matrix((m.data, m.indices, m.indptr), shape=m.shape)  # keep explicit entries
-    csr = Csr(m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data)
+    csr = as_csr(m)
     np.testing.assert_array_equal(row_sums(csr), np.asarray(m.sum(axis=1)).ravel())
     kept, removed = drop_zero_tokens(csr)
     assert removed == int((m.indices == 0).sum()) > 0

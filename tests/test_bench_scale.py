@@ -1,4 +1,4 @@
-"""Scale benchmark harness (data/bench_scale*.py): end to end on a tiny corpus, and its checks
+"""Scale benchmark harness (bench/scale*.py): end to end on a tiny corpus, and its checks
 really catch a sampler whose ranks overlap or whose ranks take different step counts."""
 
 from __future__ import annotations
@@ -9,12 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlasldm.data import bench_scale, bench_scale_sweep
-from atlasldm.data.benchmark import batch_entropy
+from atlasldm.bench import scale, scale_sweep
+from atlasldm.bench.diversity import RandomEntropy, batch_entropies, batch_entropy
 from atlasldm.data.sampler import LockstepSampler
 
 SWEEP = ["--parts", "sweep", "--sweep-cells", "3000", "--max-world-size", "8",
          "--datasets", "4", "--micro-batch", "64", "--max-eval-ranks", "3"]  # fmt: skip
+# All three parts on tiny corpora, workers inline.
+END_TO_END = ["--sweep-cells", "3000", "--max-world-size", "4", "--datasets", "4",
+              "--genes", "100", "--micro-batch", "64",
+              "--timing-cells", "3000", "--timing-world-sizes", "1", "2", "--max-cells", "500",
+              "--flat-cells", "2000", "3000", "--flat-batches", "2", "--inline"]  # fmt: skip
+# The timing part alone, two ranks as real processes.
+TWO_RANK_PROCESSES = ["--parts", "timing", "--modes", "copy", "--datasets", "4",
+                      "--genes", "100", "--micro-batch", "64", "--timing-cells", "3000",
+                      "--timing-world-sizes", "2", "--max-cells", "500"]  # fmt: skip
 
 
 def _last_json(capsys: pytest.CaptureFixture[str]) -> dict:
@@ -25,7 +34,7 @@ def test_batch_entropies_match_benchmark() -> None:
     rng = np.random.default_rng(0)
     sizes = np.array([64, 1, 30, 64, 0, 7])
     labels = rng.integers(0, 5, sizes.sum())
-    got = bench_scale_sweep.batch_entropies(labels, sizes, 5)
+    got = batch_entropies(labels, sizes, 5)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     want = [
         batch_entropy(labels[a:b]) if b > a else 0.0
@@ -33,27 +42,27 @@ def test_batch_entropies_match_benchmark() -> None:
     ]
     assert np.allclose(got, want)
     # Random batches score ~1 against the random reference; one-label batches score 0.
-    rand = bench_scale_sweep.RandomEntropy(np.bincount(labels, minlength=5), draws=500)
+    rand = RandomEntropy(np.bincount(labels, minlength=5), draws=500)
     shuffled = rng.permutation(np.repeat(np.arange(5), 400))
     sizes = np.full(20, 100)
-    ratio = rand.ratios(bench_scale_sweep.batch_entropies(shuffled, sizes, 5), sizes)
+    ratio = rand.ratios(batch_entropies(shuffled, sizes, 5), sizes)
     assert abs(ratio.mean() - 1) < 0.03
     grouped = np.sort(shuffled)
-    assert rand.ratios(bench_scale_sweep.batch_entropies(grouped, sizes, 5), sizes).max() < 0.2
+    assert rand.ratios(batch_entropies(grouped, sizes, 5), sizes).max() < 0.2
 
 
 def test_census_labels_layout() -> None:
-    labels = bench_scale_sweep.census_labels(10_000, 20)
+    labels = scale_sweep.census_labels(10_000, 20)
     assert len(labels) == 10_000 and np.all(np.diff(labels) >= 0)  # contiguous blocks
     assert np.array_equal(np.unique(labels), np.arange(20))
-    copy = bench_scale_sweep.mode_labels(labels, "copy")
+    copy = scale_sweep.mode_labels(labels, "copy")
     assert np.array_equal(np.sort(copy), labels) and not np.array_equal(copy, labels)
-    assert list(bench_scale_sweep.evaluated_ranks(1024, 64)[[0, -1]]) == [0, 1023]
-    assert len(bench_scale_sweep.evaluated_ranks(1024, 64)) == 64
+    assert list(scale_sweep.evaluated_ranks(1024, 64)[[0, -1]]) == [0, 1023]
+    assert len(scale_sweep.evaluated_ranks(1024, 64)) == 64
 
 
 def test_sweep_passes_on_the_real_sampler(tmp_path: Path, capsys) -> None:
-    assert bench_scale.main([*SWEEP, "--out", str(tmp_path / "r.json")]) == 0
+    assert scale.main([*SWEEP, "--out", str(tmp_path / "r.json")]) == 0
     report = _last_json(capsys)
     assert report == json.loads((tmp_path / "r.json").read_text())
     configs = report["sweep"]["configs"]
@@ -74,19 +83,39 @@ def test_sweep_passes_on_the_real_sampler(tmp_path: Path, capsys) -> None:
 class OverlappingSampler(LockstepSampler):
     """Broken: every rank plans rank 0's rows (ranks overlap, other rows are never emitted)."""
 
-    def __init__(self, num_rows, chunk_cells, chunks_per_rank, micro_batch, world_size, rank,
-                 seed, drop_last=False):  # fmt: skip
-        super().__init__(num_rows, chunk_cells, chunks_per_rank, micro_batch, world_size, 0,
-                         seed, drop_last)  # fmt: skip
+    def __init__(
+        self,
+        num_rows,
+        chunk_cells,
+        chunks_per_rank,
+        micro_batch,
+        world_size,
+        rank,
+        seed,
+        drop_last=False,
+    ):
+        super().__init__(
+            num_rows, chunk_cells, chunks_per_rank, micro_batch, world_size, 0, seed, drop_last
+        )
 
 
 class UnequalStepsSampler(LockstepSampler):
     """Broken: rank 1 declares one batch more than the others (collectives would hang)."""
 
-    def __init__(self, num_rows, chunk_cells, chunks_per_rank, micro_batch, world_size, rank,
-                 seed, drop_last=False):  # fmt: skip
-        super().__init__(num_rows, chunk_cells, chunks_per_rank, micro_batch, world_size, rank,
-                         seed, drop_last)  # fmt: skip
+    def __init__(
+        self,
+        num_rows,
+        chunk_cells,
+        chunks_per_rank,
+        micro_batch,
+        world_size,
+        rank,
+        seed,
+        drop_last=False,
+    ):
+        super().__init__(
+            num_rows, chunk_cells, chunks_per_rank, micro_batch, world_size, rank, seed, drop_last
+        )
         self.extra = int(rank == 1)
 
     def num_batches(self, *args, **kwargs) -> int:
@@ -110,11 +139,11 @@ class DroppingSampler(UnequalStepsSampler):
         (OverlappingSampler, False, True),
         (UnequalStepsSampler, True, False),
         (DroppingSampler, False, False),
-    ],  # fmt: skip
+    ],
 )
 def test_sweep_flags_a_broken_sampler(tmp_path, capsys, monkeypatch, broken, once, balanced):
-    monkeypatch.setattr(bench_scale_sweep, "LockstepSampler", broken)  # sweep_config's
-    assert bench_scale.main([*SWEEP, "--out", str(tmp_path / "r.json")]) == 1  # check failed
+    monkeypatch.setattr(scale_sweep, "LockstepSampler", broken)  # sweep_config's
+    assert scale.main([*SWEEP, "--out", str(tmp_path / "r.json")]) == 1  # check failed
     report = _last_json(capsys)
     assert report["exactly_once"] is once and report["balanced"] is balanced
     assert report["ok"] is False
@@ -131,11 +160,8 @@ def test_sweep_flags_a_broken_sampler(tmp_path, capsys, monkeypatch, broken, onc
 def test_end_to_end_tiny_corpus(tmp_path: Path, capsys) -> None:
     """All three parts on 2,000- and 3,000-cell corpora, workers inline (seconds)."""
     out = tmp_path / "report.json"
-    argv = ["--cache", str(tmp_path / "cache"), "--out", str(out), "--sweep-cells", "3000",
-            "--max-world-size", "4", "--datasets", "4", "--genes", "100", "--micro-batch", "64",
-            "--timing-cells", "3000", "--timing-world-sizes", "1", "2", "--max-cells", "500",
-            "--flat-cells", "2000", "3000", "--flat-batches", "2", "--inline"]  # fmt: skip
-    assert bench_scale.main(argv) == 0
+    argv = [*END_TO_END, "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert scale.main(argv) == 0
     report = _last_json(capsys)
     assert report == json.loads(out.read_text())
     assert report["ok"] and report["exactly_once"] and report["balanced"]
@@ -174,11 +200,14 @@ def test_end_to_end_tiny_corpus(tmp_path: Path, capsys) -> None:
 
 def test_timing_ranks_run_as_processes(tmp_path: Path, capsys) -> None:
     """Two ranks as two fresh processes behind a barrier, copy mode only."""
-    argv = ["--parts", "timing", "--modes", "copy", "--cache", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "r.json"), "--datasets", "4", "--genes", "100",
-            "--micro-batch", "64", "--timing-cells", "3000", "--timing-world-sizes", "2",
-            "--max-cells", "500"]  # fmt: skip
-    assert bench_scale.main(argv) == 0
+    argv = [
+        *TWO_RANK_PROCESSES,
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
+    assert scale.main(argv) == 0
     (run,) = _last_json(capsys)["timing"]["runs"]
     assert [r["rank"] for r in run["ranks"]] == [0, 1]
     assert all(r["world_size"] == 2 and r["peak_rss_gb"] > 0.05 for r in run["ranks"])

@@ -1,8 +1,21 @@
-"""The loader benchmark's diversity measure: per-batch entropy against random sampling."""
+"""The benchmarks (bench/): the loader's diversity measure, the model benchmark's presets (the
+shipped training recipes, not copies of them) and its measurements in fresh processes."""
+
+import dataclasses
+import json
 
 import numpy as np
+import pytest
 
-from atlasldm.data.benchmark import batch_entropy, random_entropy
+from atlasldm.bench import model
+from atlasldm.bench.diversity import batch_entropy, random_entropy
+from atlasldm.bench.model_presets import build_configs, load_preset, preset_names
+from atlasldm.configs import config_path
+from atlasldm.train.config import load_config
+from atlasldm.train.vae_stage import VAEStageConfig
+
+# A DiT small enough to train one step in a fresh process in seconds.
+TINY_DIT = ["dit.embed_dim=32", "dit.num_layers=1", "dit.num_heads=2", "bench.dit_cells=2"]
 
 
 def test_batch_entropy_closed_forms() -> None:
@@ -17,3 +30,40 @@ def test_random_entropy_orders_shuffled_above_grouped() -> None:
     rand = random_entropy(codes, 100, draws=200)
     assert grouped < 0.1 * rand
     assert rand > 0.9 * np.log(10)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_model_preset_is_its_training_recipe(name: str) -> None:
+    """The benchmarked VAE is the recipe's `model` section with the preset's gene count."""
+    preset = load_preset(name, [], quick=False)
+    recipe = load_config(VAEStageConfig, [config_path(preset.recipes.vae)]).model
+    vae, dit, bench = build_configs(name, [], quick=False)
+    assert vae == dataclasses.replace(recipe, num_genes=preset.data.num_genes)
+    assert (dit.num_latent_tokens, dit.latent_dim) == (vae.num_latent_tokens, vae.latent_dim)
+    assert dit.vocab_sizes == preset.data.vocab_sizes and bench == preset.bench
+
+
+def test_model_presets_are_the_shipped_files() -> None:
+    assert preset_names() == ["census70m", "reference"]
+    census, reference = build_configs("census70m", [], False), build_configs("reference", [], False)
+    assert census[0].embed_dim == 512 and reference[0].embed_dim == 32  # vae_census_70m.yaml
+    assert census[2].train_cells == 4 and reference[2].train_cells == 32  # bench sections
+    assert build_configs("reference", [], True)[2].steps == 2  # --quick
+
+
+def test_model_benchmark_counts_without_measuring(capsys: pytest.CaptureFixture[str]) -> None:
+    assert model.main(["--no-measure"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["params"]["dit"] == 9_745_424  # REF's published DiT count (README, Models)
+    assert out["measured"] is None and out["settings"]["steps"] == 3
+
+
+def test_model_worker_trains_in_a_fresh_process() -> None:
+    """One DiT step through `python -m atlasldm.bench.model_worker`."""
+    vae, dit, bench = build_configs("reference", TINY_DIT, quick=True)
+    spec = {"task": "train_dit", "dit": dataclasses.asdict(dit)}
+    spec |= {"vae": dataclasses.asdict(vae), "bench": dataclasses.asdict(bench)}
+    res = model.run_worker(spec)
+    assert "error" not in res, res
+    assert res["cells_per_s"] > 0 and res["s_per_step"] > 0 and res["threads"] >= 1
+    assert "error" in model.run_worker(spec | {"task": "no_such_task"})

@@ -1,14 +1,32 @@
 """The census source against a local folder with the Census structure (no network)."""
 
+from pathlib import Path
+
 import cellxgene_census
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import tiledbsoma
 
 from atlasldm.data import soma
 from atlasldm.data.ingest import run_ingest
-from atlasldm.data.synthetic import write_census_folder
+from atlasldm.data.synthetic import write_synthetic_experiment
 from atlasldm.data.validate import IngestError
+
+
+def write_census_folder(root: Path, spec: str) -> str:
+    """Write a folder with the Census structure: a SOMA Collection holding
+    `census_data/homo_sapiens`, a Census-layout synthetic experiment. `open_soma(uri=root)`
+    opens it; it needs no `census_info`. Returns the root URI.
+    """
+    exp_uri = root / "census_data" / "homo_sapiens"
+    root.mkdir(parents=True)
+    with tiledbsoma.Collection.create(str(root)) as coll:
+        coll.add_new_collection("census_data")
+    write_synthetic_experiment(exp_uri, spec)
+    with tiledbsoma.Collection.open(str(root / "census_data"), mode="w") as data:
+        data.set("homo_sapiens", tiledbsoma.Experiment.open(str(exp_uri)), use_relative_uri=True)
+    return str(root)
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,7 @@ import torch
 from atlasldm.train.checkpoint import (
     COMPLETE,
     CheckpointError,
-    ResumePoint,
-    find_resume,
-    install_sigterm_handler,
-    load_checkpoint,
+    Snapshot,
     prune,
     read_latest,
     save_checkpoint,
@@ -34,6 +31,8 @@ from atlasldm.train.checkpoint import (
     write_latest,
 )
 from atlasldm.train.export import read_export
+from atlasldm.train.preempt import Preemption
+from atlasldm.train.resume import ResumePoint, find_resume, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "ds_toy_job.py"
@@ -229,7 +228,7 @@ def test_disk_full_keeps_latest(tmp_path):
     _complete(ckpt, 2)
     write_latest(ckpt, "step_0000002")
     with pytest.raises(CheckpointError, match="disk is full") as info:
-        save_checkpoint(_DiskFullEngine(), tmp_path, 4, {"data": {"position": 0}})
+        save_checkpoint(_DiskFullEngine(), tmp_path, Snapshot(4, {"data": {"position": 0}}))
     assert "step_0000002" in str(info.value) and "step_0000004" in str(info.value)
     assert read_latest(ckpt) == "step_0000002"
 
@@ -261,7 +260,7 @@ def test_prune_keeps_last_k_complete(tmp_path):
 def test_sigterm_sets_flag_only(tmp_path):
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        stop_requested = install_sigterm_handler()
+        stop_requested = Preemption(timeout_s=float("inf")).install_handler().stop_requested
         assert not stop_requested()
         os.kill(os.getpid(), signal.SIGTERM)  # the process survives; the loop saves and exits
         assert stop_requested()

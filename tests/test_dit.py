@@ -14,9 +14,9 @@ VOCAB = [3, 2]
 
 def small_config(**overrides) -> DiTConfig:
     base = dict(
-        latent_tokens=4,
+        num_latent_tokens=4,
         latent_dim=6,
-        hidden_dim=32,
+        embed_dim=32,
         num_layers=2,
         num_heads=4,
         vocab_sizes=list(VOCAB),
@@ -37,7 +37,7 @@ def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.n
 
 def inputs(cfg: DiTConfig, batch: int = 5, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.latent_tokens, cfg.latent_dim, generator=g)
+    x = torch.randn(batch, cfg.num_latent_tokens, cfg.latent_dim, generator=g)
     t = torch.rand(batch, generator=g)
     cols = [torch.randint(v, (batch,), generator=g) for v in cfg.vocab_sizes]
     labels = torch.stack(cols, 1) if cols else torch.zeros(batch, 0, dtype=torch.long)
@@ -100,7 +100,7 @@ def test_swap_shift_scale_equals_permuted_modulation() -> None:
     ref = perturb(DiT(small_config(swap_shift_scale=True)), seed=3)
     ours = DiT(cfg)
     state = ref.state_dict()
-    w = cfg.hidden_dim
+    w = cfg.embed_dim
     # Chunks are (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m): swap 0<->1 and 3<->4.
     perm = torch.cat([torch.arange(w) + k * w for k in (1, 0, 2, 4, 3, 5)])
     for i in range(cfg.num_layers):

@@ -28,14 +28,16 @@ from atlasldm.data.stream import CellStream
 from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
 from atlasldm.models.dit import DiT, DiTConfig
 from atlasldm.models.vae import VAE, VAEConfig
-from atlasldm.train.classifier_stage import _make_loss as classifier_loss_fn
+from atlasldm.train.batches import cell_batch, stand_in_batch
+from atlasldm.train.classifier_stage import make_classifier_loss
 from atlasldm.train.config import BatchConfig, PrecisionConfig, RunConfig, TrainConfig
 from atlasldm.train.dit_stage import make_flow_loss
-from atlasldm.train.latents import lookup
-from atlasldm.train.loop import LoopState, _log, _one_step, cell_weight, stand_in_batch
+from atlasldm.train.latents import LatentSource, lookup
 from atlasldm.train.stage import Stage
-from atlasldm.train.tracking import NullTracker
-from atlasldm.train.vae_stage import cell_batch, vae_loss
+from atlasldm.train.step import cell_weight, one_step
+from atlasldm.train.step_metrics import log_step
+from atlasldm.train.training_run import TrainingRun
+from atlasldm.train.vae_stage import vae_loss
 
 REPO = Path(__file__).resolve().parents[1]
 GENES = 20
@@ -48,22 +50,32 @@ def _batch(cells: int, seed: int = 0) -> CsrBatch:
     ids = [rng.choice(np.arange(1, GENES), 3, replace=False) for _ in range(cells)]
     counts = rng.integers(1, 6, size=3 * cells)
     return CsrBatch.from_numpy(
-        np.concatenate([np.zeros(0), *ids]), counts, np.arange(cells + 1) * 3,
-        np.full(cells, 50.0), np.zeros((cells, 1)), NAMES, np.arange(cells),
-    )  # fmt: skip
+        np.concatenate([np.zeros(0), *ids]),
+        counts,
+        np.arange(cells + 1) * 3,
+        np.full(cells, 50.0),
+        np.zeros((cells, 1)),
+        NAMES,
+        np.arange(cells),
+    )
 
 
 def _vae() -> VAE:
     torch.manual_seed(0)
     cfg = VAEConfig(
-        num_genes=GENES, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
-        num_inducing_points=4, latent_dim=4,
-    )  # fmt: skip
+        num_genes=GENES,
+        embed_dim=16,
+        num_layers=1,
+        num_heads=2,
+        num_cross_heads=2,
+        num_latent_tokens=4,
+        latent_dim=4,
+    )
     return VAE(cfg)
 
 
 class _Engine:
-    """The engine calls of `_one_step` on a plain module, one rank, accumulating like DeepSpeed
+    """The engine calls of `one_step` on a plain module, one rank, accumulating like DeepSpeed
     (minus its 1/accum loss factor): `grads` holds the gradients summed over a step."""
 
     def __init__(self, module: nn.Module, accum: int) -> None:
@@ -88,24 +100,29 @@ class _Engine:
         return None
 
 
-def _step(batches: list[CsrBatch]) -> tuple[_Engine, dict, bool]:
-    """One loop step of the tiny VAE over `batches` (one micro-batch each)."""
+def _step(batches: list[CsrBatch]) -> tuple[TrainingRun, dict, bool]:
+    """One loop step of the tiny VAE over `batches` (one micro-batch each); (run, metrics of
+    this rank, skipped). `run.engine.grads` holds the step's gradients."""
     cfg = TrainConfig(
         run=RunConfig(max_steps=10),
         batch=BatchConfig(global_cells=4 * len(batches), micro_cells=4),
         precision=PrecisionConfig(dtype="fp32"),
     )
     engine = _Engine(_vae(), accum=len(batches))
-    stage = Stage(name="vae", model=engine.module, loss_fn=vae_loss, train_stream=None,
-                  export_fn=None)  # fmt: skip
+    stage = Stage(
+        name="vae", model=engine.module, loss_fn=vae_loss, train_stream=None, export_fn=None
+    )
+    training = TrainingRun(engine, stage, cfg, Path("unused"))
     torch.manual_seed(1)  # the VAE's reparameterisation noise
-    local, skipped = _one_step(engine, stage, cfg, iter(batches), LoopState())
-    return engine, local, skipped
+    local, skipped = one_step(training, iter(batches))
+    return training, local, skipped
 
 
-def _logged(local: dict, tmp_path: Path) -> dict:
-    """What `_log` writes to metrics.jsonl for the step metrics `local` (one rank)."""
-    _log(NullTracker(), LoopState(step=1), dict(local), tmp_path, torch.device("cpu"), None)
+def _logged(training: TrainingRun, local: dict, tmp_path: Path) -> dict:
+    """What `log_step` writes to metrics.jsonl for the step metrics `local` (one rank)."""
+    training.run_dir = tmp_path
+    training.state.step += 1  # as the loop counts the step before logging it
+    log_step(training, dict(local), None)
     return json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
 
 
@@ -138,33 +155,35 @@ def test_cell_weighted_rank_mean_is_the_union_mean():
 
 
 def test_empty_micro_batch_gives_zero_gradients_and_no_metrics(tmp_path):
-    engine, local, skipped = _step([_batch(0)])
+    training, local, skipped = _step([_batch(0)])
     real, _, _ = _step([_batch(4)])
+    engine = training.engine
     assert not skipped
     # The stand-in ran the whole backward: the same parameters got gradients, all exactly 0.
     assert {n for n, g in engine.grads.items() if g is not None} == {
-        n for n, g in real.grads.items() if g is not None
+        n for n, g in real.engine.grads.items() if g is not None
     }
     assert all(torch.all(g == 0) for g in engine.grads.values() if g is not None)
     assert (local["cells"], local["tokens"], local["flops"]) == (0.0, 0.0, 0.0)
     assert local["train/loss"] == 0.0  # a per-cell sum: the stand-in's loss is left out
-    logged = _logged(local, tmp_path)
+    logged = _logged(training, local, tmp_path)
     assert math.isnan(logged["train/loss"]) and logged["cells_seen"] == 0  # no 0.0 loss
 
 
 def test_empty_micro_batch_is_left_out_of_the_step(tmp_path):
     real = _batch(4)
-    engine, local, _ = _step([real, _batch(0)])
+    training, local, _ = _step([real, _batch(0)])
     alone, _, _ = _step([real])
-    for name, grad in alone.grads.items():  # weight 1 on the real cells, 0 on the stand-in
-        assert (grad is None) == (engine.grads[name] is None), name
+    grads = training.engine.grads
+    for name, grad in alone.engine.grads.items():  # weight 1 on the real cells, 0 on the stand-in
+        assert (grad is None) == (grads[name] is None), name
         if grad is not None:
-            assert torch.equal(engine.grads[name], grad), name
+            assert torch.equal(grads[name], grad), name
     model = _vae()
     torch.manual_seed(1)  # the noise the step drew for the real batch
     with torch.no_grad():
         expected, metrics = vae_loss(model, real, torch.Generator())
-    logged = _logged(local, tmp_path)
+    logged = _logged(training, local, tmp_path)
     assert local["cells"] == 4.0 and logged["cells_seen"] == 4
     assert logged["train/loss"] == pytest.approx(float(expected), rel=1e-6)
     for key, value in metrics.items():
@@ -183,16 +202,22 @@ def test_stand_in_runs_through_the_latent_stage_losses():
     }
     stats = {"mean": 0.0, "std": 1.0}
     dit_cfg = DiTConfig(
-        latent_tokens=4, latent_dim=4, hidden_dim=32, num_layers=1, num_heads=2, freq_dim=32,
+        num_latent_tokens=4,
+        latent_dim=4,
+        embed_dim=32,
+        num_layers=1,
+        num_heads=2,
+        time_freq_dim=32,
         vocab_sizes=[3],
-    )  # fmt: skip
+    )
     classifier_cfg = ClassifierConfig(
-        latent_tokens=4, latent_dim=4, num_classes=3, hidden_dims=[8], time_freq_dim=8
+        num_latent_tokens=4, latent_dim=4, num_classes=3, hidden_dims=[8], time_freq_dim=8
     )
     dit, classifier = DiT(dit_cfg), NoisyLatentClassifier(classifier_cfg)
     for name, encode in encoders.items():
-        for net, make in ((dit, make_flow_loss), (classifier, classifier_loss_fn)):
-            loss, _ = make(encode, stats)(net, stand_in, torch.Generator().manual_seed(0))
+        for net, make in ((dit, make_flow_loss), (classifier, make_classifier_loss)):
+            latents = LatentSource(encode, stats)
+            loss, _ = make(latents)(net, stand_in, torch.Generator().manual_seed(0))
             (loss * 0.0).backward()
             assert torch.isfinite(loss), (name, type(net).__name__)
 
@@ -258,9 +283,15 @@ def _tail_batch_sizes(copy: Path) -> tuple[int, list[list[int]]]:
     sizes = []
     for rank in range(2):
         sampler = LockstepSampler(
-            cells, TAIL["chunk"], TAIL["k"], TAIL["micro"], 2, rank, data.seed,
+            cells,
+            TAIL["chunk"],
+            TAIL["k"],
+            TAIL["micro"],
+            2,
+            rank,
+            data.seed,
             drop_last=False,
-        )  # fmt: skip
+        )
         sizes.append([int(n) for plan in sampler.rounds(0) for n in plan.batch_sizes])
     return cells, sizes
 
@@ -273,18 +304,31 @@ def test_vae_zero3_epoch_tail_with_an_empty_rank(pbmc_copy, tmp_path):
     tail_step = len(sizes[0])
     assert sizes[1][-1] == 0 and sizes[0][-1] > 0, sizes  # the configuration tests what it claims
     tiny = [
-        "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2",
-        "model.num_cross_heads=2", "model.num_inducing_points=4", "model.latent_dim=4",
-    ]  # fmt: skip
+        "model.embed_dim=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.num_cross_heads=2",
+        "model.num_latent_tokens=4",
+        "model.latent_dim=4",
+    ]
     args = [
-        str(REPO / "configs" / "debug.yaml"), *tiny, f"data.source={pbmc_copy}",
-        f"run.root={tmp_path}", "run.name=tail", "zero.stage=3", "data.drop_last=false",
-        f"batch.micro_cells={TAIL['micro']}", f"batch.global_cells={2 * TAIL['micro']}",
+        str(REPO / "configs" / "debug.yaml"),
+        *tiny,
+        f"data.source={pbmc_copy}",
+        f"run.root={tmp_path}",
+        "run.name=tail",
+        "zero.stage=3",
+        "data.drop_last=false",
+        f"batch.micro_cells={TAIL['micro']}",
+        f"batch.global_cells={2 * TAIL['micro']}",
         f"data.micro_batch={TAIL['micro']}",  # the stage sets it too, after K*C % b is checked
-        f"data.chunk_cells={TAIL['chunk']}", f"data.chunks_per_rank_round={TAIL['k']}",
-        f"run.max_steps={TAIL['steps']}", "run.eval_every=0", "checkpoint.every_steps=0",
+        f"data.chunk_cells={TAIL['chunk']}",
+        f"data.chunks_per_rank_round={TAIL['k']}",
+        f"run.max_steps={TAIL['steps']}",
+        "run.eval_every=0",
+        "checkpoint.every_steps=0",
         "run.threads_per_rank=3",  # not the automatic 1: the log below proves the key arrives
-    ]  # fmt: skip
+    ]
     launch = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
     launch += ["--master_port", str(_free_port()), str(REPO / "launchers" / "train_vae.py")]
     proc = _run([*launch, *args])

@@ -30,7 +30,7 @@ def _small_vae(count_embedding: str, posterior: str) -> VAEConfig:
         num_layers=1,
         num_heads=4,
         num_cross_heads=2,
-        num_inducing_points=8,
+        num_latent_tokens=8,
         latent_dim=8,
         count_embedding=count_embedding,
         posterior=posterior,
@@ -92,11 +92,11 @@ def test_vae_train_flops_include_checkpoint_recompute() -> None:
 
 def test_dit_flops_match_flop_counter() -> None:
     torch.manual_seed(0)
-    cfg = DiTConfig(hidden_dim=32, num_layers=2, num_heads=4, freq_dim=32, vocab_sizes=[5])
-    cfg.attn_backend = "reference"
+    cfg = DiTConfig(embed_dim=32, num_layers=2, num_heads=4, time_freq_dim=32, vocab_sizes=[5])
+    cfg.attention_backend = "reference"
     dit = DiT(cfg)
     B = 4
-    x = torch.randn(B, cfg.latent_tokens, cfg.latent_dim)
+    x = torch.randn(B, cfg.num_latent_tokens, cfg.latent_dim)
     t, labels = torch.rand(B), torch.randint(0, 5, (B, 1))
     counted = _counted(lambda: dit(x, t, labels))
     _assert_matches(flops.dit_forward_flops(cfg), B, counted, FORWARD_RTOL)
@@ -129,13 +129,13 @@ def test_swiglu_hidden_matches_layers() -> None:
 
 
 def test_bench_presets_and_overrides() -> None:
-    from atlasldm.train.bench_model import build_configs
+    from atlasldm.bench.model_presets import build_configs
 
-    overrides = ["vae.latent_dim=8", "dit.hidden_dim=128", "bench.dec_genes=100,200"]
+    overrides = ["vae.latent_dim=8", "dit.embed_dim=128", "bench.dec_genes=100,200"]
     vae, dit, bench = build_configs("census70m", [*overrides, "vae.checkpoint_decode=false"], True)
     assert (vae.num_genes, vae.embed_dim, vae.num_heads) == (36130, 512, 8)
     assert vae.latent_dim == dit.latent_dim == 8  # the DiT's token width follows the VAE
-    assert dit.hidden_dim == 128 and bench.dec_genes == [100, 200] and bench.steps <= 2
+    assert dit.embed_dim == 128 and bench.dec_genes == [100, 200] and bench.steps <= 2
     assert not vae.checkpoint_decode
     for bad in ("vae.nope=1", "model.embed_dim=4", "vae.embed_dim"):
         with pytest.raises(ValueError):

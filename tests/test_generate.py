@@ -1,13 +1,14 @@
 """Generation from exports: plans, guidance checks, reproducibility, writers and clear errors.
 
 The exports are small random-weight models written with the real export writer and the side
-files the training stages write, so every check runs in seconds.
+files the training stages write, so no check needs a trained model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 G, M, D = 30, 4, 8
 CELL_TYPES = ["B", "Mono", "T"]
 DONORS = ["d1", "d2"]
+EULER_4 = ["--sampler", "euler", "--steps", "4"]  # a few fixed steps: cheap and deterministic
 LIBSIZE = {"all": {"mean": 6.0, "std": 0.3, "n": 600}}
 LIBSIZE["cell_type"] = {
     c: {"mean": 5.0 + i, "std": 0.1, "n": 200} for i, c in enumerate(CELL_TYPES)
@@ -53,8 +55,15 @@ def _genes_tsv() -> str:
 
 
 def write_vae(folder: Path, seed: int = 0) -> Path:
-    cfg = VAEConfig(num_genes=G, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
-                    num_inducing_points=M, latent_dim=D)  # fmt: skip
+    cfg = VAEConfig(
+        num_genes=G,
+        embed_dim=16,
+        num_layers=1,
+        num_heads=2,
+        num_cross_heads=2,
+        num_latent_tokens=M,
+        latent_dim=D,
+    )
     extra = {
         "genes.tsv": _genes_tsv(),
         "labels.json": json.dumps({"cell_type": CELL_TYPES, "donor_id": DONORS}),
@@ -68,8 +77,15 @@ def write_vae(folder: Path, seed: int = 0) -> Path:
 def write_dit(folder: Path, vae: Path, columns=("cell_type",), scheme="independent") -> Path:
     vocab = {"cell_type": CELL_TYPES, "donor_id": DONORS}
     sizes = [len(vocab[c]) for c in columns]
-    cfg = DiTConfig(latent_tokens=M, latent_dim=D, hidden_dim=32, num_layers=2, num_heads=2,
-                    vocab_sizes=sizes, cfg_dropout_scheme=scheme)  # fmt: skip
+    cfg = DiTConfig(
+        num_latent_tokens=M,
+        latent_dim=D,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=2,
+        vocab_sizes=sizes,
+        cfg_dropout_scheme=scheme,
+    )
     conditions = {
         "columns": list(columns),
         "vocabularies": {c: vocab[c] for c in columns},
@@ -88,8 +104,13 @@ def write_dit(folder: Path, vae: Path, columns=("cell_type",), scheme="independe
 
 
 def write_classifier(folder: Path, vae: Path, stats=None) -> Path:
-    cfg = ClassifierConfig(latent_tokens=M, latent_dim=D, num_classes=len(CELL_TYPES),
-                           hidden_dims=[32, 16], time_freq_dim=16)  # fmt: skip
+    cfg = ClassifierConfig(
+        num_latent_tokens=M,
+        latent_dim=D,
+        num_classes=len(CELL_TYPES),
+        hidden_dims=[32, 16],
+        time_freq_dim=16,
+    )
     extra = {
         "conditions.json": json.dumps({"attribute": "cell_type", "values": CELL_TYPES}),
         "latent_stats.json": json.dumps(stats or {"mean": 0.1, "std": 0.9, "cells": 10}),
@@ -124,8 +145,7 @@ def _reference(n_per_type=(7, 5, 3)) -> ad.AnnData:
 
 
 def _gen(exports, tmp_path, *extra, name="out.h5ad", dit=True) -> ad.AnnData:
-    args = ["--vae", str(exports["vae"]), "--out", str(tmp_path / name), "--sampler", "euler",
-            "--steps", "4", *extra]  # fmt: skip
+    args = ["--vae", str(exports["vae"]), "--out", str(tmp_path / name), *EULER_4, *extra]
     if dit:
         args += ["--denoiser", str(exports["dit"])]
     return ad.read_h5ad(cli.run(args))
@@ -162,8 +182,8 @@ def test_batch_size_does_not_change_the_output_of_a_batch_aligned_plan(exports, 
     # layout gives different (but equally distributed) cells. Here: batch 4 over 8 cells.
     args = ("--condition", "cell_type=B", "--n-cells", "8", "--batch-size", "4")
     a = _gen(exports, tmp_path, *args, name="a.h5ad")
-    b = _gen(exports, tmp_path, "--condition", "cell_type=B", "--n-cells", "4",
-             "--batch-size", "4", name="b.h5ad")  # fmt: skip
+    half = shlex.split("--condition cell_type=B --n-cells 4 --batch-size 4")
+    b = _gen(exports, tmp_path, *half, name="b.h5ad")
     np.testing.assert_array_equal(a.obsm["latent"][:4], b.obsm["latent"])
 
 
@@ -182,10 +202,15 @@ def test_classifier_guidance_raises_the_target_class_probability(exports, tmp_pa
     clf = load_classifier(exports["classifier"])
     shares = []
     for scale in ("0", "10"):
-        out = _gen(exports, tmp_path, "--classifier", str(exports["classifier"]),
-                   "--condition", "cell_type=Mono", "--n-cells", "64",
-                   "--classifier-scale", f"cell_type={scale}", "--steps", "20",
-                   name=f"g{scale}.h5ad")  # fmt: skip
+        request = f"--condition cell_type=Mono --n-cells 64 --classifier-scale cell_type={scale}"
+        guided = [
+            "--classifier",
+            str(exports["classifier"]),
+            "--steps",
+            "20",
+            *shlex.split(request),
+        ]
+        out = _gen(exports, tmp_path, *guided, name=f"g{scale}.h5ad")
         z = torch.from_numpy(out.obsm["latent"]).reshape(-1, M, D)
         x = (z - 0.1) / 0.9  # the classifier sees standardised latents
         with torch.no_grad():
@@ -195,8 +220,8 @@ def test_classifier_guidance_raises_the_target_class_probability(exports, tmp_pa
 
 
 def test_interpolation_endpoints_equal_conditional_generation(exports, tmp_path) -> None:
-    traj = _gen(exports, tmp_path, "--interpolate", "cell_type=B:T", "--interp-steps", "3",
-                "--n-cells", "5", "--interp-method", "cfg", name="t.h5ad")  # fmt: skip
+    request = "--interpolate cell_type=B:T --interp-steps 3 --n-cells 5 --interp-method cfg"
+    traj = _gen(exports, tmp_path, *shlex.split(request), name="t.h5ad")
     assert sorted(set(traj.obs["interp_alpha"])) == [0.0, 0.5, 1.0]
     assert traj.n_obs == 15 and set(traj.obs["interp_from"]) == {"B"}
     start = _gen(exports, tmp_path, "--condition", "cell_type=B", "--n-cells", "5", name="b.h5ad")
@@ -219,8 +244,8 @@ def test_soma_output_equals_h5ad_output(exports, tmp_path) -> None:
 
     args = ("--condition", "cell_type=*", "--n-cells", "3", "--batch-size", "4")
     h5 = _gen(exports, tmp_path, *args)
-    _gen_soma = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]), "--sampler",
-                 "euler", "--steps", "4", "--out", str(tmp_path / "soma"), *args]  # fmt: skip
+    _gen_soma = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"])]
+    _gen_soma += [*EULER_4, "--out", str(tmp_path / "soma"), *args]
     cli.run(_gen_soma)
     back = read_cells(tmp_path / "soma")  # what the evaluation reads
     assert list(back.obs_names) == list(h5.obs_names)
@@ -247,10 +272,10 @@ def test_large_h5ad_means_are_refused_before_any_work() -> None:
 def test_two_processes_write_what_one_process_writes(exports, tmp_path) -> None:
     request = ["--condition", "cell_type=*", "--n-cells", "5", "--batch-size", "4"]
     one = _gen(exports, tmp_path, *request, name="one.h5ad")
-    args = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"]), "--sampler", "euler",
-            "--steps", "4", *request, "--out", str(tmp_path / "two.h5ad")]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           str(REPO / "launchers" / "generate.py"), *args]  # fmt: skip
+    args = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"])]
+    args += [*EULER_4, *request, "--out", str(tmp_path / "two.h5ad")]
+    launcher = [sys.executable, *shlex.split("-m torch.distributed.run --nproc_per_node 2")]
+    cmd = [*launcher, str(REPO / "launchers" / "generate.py"), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -298,8 +323,8 @@ def test_bad_requests_name_the_problem(exports, tmp_path, extra, message) -> Non
 
 
 def test_denoiser_of_another_vae_is_refused(exports, tmp_path) -> None:
-    args = ["--vae", str(exports["other_vae"]), "--denoiser", str(exports["dit"]),
-            "--condition", "cell_type=B", "--out", str(tmp_path / "x.h5ad")]  # fmt: skip
+    args = ["--vae", str(exports["other_vae"]), "--denoiser", str(exports["dit"])]
+    args += ["--condition", "cell_type=B", "--out", str(tmp_path / "x.h5ad")]
     with pytest.raises(ExportError, match="trained on another VAE export"):
         cli.run(args)
 
@@ -311,8 +336,8 @@ def test_classifier_with_other_latent_scaling_is_refused(exports, tmp_path) -> N
 
 
 def test_command_line_error_is_one_line(exports, tmp_path) -> None:
-    cmd = [sys.executable, str(REPO / "launchers" / "generate.py"), "--vae", str(exports["vae"]),
-           "--condition", "cell_type=Neuron", "--out", str(tmp_path / "x.h5ad")]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "launchers" / "generate.py"), "--vae", str(exports["vae"])]
+    cmd += ["--condition", "cell_type=Neuron", "--out", str(tmp_path / "x.h5ad")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown value 'Neuron'")
@@ -328,10 +353,11 @@ def test_trajectory_from_real_cells_starts_near_their_latents(exports, tmp_path)
 
     ref = _reference((6, 0, 0))  # six cells of type B
     ref.write_h5ad(tmp_path / "src.h5ad")
-    traj = ("--interpolate", "cell_type=B:T", "--interp-steps", "2", "--n-cells", "6",
-            "--interp-method", "cfg")  # fmt: skip
-    near = _gen(exports, tmp_path, *traj, "--interp-source", str(tmp_path / "src.h5ad"),
-                "--t-start", "0.95", name="near.h5ad")  # fmt: skip
+    traj = shlex.split(
+        "--interpolate cell_type=B:T --interp-steps 2 --n-cells 6 --interp-method cfg"
+    )
+    start = ["--interp-source", str(tmp_path / "src.h5ad"), "--t-start", "0.95"]
+    near = _gen(exports, tmp_path, *traj, *start, name="near.h5ad")
     far = _gen(exports, tmp_path, *traj, name="far.h5ad")
     genes = pd.read_csv(exports["vae"] / "genes.tsv", sep="\t", dtype=str)
     z = encode_cells(load_vae(exports["vae"]), ref, genes, torch.device("cpu")).flatten(1).numpy()
@@ -344,10 +370,10 @@ def test_attributes_left_out_of_the_request_stay_unconditioned(exports, tmp_path
     # A denoiser conditioned on cell type and donor, asked for cell types only: the donor is
     # null in every evaluation, which equals the same request with donor weight left out.
     two = write_dit(tmp_path / "dit2", exports["vae"], columns=("cell_type", "donor_id"))
-    args = ["--vae", str(exports["vae"]), "--denoiser", str(two), "--sampler", "euler",
-            "--steps", "3", "--condition", "cell_type=*", "--n-cells", "5"]  # fmt: skip
+    args = ["--vae", str(exports["vae"]), "--denoiser", str(two)]
+    args += shlex.split("--sampler euler --steps 3 --condition cell_type=* --n-cells 5")
     out = ad.read_h5ad(cli.run([*args, "--out", str(tmp_path / "a.h5ad")]))
     assert out.n_obs == 15 and "donor_id" not in out.obs
-    both = ad.read_h5ad(cli.run([*args, "--condition", "donor_id=d1", "--out",
-                                 str(tmp_path / "b.h5ad")]))  # fmt: skip
+    donor = ["--condition", "donor_id=d1", "--out", str(tmp_path / "b.h5ad")]
+    both = ad.read_h5ad(cli.run([*args, *donor]))
     assert not np.allclose(both.obsm["latent"], out.obsm["latent"])  # the donor does matter

@@ -25,7 +25,12 @@ VOCAB = [3, 2]
 @pytest.fixture(scope="module")
 def model() -> DiT:
     cfg = DiTConfig(
-        latent_tokens=3, latent_dim=4, hidden_dim=16, num_layers=1, num_heads=2, vocab_sizes=VOCAB
+        num_latent_tokens=3,
+        latent_dim=4,
+        embed_dim=16,
+        num_layers=1,
+        num_heads=2,
+        vocab_sizes=VOCAB,
     )
     net = DiT(cfg)
     g = torch.Generator().manual_seed(0)

@@ -183,8 +183,9 @@ def _same_rows(a, b):
 
 def _stream_batches(copy):
     """Every batch of two epochs of a 2-rank stream over the copy (through its row store)."""
-    cfg = DataConfig(source=str(copy), micro_batch=64, val_fraction=0.2,
-                     condition_columns=["cell_type"])  # fmt: skip
+    cfg = DataConfig(
+        source=str(copy), micro_batch=64, val_fraction=0.2, condition_columns=["cell_type"]
+    )
     batches = []
     for rank in range(2):
         stream = CellStream(cfg, "train", rank, 2)
@@ -241,9 +242,20 @@ def test_two_workers_equal_single_worker(reference_copy, tmp_path, read_copy):
 def test_concurrent_workers_equal_single_worker(reference_copy, tmp_path, read_copy, workers):
     """K worker processes at once (they race on the plan, the spill and the row store layout)."""
     out = tmp_path / "copy"
-    base = [sys.executable, str(REPO / "launchers" / "ingest.py"), "--source", RESUME_SOURCE,
-            "--out", str(out), "--block-cells", "256", "--workers", str(workers),
-            "--log-level", "WARNING"]  # fmt: skip
+    base = [
+        sys.executable,
+        str(REPO / "launchers" / "ingest.py"),
+        "--source",
+        RESUME_SOURCE,
+        "--out",
+        str(out),
+        "--block-cells",
+        "256",
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+    ]
     procs = [
         subprocess.Popen([*base, "--worker-index", str(i)], cwd=REPO, stderr=subprocess.PIPE)
         for i in range(workers)
@@ -273,7 +285,9 @@ def test_resume_after_exception_mid_gather(reference_copy, tmp_path, read_copy, 
     monkeypatch.setattr(RowWriter, "_put", real_put)
     prog = out / ".progress"
     assert sorted(p.name for p in prog.glob("*_00000[02].done")) == [
-        "block_000000.done", "rows_000000.done"]  # fmt: skip
+        "block_000000.done",
+        "rows_000000.done",
+    ]
     assert 7777 in np.load(out / "rows" / "counts.npy")  # the partial part is on disk
     ingest(out, RESUME_SOURCE, *args, "--worker-index", "1")  # no manifest: block 2 missing
     assert not (out / "manifest.json").exists()

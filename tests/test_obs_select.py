@@ -24,11 +24,16 @@ def range_tables(cells: list[tuple], per_range: int, rnd) -> list[pa.Table]:
         cell_type = pa.array([c[1] for c in part], kind)
         if rnd.random() < 0.5:
             cell_type = cell_type.dictionary_encode()
-        tables.append(pa.table({
-            "soma_joinid": pa.array([c[0] for c in part], pa.int64()),
-            "cell_type": cell_type, "donor": pa.array([c[2] for c in part], kind),
-            "nnz": pa.array([c[3] for c in part], pa.int64()),
-        }))  # fmt: skip
+        tables.append(
+            pa.table(
+                {
+                    "soma_joinid": pa.array([c[0] for c in part], pa.int64()),
+                    "cell_type": cell_type,
+                    "donor": pa.array([c[2] for c in part], kind),
+                    "nnz": pa.array([c[3] for c in part], pa.int64()),
+                }
+            )
+        )
     return tables
 
 

@@ -1,4 +1,5 @@
-"""Exports load with `models.pretrained` alone and reproduce the live model's outputs."""
+"""Exports load with `models.pretrained` alone and reproduce the live model's outputs; exports
+written before a config field was renamed still load, with a deprecation warning."""
 
 from dataclasses import asdict
 
@@ -6,12 +7,18 @@ import pytest
 import torch
 
 from atlasldm.models.batch import CellBatch
+from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
+from atlasldm.models.config_names import DeprecatedNameWarning, deprecated_names
 from atlasldm.models.dit import DiT, DiTConfig
-from atlasldm.models.pretrained import ExportError, load_denoiser, load_vae
+from atlasldm.models.pretrained import ExportError, load_classifier, load_denoiser, load_vae
+from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
 from atlasldm.models.vae import VAE, VAEConfig
 from atlasldm.train.export import write_export
 
 V = 40
+SMALL_VAE = VAEConfig(
+    V, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2, num_latent_tokens=4, latent_dim=8
+)
 
 
 def _batch() -> CellBatch:
@@ -33,8 +40,7 @@ def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_vae_export_reload_equals_live_model(tmp_path) -> None:
-    cfg = VAEConfig(num_genes=V, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
-                    num_inducing_points=4, latent_dim=8)  # fmt: skip
+    cfg = SMALL_VAE
     live = _trained_like(VAE(cfg))
     write_export(tmp_path / "vae", live.state_dict(), asdict(cfg), {"genes.tsv": "token\n"})
     loaded = load_vae(tmp_path / "vae")
@@ -45,8 +51,9 @@ def test_vae_export_reload_equals_live_model(tmp_path) -> None:
 
 
 def test_denoiser_export_reload_equals_live_model(tmp_path) -> None:
-    cfg = DiTConfig(latent_tokens=4, latent_dim=8, hidden_dim=32, num_layers=2, num_heads=2,
-                    vocab_sizes=[3])  # fmt: skip
+    cfg = DiTConfig(
+        num_latent_tokens=4, latent_dim=8, embed_dim=32, num_layers=2, num_heads=2, vocab_sizes=[3]
+    )
     live = _trained_like(DiT(cfg))
     write_export(tmp_path / "dit", live.state_dict(), {"denoiser": "dit", **asdict(cfg)})
     loaded = load_denoiser(tmp_path / "dit")
@@ -57,10 +64,64 @@ def test_denoiser_export_reload_equals_live_model(tmp_path) -> None:
 
 
 def test_truncated_weights_are_refused(tmp_path) -> None:
-    cfg = VAEConfig(num_genes=V, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
-                    num_inducing_points=4, latent_dim=8)  # fmt: skip
+    cfg = SMALL_VAE
     folder = write_export(tmp_path / "vae", VAE(cfg).state_dict(), asdict(cfg))
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ExportError, match="wrong size"):
         load_vae(folder)
+
+
+def _old_names(cls: type, config: dict) -> dict:
+    """`config` as an export written before the renames spelt it (new name -> old name)."""
+    old_of = {new: old for old, new in deprecated_names(cls).items()}
+    return {old_of.get(k, k): v for k, v in config.items()}
+
+
+OLD_DIT = DiTConfig(
+    num_latent_tokens=4,
+    latent_dim=8,
+    embed_dim=32,
+    num_layers=1,
+    num_heads=2,
+    time_freq_dim=16,
+    attention_backend="reference",
+    vocab_sizes=[3],
+)
+OLD_SKIP_MLP = SkipMLPConfig(num_latent_tokens=4, latent_dim=8, hidden_dims=[16, 8], head_dim=8)
+OLD_CLASSIFIER = ClassifierConfig(
+    num_latent_tokens=4, latent_dim=8, hidden_dims=[16, 8], time_freq_dim=8
+)
+# kind: (model class, config with every renamed field set, loader, extra config.json keys)
+OLD_EXPORTS = {
+    "vae": (VAE, SMALL_VAE, load_vae, {}),
+    "dit": (DiT, OLD_DIT, load_denoiser, {"denoiser": "dit"}),
+    "skip_mlp": (SkipMLP, OLD_SKIP_MLP, load_denoiser, {"denoiser": "skip_mlp"}),
+    "classifier": (NoisyLatentClassifier, OLD_CLASSIFIER, load_classifier, {}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OLD_EXPORTS))
+def test_export_with_old_config_names_loads_the_same_model(tmp_path, kind) -> None:
+    model_cls, cfg, load, extra = OLD_EXPORTS[kind]
+    live = _trained_like(model_cls(cfg))
+    old = _old_names(type(cfg), asdict(cfg))
+    assert old != asdict(cfg)  # the export really uses old names
+    write_export(tmp_path / "old", live.state_dict(), {**extra, **old})
+    write_export(tmp_path / "new", live.state_dict(), {**extra, **asdict(cfg)})
+    with pytest.warns(DeprecatedNameWarning, match="config.json") as caught:
+        from_old = load(tmp_path / "old")
+    renamed = [w for w in caught if w.category is DeprecatedNameWarning]
+    assert len(renamed) == len(set(old) - set(asdict(cfg)))  # one warning per old key
+    from_new = load(tmp_path / "new")
+    assert from_old.config == from_new.config == cfg
+    a, b = from_old.state_dict(), from_new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_with_old_and_new_name_is_refused(tmp_path) -> None:
+    cfg = OLD_DIT
+    config = {"denoiser": "dit", **asdict(cfg), "hidden_dim": cfg.embed_dim}
+    folder = write_export(tmp_path / "dit", DiT(cfg).state_dict(), config)
+    with pytest.raises(ExportError, match="hidden_dim.*embed_dim"):
+        load_denoiser(folder)

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from atlasldm.evaluation.context import EvalConfig
 from atlasldm.evaluation.fixtures import PBMC_LABEL_KEY, load_pbmc68k, pbmc68k_splits
-from atlasldm.evaluation.protocol import EvalConfig, align_genes, evaluate, make_set, summarize
+from atlasldm.evaluation.protocol import align_genes, evaluate, make_set, summarize
 
 HEADLINE = ("w2", "mmd2_u", "energy", "c2st_knn_auc")
 

@@ -11,6 +11,10 @@ import pandas as pd
 import pytest
 
 from atlasldm.evaluation.cli import main
+from atlasldm.evaluation.context import EvalConfig
+from atlasldm.evaluation.figures import write_figures
+from atlasldm.evaluation.fixtures import carve_floor
+from atlasldm.evaluation.protocol import prepare
 
 CLASSES = ("a", "b", "c")
 
@@ -87,11 +91,7 @@ def test_shifted_generated_set_scores_worse_than_the_floor(report_dir: Path) -> 
 
 @pytest.mark.slow
 def test_umap_figure_is_written(tmp_path: Path) -> None:
-    # umap-learn compiles with numba on first use (~20 s), hence the slow tier.
-    from atlasldm.evaluation.figures import write_figures
-    from atlasldm.evaluation.fixtures import carve_floor
-    from atlasldm.evaluation.protocol import EvalConfig, prepare
-
+    # umap-learn compiles with numba on its first use, which is slow: hence the slow tier.
     test, train = _synthetic(30, seed=0), _synthetic(60, seed=1)
     floor, ref = carve_floor(train.obs["cell_type"], test.obs["cell_type"])
     config = EvalConfig(n_top_genes=30, known_bad_seeds=(0,), block_a=False)

@@ -43,14 +43,25 @@ def test_row_store_holds_the_copys_entries(pbmc_copy, read_copy) -> None:
 
 
 def test_stream_through_the_row_store_equals_the_tiledb_stream(small_synthetic_copy) -> None:
-    cfg = DataConfig(source=str(small_synthetic_copy), micro_batch=64, val_fraction=0.2,
-                     condition_columns=["cell_type"], reader_threads=2)  # fmt: skip
+    cfg = DataConfig(
+        source=str(small_synthetic_copy),
+        micro_batch=64,
+        val_fraction=0.2,
+        condition_columns=["cell_type"],
+        reader_threads=2,
+    )
     fast = _stream_batches(cfg, world=2)
     slow = _stream_batches(replace(cfg, row_store="off"), world=2)
     assert len(fast) == len(slow) > 0
     for a, b in zip(fast, slow, strict=True):
-        for field in ("gene_ids", "counts", "cu_seqlens", "library_size", "conditions",
-                      "soma_joinid"):  # fmt: skip
+        for field in (
+            "gene_ids",
+            "counts",
+            "cu_seqlens",
+            "library_size",
+            "conditions",
+            "soma_joinid",
+        ):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 

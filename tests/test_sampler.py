@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlasldm.data.pipeline import BYTES_PER_NNZ, MAX_ROUND_CELLS, chunks_per_rank_from_budget
 from atlasldm.data.sampler import (
     LockstepSampler,
     elastic_restart,
     eval_rounds,
     stratified_permutation,
 )
+from atlasldm.data.stream_layout import BYTES_PER_NNZ, MAX_ROUND_CELLS, chunks_per_rank_from_budget
 
 
 def epoch_batches(n, C, K, b, W, seed=0, epoch=0, drop_last=False, restarts=()):

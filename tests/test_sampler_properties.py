@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from atlasldm.data.config import DataConfig
 from atlasldm.data.sampler import LockstepSampler, Restart, elastic_restart, eval_rounds
-from atlasldm.data.stream import stream_layout
+from atlasldm.data.stream_layout import stream_layout
 
 CI_EXAMPLES = 60
 DEEP_EXAMPLES = 2000
@@ -39,9 +39,15 @@ def layouts(draw, num_rows: int | None = None) -> dict:
         least = max(1, -(-N // (W * C * MAX_ROUNDS)))
         K = step * draw(st.integers(-(-least // step), -(-least // step) + 6))
     return {
-        "N": N, "C": C, "K": K, "b": b, "W": W, "drop_last": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2**31)), "epoch": draw(st.integers(0, 5)),
-    }  # fmt: skip
+        "N": N,
+        "C": C,
+        "K": K,
+        "b": b,
+        "W": W,
+        "drop_last": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31)),
+        "epoch": draw(st.integers(0, 5)),
+    }
 
 
 def samplers(shape: dict, world_size: int | None = None, K: int | None = None, b=None):
@@ -56,7 +62,7 @@ def samplers(shape: dict, world_size: int | None = None, K: int | None = None, b
             r,
             shape["seed"],
             shape["drop_last"],
-        )  # fmt: skip
+        )
         for r in range(W)
     ]
 

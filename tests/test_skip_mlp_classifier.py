@@ -12,13 +12,13 @@ from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
 
 
 def tiny_skip(**overrides) -> SkipMLP:
-    base = dict(latent_tokens=2, latent_dim=3, hidden_dims=[24, 16, 8], head_dim=20)
+    base = dict(num_latent_tokens=2, latent_dim=3, hidden_dims=[24, 16, 8], head_dim=20)
     base.update(overrides)
     return SkipMLP(SkipMLPConfig(**base))
 
 
 def test_skip_mlp_default_layout_matches_scdiffusion() -> None:
-    model = SkipMLP(SkipMLPConfig(latent_tokens=16, latent_dim=16))
+    model = SkipMLP(SkipMLPConfig(num_latent_tokens=16, latent_dim=16))
     down = [(m.fc.in_features, m.fc.out_features) for m in model.down]
     up = [(m.fc.in_features, m.fc.out_features) for m in model.up]
     assert down == [(256, 2000), (2000, 1000), (1000, 500)]
@@ -81,7 +81,7 @@ def test_skip_mlp_is_a_drop_in_backbone_for_flow_and_cfg() -> None:
 
 def tiny_classifier() -> NoisyLatentClassifier:
     cfg = ClassifierConfig(
-        latent_tokens=1, latent_dim=2, num_classes=2, hidden_dims=[32, 16, 8], time_freq_dim=16
+        num_latent_tokens=1, latent_dim=2, num_classes=2, hidden_dims=[32, 16, 8], time_freq_dim=16
     )
     return NoisyLatentClassifier(cfg)
 
@@ -94,7 +94,9 @@ def two_clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_classifier_layout_and_null_labels_ignored() -> None:
-    model = NoisyLatentClassifier(ClassifierConfig(latent_tokens=16, latent_dim=16, num_classes=7))
+    model = NoisyLatentClassifier(
+        ClassifierConfig(num_latent_tokens=16, latent_dim=16, num_classes=7)
+    )
     widths = [(m.fc.in_features, m.fc.out_features) for m in model.layers]
     assert widths == [(256, 1000), (1000, 500), (500, 200)]
     assert model.out.out_features == 7

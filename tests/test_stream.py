@@ -24,9 +24,13 @@ C, K, B = 32, 3, 24  # awkward on 3,000 cells: 93 full chunks + 24 rows, K*C/B =
 
 def make(copy: Path, W: int = 1, r: int = 0, split: str = "all", **kw) -> CellStream:
     base = dict(
-        source=str(copy), micro_batch=B, chunk_cells=C, chunks_per_rank_round=K,
-        reader_threads=0, condition_columns=["cell_type", "dataset_id"],
-    )  # fmt: skip
+        source=str(copy),
+        micro_batch=B,
+        chunk_cells=C,
+        chunks_per_rank_round=K,
+        reader_threads=0,
+        condition_columns=["cell_type", "dataset_id"],
+    )
     base.update(kw)
     return CellStream(DataConfig(**base), split=split, rank=r, world_size=W)
 
@@ -263,9 +267,14 @@ def census_like(tmp_path_factory) -> tuple[str, Path, sp.csr_matrix]:
 def _direct_base(census_like) -> dict:
     uri, vocab_path, _ = census_like
     return dict(
-        source=uri, mode="direct", vocab_path=str(vocab_path), micro_batch=32,
-        chunks_per_rank_round=2, reader_threads=2, condition_columns=["dataset_id"],
-    )  # fmt: skip
+        source=uri,
+        mode="direct",
+        vocab_path=str(vocab_path),
+        micro_batch=32,
+        chunks_per_rank_round=2,
+        reader_threads=2,
+        condition_columns=["dataset_id"],
+    )
 
 
 def make_direct(census_like, W=1, r=0, **kw) -> CellStream:
@@ -382,10 +391,15 @@ def test_reported_empty_tail_direct_mode(tmp_path):
     var = var_frame(spec)
     GeneVocab(list(var["feature_id"]), list(var["feature_name"])).save(tmp_path / "genes.tsv")
     cfg = dict(
-        source=uri, mode="direct", vocab_path=str(tmp_path / "genes.tsv"), micro_batch=50,
-        chunk_cells=125, chunks_per_rank_round=10, reader_threads=1,
+        source=uri,
+        mode="direct",
+        vocab_path=str(tmp_path / "genes.tsv"),
+        micro_batch=50,
+        chunk_cells=125,
+        chunks_per_rank_round=10,
+        reader_threads=1,
         condition_columns=["dataset_id"],
-    )  # fmt: skip
+    )
     for b in (50, 1):
         kw = {**cfg, "micro_batch": b}
         per_rank = epoch_per_rank(lambda r, kw=kw: CellStream(DataConfig(**kw), "all", r, 4), 4)
@@ -405,8 +419,13 @@ def test_direct_selection_equals_whole_obs_definition(census_like, split_key):
     ids, nnz = obs["soma_joinid"].to_numpy(), obs["nnz"].to_numpy()
     min_genes = int(np.median(nnz))  # drops about half
     keys = hash_int_keys(ids) if split_key == "soma_joinid" else hash_strings(obs[split_key])
-    kw = dict(unknown_genes="drop", obs_filter=flt, min_genes=min_genes, val_fraction=0.3,
-              split_key=split_key)  # fmt: skip
+    kw = dict(
+        unknown_genes="drop",
+        obs_filter=flt,
+        min_genes=min_genes,
+        val_fraction=0.3,
+        split_key=split_key,
+    )
     is_val = val_mask(keys, 0, 0.3)
     for split, in_split in (("train", ~is_val), ("val", is_val)):
         source = CellStream(DataConfig(**{**_direct_base(census_like), **kw}), split, 0, 1).source
@@ -440,8 +459,9 @@ def test_tiledb_statistics_are_cleared_every_round_unless_kept(census_like):
     try:
         for keep in (True, False):
             tiledbsoma.tiledbsoma_stats_reset()
-            stream = make_direct(census_like, unknown_genes="drop", chunk_cells=64,
-                                 keep_tiledb_stats=keep)  # fmt: skip
+            stream = make_direct(
+                census_like, unknown_genes="drop", chunk_cells=64, keep_tiledb_stats=keep
+            )
             assert len(list(stream)) > 8  # many rounds
             loops[keep] = _reader_loops(tiledbsoma.tiledbsoma_stats_as_py())
     finally:

@@ -20,7 +20,7 @@ from atlasldm.train.throughput import (
 
 
 def test_skip_mlp_flops_are_three_forwards_of_torchs_count() -> None:
-    cfg = SkipMLPConfig(latent_tokens=4, latent_dim=8, hidden_dims=[64, 32, 16], head_dim=48)
+    cfg = SkipMLPConfig(num_latent_tokens=4, latent_dim=8, hidden_dims=[64, 32, 16], head_dim=48)
     net = SkipMLP(cfg)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(torch.randn(5, 4, 8), torch.rand(5), None)
@@ -29,8 +29,15 @@ def test_skip_mlp_flops_are_three_forwards_of_torchs_count() -> None:
 
 
 def test_vae_batch_flops_sum_the_per_cell_counts() -> None:
-    cfg = VAEConfig(num_genes=50, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
-                    num_inducing_points=4, latent_dim=8)  # fmt: skip
+    cfg = VAEConfig(
+        num_genes=50,
+        embed_dim=16,
+        num_layers=1,
+        num_heads=2,
+        num_cross_heads=2,
+        num_latent_tokens=4,
+        latent_dim=8,
+    )
     lengths = [3, 17, 9]
     batch = SimpleNamespace(num_tokens=sum(lengths), num_cells=len(lengths))
     per_cell = sum(vae_train_flops(cfg, s, 50).cell_total() for s in lengths)

@@ -27,26 +27,31 @@ from atlasldm.data.config import DataConfig
 from atlasldm.data.stream import CellStream
 from atlasldm.models.dit import DiT, DiTConfig
 from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.batches import cell_batch
 from atlasldm.train.checkpoint import COMPLETE, CRASH_ENV, read_latest
 from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
+    LoopConfig,
     PrecisionConfig,
     RunConfig,
     TrainConfig,
 )
 from atlasldm.train.export import read_export
-from atlasldm.train.loop import LoopConfig, LoopState, TrainingError
-from atlasldm.train.loop import _train as loop_train
+from atlasldm.train.loop import TrainingError, train_steps
 from atlasldm.train.stage import Stage
-from atlasldm.train.tracking import NullTracker
-from atlasldm.train.vae_stage import cell_batch
+from atlasldm.train.training_run import TrainingRun
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
-TINY_DIT = ["model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "model.freq_dim=32"]
+TINY_DIT = [
+    "model.embed_dim=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.time_freq_dim=32",
+]
 
 
 SHM = Path("/dev/shm")
@@ -205,10 +210,14 @@ def bf16_killed(pbmc_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Si
     run_dir = root / "killed"
     ckpt = run_dir / "checkpoints"
     return SimpleNamespace(
-        run_dir=run_dir, args=args, proc=proc, metrics=read_run_metrics(run_dir),
-        latest=read_latest(ckpt), step6={p.name for p in (ckpt / "step_0000006").iterdir()},
+        run_dir=run_dir,
+        args=args,
+        proc=proc,
+        metrics=read_run_metrics(run_dir),
+        latest=read_latest(ckpt),
+        step6={p.name for p in (ckpt / "step_0000006").iterdir()},
         exported=(run_dir / "export").exists(),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -389,28 +398,29 @@ def _nan_run(tmp_path: Path, bad_calls: set[int], max_bad_steps: int):
 
     stage = Stage("toy", module, loss_fn, _FakeStream(), export_fn=lambda *a: None)
     cfg = TrainConfig(
-        run=RunConfig(max_steps=4), batch=BatchConfig(global_cells=4, micro_cells=4),
-        precision=PrecisionConfig(dtype="fp32"), checkpoint=CheckpointConfig(every_steps=0),
-    )  # fmt: skip
-    state = LoopState()
-    engine = _FakeEngine(module)
-    args = (engine, stage, cfg, LoopConfig(max_bad_steps), None, state, tmp_path, {})
-    return args, state, seen
+        run=RunConfig(max_steps=4),
+        batch=BatchConfig(global_cells=4, micro_cells=4),
+        precision=PrecisionConfig(dtype="fp32"),
+        checkpoint=CheckpointConfig(every_steps=0),
+        loop=LoopConfig(max_bad_steps),
+    )
+    return TrainingRun(_FakeEngine(module), stage, cfg, tmp_path), seen
 
 
 def test_nan_loss_skips_the_update_and_counts_it(tmp_path):
-    args, state, seen = _nan_run(tmp_path, bad_calls={2}, max_bad_steps=2)
-    assert loop_train(*args, NullTracker())
+    training, seen = _nan_run(tmp_path, bad_calls={2}, max_bad_steps=2)
+    assert train_steps(training)
+    state = training.state
     assert state.step == 4 and state.bad_steps == 1
     torch.testing.assert_close(seen[2], seen[1], rtol=0, atol=0)  # step 2 left weights alone
     assert not torch.equal(seen[1], seen[0])
 
 
 def test_too_many_nan_steps_stop_with_a_clear_message(tmp_path):
-    args, state, _ = _nan_run(tmp_path, bad_calls={1, 2, 3, 4}, max_bad_steps=2)
+    training, _ = _nan_run(tmp_path, bad_calls={1, 2, 3, 4}, max_bad_steps=2)
     with pytest.raises(TrainingError, match="NaN/inf loss"):
-        loop_train(*args, NullTracker())
-    assert state.bad_steps == 3
+        train_steps(training)
+    assert training.state.bad_steps == 3
 
 
 def test_vae_zero3_matches_zero2_and_resumes_exactly(vae_run, tmp_path, fork_run):

@@ -18,7 +18,7 @@ def _cfg(**kw) -> VAEConfig:
         "num_layers": 1,
         "num_heads": 4,
         "num_cross_heads": 2,
-        "num_inducing_points": 4,
+        "num_latent_tokens": 4,
         "latent_dim": 8,
         "decode_chunk": 7,
     }

@@ -1,19 +1,12 @@
-"""Tagged DeepSpeed checkpoints, our `latest` pointer, auto-resume and world-size changes.
+"""Saving tagged DeepSpeed checkpoints: the tag folder, our `latest` pointer and pruning.
 
 Layout (docs/design.md): `runs/<name>/checkpoints/step_0000012/` holds the engine shards
 (written by all ranks), `client_state` (rank-identical data, persisted by DeepSpeed from rank 0),
 `ema.pt` (rank 0), `rng_rank<r>.pt` (per rank) and a `COMPLETE` marker (rank 0, last, with
-every file's size and checksum). The `latest` file names the newest complete tag; resume reads
-only it, after rank 0 verified it (`train.checkpoint_files`: corrupt tags are moved aside and
-`resume=auto` falls back to the newest tag that verifies). DeepSpeed's own `latest` is
-never written (`save_latest=False`): it would appear before the other ranks finish.
-
-A world-size change is detected from the saved world size and handled with DeepSpeed universal
-checkpointing: rank 0 converts the tag with `deepspeed.checkpoint.ds_to_universal` into
-`checkpoints/universal/<tag>/` and the engine, built with `checkpoint.load_universal`, loads it.
-Checked on DeepSpeed 0.19.8 (CPU, gloo): ZeRO-2 2 -> 1 -> 2 and ZeRO-3 2 -> 1 ranks match the
-uninterrupted run to ~1e-7, after undoing two ZeRO-3 universal-load defects (see
-`_repair_universal_load`). The conversion assumes the run folder is on a shared filesystem.
+every file's size and checksum). The `latest` file names the newest complete tag; resume
+(`train/resume.py`) reads only it, after rank 0 verified it (`train.checkpoint_files`).
+DeepSpeed's own `latest` is never written (`save_latest=False`): it would appear before the
+other ranks finish.
 
 Fault injection: with `ATLASLDM_CRASH_BEFORE_COMMIT=<tag>` in the environment, rank 0 kills itself
 with SIGKILL once every rank has written tag `<tag>` and before `COMPLETE`/`latest` (the worst
@@ -30,9 +23,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +48,6 @@ from atlasldm.train.checkpoint_files import (  # noqa: F401  (re-exported: the p
 )
 from atlasldm.train.disk_space import free_bytes, human, is_disk_full, one_line, with_headroom
 from atlasldm.train.distributed import all_reduce_min, is_main, rank, world_size
-from atlasldm.train.preempt import Preemption
 
 FORMAT_VERSION = 1
 CRASH_ENV = "ATLASLDM_CRASH_BEFORE_COMMIT"  # fault injection for tests (module docstring)
@@ -94,14 +83,6 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _save_error(exc: BaseException, tag: str, ckpt_dir: Path, needed: int) -> str:
@@ -152,48 +133,62 @@ def _write_rank_files(folder: Path, ema_state: dict[str, torch.Tensor] | None) -
         _atomic_torch_save(ema_state, folder / "ema.pt")
 
 
-def _commit(folder: Path, ckpt_dir: Path, meta: dict[str, Any], keep_last_k: int) -> None:
+def _commit(folder: Path, meta: dict[str, Any], keep_last_k: int) -> None:
     # COMPLETE (with every file's checksum) goes last into the folder, then `latest` moves.
     write_complete(folder, meta)
-    write_latest(ckpt_dir, folder.name)
-    prune(ckpt_dir, keep_last_k)
+    write_latest(folder.parent, folder.name)
+    prune(folder.parent, keep_last_k)
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint holds besides the engine's own state."""
+
+    step: int  # optimiser steps done; names the tag
+    client_state: dict[str, Any]  # rank-identical (DeepSpeed keeps rank 0's): progress, data
+    ema_state: dict[str, torch.Tensor] | None = None  # rank 0's EMA weights (None elsewhere)
 
 
 def save_checkpoint(
-    engine: Any,
-    run_dir: str | Path,
-    step: int,
-    client_state: dict[str, Any],
-    ema_state: dict[str, torch.Tensor] | None = None,
-    keep_last_k: int = 3,
-    before_commit: Callable[[str], None] | None = None,
+    engine: Any, run_dir: str | Path, snapshot: Snapshot, keep_last_k: int = 3
 ) -> str:
-    """Save a complete checkpoint of optimiser step `step` on ALL ranks; return its tag.
+    """Save a complete checkpoint of optimiser step `snapshot.step` on ALL ranks; return its tag.
 
-    `client_state` must be identical on every rank (DeepSpeed keeps rank 0's). `before_commit`
-    runs on every rank after all files are written and before `COMPLETE`/`latest` (tests use it
-    to kill a rank mid-save).
+    With `CRASH_ENV` naming the tag, rank 0 is killed after every file is written and before
+    `COMPLETE`/`latest` (fault injection, see the module docstring).
 
     Raises:
         CheckpointError: too little space (every rank, before writing), or a rank failed to
             write (e.g. disk full); `latest` is left untouched.
     """
-    ckpt_dir, tag = checkpoints_dir(run_dir), tag_for(step)
-    folder = ckpt_dir / tag
-    if read_latest(ckpt_dir) == tag:
-        return tag  # already saved and complete; rewriting in place would risk the only copy
-    state = dict(client_state, step=step, format_version=FORMAT_VERSION, world_size=world_size())
-    state["zero_stage"] = engine.zero_optimization_stage()
-    needed = _check_space(engine, ckpt_dir, tag)
+    ckpt_dir, step = checkpoints_dir(run_dir), snapshot.step
+    folder = ckpt_dir / tag_for(step)
+    if read_latest(ckpt_dir) == folder.name:
+        return folder.name  # already saved and complete; rewriting in place risks the only copy
+    state = dict(snapshot.client_state, step=step, format_version=FORMAT_VERSION)
+    state.update(world_size=world_size(), zero_stage=engine.zero_optimization_stage())
+    needed = _check_space(engine, ckpt_dir, folder.name)
     try:
         if is_main() and (folder / COMPLETE).exists():
             (folder / COMPLETE).unlink()  # re-saving a tag: it is incomplete until we finish
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=folder.name, client_state=state, save_latest=False
+        )
     except Exception as exc:
         # The other ranks may be inside DeepSpeed's barriers, which no agreement of ours can
         # meet: joining one would hang every rank until the process-group timeout. This rank
         # stops instead; its exit breaks their collectives and the launcher stops them.
-        raise CheckpointError(_save_error(exc, tag, ckpt_dir, needed)) from exc
+        raise CheckpointError(_save_error(exc, folder.name, ckpt_dir, needed)) from exc
+    _write_and_agree(folder, snapshot.ema_state, needed)
+    if os.environ.get(CRASH_ENV) == folder.name and is_main():
+        os.kill(os.getpid(), signal.SIGKILL)
+    meta = {"step": step, "world_size": world_size(), "zero_stage": state["zero_stage"]}
+    _commit_and_agree(folder, meta, keep_last_k, needed)
+    return folder.name
+
+
+def _write_and_agree(folder: Path, ema_state: dict | None, needed: int) -> None:
+    """Write this rank's files of the tag; raise on every rank when any rank failed."""
     error: BaseException | None = None
     try:
         _write_rank_files(folder, ema_state)
@@ -202,22 +197,21 @@ def save_checkpoint(
     # Every rank learns whether any rank failed; a plain barrier would leave them guessing.
     if all_reduce_min(1 if error is None else 0) == 0:
         reason = error or RuntimeError("another rank failed to write its RNG state")
-        raise CheckpointError(_save_error(reason, tag, ckpt_dir, needed)) from error
-    if before_commit is not None:
-        before_commit(tag)
-    if os.environ.get(CRASH_ENV) == tag and is_main():
-        os.kill(os.getpid(), signal.SIGKILL)
+        raise CheckpointError(_save_error(reason, folder.name, folder.parent, needed)) from error
+
+
+def _commit_and_agree(folder: Path, meta: dict[str, Any], keep_last_k: int, needed: int) -> None:
+    """Commit the tag on rank 0; every rank waits for it and raises when it failed."""
+    error: BaseException | None = None
     if is_main():
         try:
-            meta = {"step": step, "world_size": world_size(), "zero_stage": state["zero_stage"]}
-            _commit(folder, ckpt_dir, meta, keep_last_k)
+            _commit(folder, meta, keep_last_k)
         except OSError as exc:
             error = exc
     # Acts as the barrier: nobody moves on (or exits) before `latest` names this tag.
     if all_reduce_min(1 if error is None else 0) == 0:
         reason = error or OSError("rank 0 failed to commit")
-        raise CheckpointError(_save_error(reason, tag, ckpt_dir, needed)) from error
-    return tag
+        raise CheckpointError(_save_error(reason, folder.name, folder.parent, needed)) from error
 
 
 def prune(ckpt_dir: str | Path, keep_last_k: int) -> list[str]:
@@ -240,169 +234,3 @@ def prune(ckpt_dir: str | Path, keep_last_k: int) -> list[str]:
             shutil.rmtree(ckpt_dir / "universal" / path.name, ignore_errors=True)
             deleted.append(path.name)
     return sorted(deleted)
-
-
-@dataclass
-class ResumePoint:
-    """Where and how to resume."""
-
-    tag: str  # checkpoint tag, e.g. step_0000012
-    folder: Path  # the original tag folder (ema.pt, rng_rank<r>.pt, COMPLETE)
-    load_dir: Path  # folder given to engine.load_checkpoint (checkpoints/ or .../universal/)
-    saved_world: int  # world size that wrote the checkpoint
-    universal: bool  # True when the world size changed: load the universal conversion
-
-
-def find_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | None:
-    """Return the checkpoint to resume from per `resume` ("auto", "never" or a tag), or None.
-
-    Reads the tag as it stands; `prepare_resume` verifies it (and falls back) first.
-
-    Raises:
-        CheckpointError: an explicit or `latest` tag is missing or incomplete.
-    """
-    ckpt_dir = checkpoints_dir(run_dir)
-    if resume == "never":
-        return None
-    tag = read_latest(ckpt_dir) if resume == "auto" else resume
-    if tag is None:
-        return None
-    folder = ckpt_dir / tag
-    if not (folder / COMPLETE).is_file():
-        known = [t for _, t in complete_tags(ckpt_dir)]
-        raise CheckpointError(
-            f"checkpoint {tag} in {ckpt_dir} is missing or incomplete (no {COMPLETE} marker); "
-            f"complete tags: {known or 'none'}. Set checkpoint.resume to one of them, or "
-            "checkpoint.resume=never to start afresh"
-        )
-    saved_world = read_complete(folder)["world_size"]
-    universal = saved_world != world
-    load_dir = ckpt_dir / "universal" if universal else ckpt_dir
-    return ResumePoint(tag, folder, load_dir, saved_world, universal)
-
-
-def _verify_on_main(ckpt_dir: Path, resume: str) -> None:
-    """Rank 0: check the tag to resume from; under "auto", fall back past corrupt tags."""
-    if resume == "auto":
-        select_auto_tag(ckpt_dir)  # repoints `latest` when it falls back
-    elif resume != "never":
-        check_explicit_tag(ckpt_dir, resume)
-
-
-def _convert_to_universal(point: ResumePoint) -> None:
-    out = point.load_dir / point.tag
-    if (out / COMPLETE).is_file():
-        return
-    tmp = point.load_dir / f".tmp-{point.tag}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
-    cmd += ["--input_folder", str(point.folder), "--output_folder", str(tmp / point.tag)]
-    # --inject_missing_state adds the universal_checkpoint_info our plain models do not carry.
-    cmd += ["--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CheckpointError(
-            f"converting checkpoint {point.tag} (world size {point.saved_world}) to a universal "
-            f"checkpoint failed:\n{proc.stderr[-2000:]}\nResume with the original world size "
-            f"({point.saved_world} ranks) instead"
-        )
-    atomic_write_bytes(tmp / point.tag / COMPLETE, b"{}")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp / point.tag, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepare_resume(run_dir: str | Path, resume: str, world: int) -> ResumePoint | None:
-    """Verify and find the resume point; on a world-size change convert it (rank 0).
-
-    Rank 0 checks the tag's checksums first; under `resume="auto"` a corrupt tag is moved aside
-    and the newest tag that verifies is taken instead (`train.checkpoint_files`).
-
-    Call on all ranks before building the engine; build it with
-    `deepspeed_config(..., load_universal=point.universal)`.
-    """
-    error: CheckpointError | None = None
-    if is_main():
-        try:
-            _verify_on_main(checkpoints_dir(run_dir), resume)
-        except (CheckpointError, OSError) as exc:
-            error = exc if isinstance(exc, CheckpointError) else CheckpointError(one_line(exc))
-    # The other ranks then read the `latest` that rank 0 verified (or repointed).
-    if all_reduce_min(0 if error else 1) == 0:
-        raise error or CheckpointError(
-            f"rank 0 found no usable checkpoint in {checkpoints_dir(run_dir)} (see its message)"
-        )
-    point = find_resume(run_dir, resume, world)
-    if point is None or not point.universal:
-        return point
-    error: CheckpointError | None = None
-    if is_main():
-        try:
-            _convert_to_universal(point)
-        except (CheckpointError, OSError) as exc:
-            error = exc if isinstance(exc, CheckpointError) else CheckpointError(str(exc))
-    if all_reduce_min(0 if error else 1) == 0:
-        raise error or CheckpointError(f"rank 0 failed to convert checkpoint {point.tag}")
-    return point
-
-
-def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], dict | None]:
-    """Load engine, optimizer and RNG state from `point`; return (client_state, ema_state).
-
-    RNG states are restored only at the same world size (ranks no longer correspond otherwise).
-
-    Raises:
-        CheckpointError: the tag cannot be read (corrupt, other model or format).
-    """
-    # Group hyperparameters from the config, restored after a universal load (see below).
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-    try:
-        path, client = engine.load_checkpoint(
-            str(point.load_dir), tag=point.tag, load_lr_scheduler_states=False
-        )
-    except Exception as exc:  # DeepSpeed raises many types for unreadable shards
-        raise CheckpointError(
-            f"checkpoint {point.tag} in {point.folder} cannot be loaded ({type(exc).__name__}: "
-            f"{exc}). It is corrupt or from another model; resume from an older tag with "
-            "checkpoint.resume=<tag> or start afresh with checkpoint.resume=never"
-        ) from exc
-    if path is None or client is None:
-        raise CheckpointError(f"checkpoint {point.tag} in {point.load_dir} has no model states")
-    if point.universal:
-        _repair_universal_load(engine, hyper)
-    if client.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {point.tag} has format version {client.get('format_version')}, this "
-            f"code reads {FORMAT_VERSION}; resume with the code version that wrote it"
-        )
-    rng_file = point.folder / f"rng_rank{rank()}.pt"
-    if not point.universal and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    ema_file = point.folder / "ema.pt"
-    ema = (
-        torch.load(ema_file, map_location="cpu", weights_only=True) if ema_file.is_file() else None
-    )
-    return client, ema
-
-
-def _repair_universal_load(engine: Any, hyper: list[dict]) -> None:
-    # Two DeepSpeed 0.19.8 ZeRO-3 universal-load defects, harmless to undo at other stages:
-    # (1) every group got group 0's hyperparameters; restore each group's own;
-    # (2) one `step` tensor object is shared by all groups' states, and torch's AdamW increments
-    #     it in place once per group, so bias correction would run ahead; give each its own copy.
-    for group, saved in zip(engine.optimizer.param_groups, hyper, strict=True):
-        group.update(saved)
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in base.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
-
-
-def install_sigterm_handler() -> Callable[[], bool]:
-    """Install a SIGTERM handler that only sets a flag; return a function reading the flag.
-
-    The flag-only part of `train.preempt.Preemption` (the loop installs the whole of it, with the
-    launcher watch and the save deadline); saving inside the handler could interrupt a
-    collective.
-    """
-    return Preemption(timeout_s=float("inf")).install_handler().stop_requested

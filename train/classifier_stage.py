@@ -1,8 +1,9 @@
 """Noisy-latent classifier for classifier guidance: frozen VAE latents -> one attribute's label.
 
-Shares the frozen-VAE and latent plumbing of `train.dit_stage` (export loading, on-the-fly
-encoding or the latent cache, scalar standardisation). One run trains the classifier of one
-attribute (`stage.attribute`); train one run per attribute that guidance should use.
+Uses the frozen VAE and its latents as the denoiser stage does (`train/frozen_vae.py`,
+`train/latents.py`: export loading, on-the-fly encoding or the latent cache, scalar
+standardisation). One run trains the classifier of one attribute (`stage.attribute`); train one
+run per attribute that guidance should use.
 """
 
 from __future__ import annotations
@@ -29,22 +30,18 @@ from atlasldm.train.config import (
     TrainConfig,
 )
 from atlasldm.train.distributed import all_reduce_mean, rank
-from atlasldm.train.dit_stage import (
-    Encode,
-    FrozenVAEConfig,
-    frozen_vae_provenance,
-    latent_source,
-    load_frozen_vae,
-    vae_export_dir,
-)
-from atlasldm.train.export import write_export
-from atlasldm.train.loop import LoopConfig, step_generator
-from atlasldm.train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
+from atlasldm.train.export import provenance_json, write_export
+from atlasldm.train.frozen_vae import FrozenVAE, FrozenVAEConfig, load_frozen_vae, vae_export_dir
+from atlasldm.train.latents import LatentSource, latent_source
+from atlasldm.train.runner import stage_main
+from atlasldm.train.stage import Stage
+from atlasldm.train.step import step_generator
+from atlasldm.train.streams import open_streams, resolve_source
 
 
 @dataclass
 class ClassifierStageConfig(FrozenVAEConfig):
-    """Which attribute to classify and on which VAE (the VAE fields are the DiT stage's)."""
+    """Which attribute to classify and on which VAE (the VAE fields are the DiT stage's too)."""
 
     attribute: str = "cell_type"  # obs column whose label the classifier predicts
 
@@ -67,28 +64,29 @@ class ClassifierTrainConfig(TrainConfig):
     )  # condition_columns is set to [stage.attribute]
     stage: ClassifierStageConfig = field(default_factory=ClassifierStageConfig)  # attribute, VAE
     model: ClassifierConfig = field(default_factory=ClassifierConfig)  # M, D, classes derived
-    loop: LoopConfig = field(default_factory=LoopConfig)  # NaN guard
 
 
-def _make_loss(encode: Encode, stats: dict):
+def make_classifier_loss(latents: LatentSource):
+    """Return the training loss: cross-entropy of the label on noisy standardised latents."""
+
     def loss_fn(module: nn.Module, batch: CsrBatch, gen: torch.Generator):
         device = next(module.parameters()).device
         with torch.no_grad():
-            z = (encode(batch, device) - stats["mean"]) / stats["std"]
+            z = latents.standardised(batch, device)
         loss, metrics = classifier_loss(module, z, batch.conditions[:, 0].to(device), gen)
         return loss, {k: float(v) for k, v in metrics.items()}
 
     return loss_fn
 
 
-def _make_eval(encode: Encode, stats: dict, val: CellStream, seed: int):
+def _make_eval(latents: LatentSource, val: CellStream, seed: int):
     def evaluate(module: nn.Module, ema_state: dict | None) -> dict[str, float]:
         sums = {"loss": 0.0, "accuracy": 0.0, "n": 0.0}
         device = next(module.parameters()).device
         for i, batch in enumerate(val.iter_eval()):
             if batch.num_cells == 0:
                 continue
-            z = (encode(batch, device) - stats["mean"]) / stats["std"]
+            z = latents.standardised(batch, device)
             gen = step_generator(seed, 0, rank(), i)  # fixed t and noise across evaluations
             loss, metrics = classifier_loss(module, z, batch.conditions[:, 0].to(device), gen)
             sums["loss"] += float(loss) * batch.num_cells
@@ -101,30 +99,41 @@ def _make_eval(encode: Encode, stats: dict, val: CellStream, seed: int):
     return evaluate
 
 
-def _make_export(cfg: ClassifierTrainConfig, model_cfg: ClassifierConfig, labels: list, stats):
-    attribute = cfg.stage.attribute
-    conditions = {"attribute": attribute, "values": labels, "null_index": len(labels)}
+def make_classifier_export(
+    cfg: ClassifierTrainConfig,
+    model_cfg: ClassifierConfig,
+    side_files: dict[str, str],
+    vae: FrozenVAE,
+):
+    """Return the export function: weights, config.json, `side_files`, provenance.json.
+
+    `side_files` are the files fixed when the stage is built: conditions.json and
+    latent_stats.json.
+    """
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-        vae = frozen_vae_provenance(vae_export_dir(cfg), cfg.data)  # type: ignore[arg-type]
-        extra = {
-            "conditions.json": json.dumps(conditions, indent=2),
-            "latent_stats.json": json.dumps(stats, indent=2),
-            "provenance.json": provenance_json("classifier", info, **vae),
-        }
+        fields = vae.provenance_fields(cfg.data)
+        extra = {**side_files, "provenance.json": provenance_json("classifier", info, **fields)}
         write_export(folder, weights, asdict(model_cfg), extra)
 
     return export
 
 
+def _side_files(attribute: str, values: list[str], stats: dict) -> dict[str, str]:
+    conditions = {"attribute": attribute, "values": values, "null_index": len(values)}
+    return {
+        "conditions.json": json.dumps(conditions, indent=2),
+        "latent_stats.json": json.dumps(stats, indent=2),
+    }
+
+
 def build_stage(cfg: ClassifierTrainConfig, device: torch.device):
     """Return the classifier stage and the config with derived values filled in."""
-    vae_dir = vae_export_dir(cfg)  # type: ignore[arg-type]  # same field names as the DiT's
-    vae, provenance = load_frozen_vae(vae_dir, device)
+    vae = load_frozen_vae(vae_export_dir(cfg.stage, cfg.run.root), device)
     attribute = cfg.stage.attribute
     data = replace(
         cfg.data,
-        source=cfg.data.source or provenance.get("data_source", ""),
+        source=cfg.data.source or vae.provenance.get("data_source", ""),
         micro_batch=cfg.batch.micro_cells,
         condition_columns=[attribute],
     )
@@ -135,20 +144,26 @@ def build_stage(cfg: ClassifierTrainConfig, device: torch.device):
     cfg = replace(cfg, data=data)
     model_cfg = replace(
         cfg.model,
-        latent_tokens=vae.cfg.num_inducing_points,
-        latent_dim=vae.cfg.latent_dim,
+        num_latent_tokens=vae.model.config.num_latent_tokens,
+        latent_dim=vae.model.config.latent_dim,
         num_classes=len(labels[attribute]),
     )
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = NoisyLatentClassifier(model_cfg)
     train, val, closers = open_streams(data)
-    encode, stats = latent_source(cfg, vae, vae_dir, train, device)  # type: ignore[arg-type]
-    evaluate = _make_eval(encode, stats, val, cfg.run.seed) if val is not None else None
+    latents = latent_source(cfg, vae, train)
+    evaluate = _make_eval(latents, val, cfg.run.seed) if val is not None else None
+    side_files = _side_files(attribute, labels[attribute], latents.stats)
     stage = Stage(
-        name="classifier", model=model, loss_fn=_make_loss(encode, stats), train_stream=train,
-        export_fn=_make_export(cfg, model_cfg, labels[attribute], stats), eval_fn=evaluate,
-        client_extra={"labels": labels, "latent_stats": stats}, closers=closers,
-    )  # fmt: skip
+        name="classifier",
+        model=model,
+        loss_fn=make_classifier_loss(latents),
+        train_stream=train,
+        export_fn=make_classifier_export(cfg, model_cfg, side_files, vae),
+        eval_fn=evaluate,
+        client_extra={"labels": labels, "latent_stats": latents.stats},
+        closers=closers,
+    )
     return stage, cfg
 
 

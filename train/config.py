@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from atlasldm.models.config_names import upgrade_config_tree
+
 T = TypeVar("T")
 
 
@@ -41,6 +43,25 @@ def _check_literals(obj: Any, prefix: str = "") -> None:
         _check_literals(value, f"{prefix}{fld.name}.")
 
 
+def _read_yaml(schema: type, path: Path) -> Any:
+    """Return a YAML config file as a config node, old field names renamed (with a warning)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path")
+    text = path.read_text()
+    if "${" in text or "_target_" in text:
+        raise ConfigError(
+            f"{path}: interpolation ('${{') and '_target_' are not allowed in configs; "
+            "write plain values"
+        )
+    return _upgraded(schema, OmegaConf.load(path), str(path))
+
+
+def _upgraded(schema: type, node: Any, where: str) -> Any:
+    # Model config fields renamed since a config was written (models.config_names) keep
+    # loading under their new names, with one deprecation warning per old key.
+    return OmegaConf.create(upgrade_config_tree(schema, OmegaConf.to_container(node), where))
+
+
 def load_config(
     schema: type[T], yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()
 ) -> T:
@@ -53,21 +74,13 @@ def load_config(
         cfg = OmegaConf.structured(schema)
         OmegaConf.set_struct(cfg, True)
         for path in yaml_paths:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist; check the path")
-            text = path.read_text()
-            if "${" in text or "_target_" in text:
-                raise ConfigError(
-                    f"{path}: interpolation ('${{') and '_target_' are not allowed in configs; "
-                    "write plain values"
-                )
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, _read_yaml(schema, Path(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            cfg = OmegaConf.merge(cfg, _upgraded(schema, dotlist, "the key=value overrides"))
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
@@ -136,11 +149,6 @@ class RunConfig:
             )
 
 
-def run_dir(run: RunConfig) -> Path:
-    """Return the run folder `<root>/<name>` (config.yaml, deepspeed.json, checkpoints/, ...)."""
-    return Path(run.root) / run.name
-
-
 @dataclass
 class OptimConfig:
     """AdamW and learning-rate schedule (docs/model.md, 'Training recipes')."""
@@ -163,7 +171,7 @@ class OptimConfig:
             (self.weight_decay >= 0, f"optim.weight_decay = {self.weight_decay} must be >= 0"),
             (0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio = {self.min_lr_ratio} not in [0,1]"),
             (self.grad_clip >= 0, f"optim.grad_clip = {self.grad_clip} must be >= 0 (0 = off)"),
-        ]  # fmt: skip
+        ]
         for ok, message in bounds:
             if not ok:
                 raise ConfigError(f"{message}; fix it in the YAML or the key=value override")
@@ -245,6 +253,13 @@ class LoggingConfig:
 
 
 @dataclass
+class LoopConfig:
+    """Guards of the training loop."""
+
+    max_bad_steps: int = 10  # steps with a NaN/inf loss that are skipped before the run stops
+
+
+@dataclass
 class TrainConfig:
     """All run-level sections; stage schemas subclass this and add `model` and `data`."""
 
@@ -256,6 +271,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)  # weight EMA
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saves, resume
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics, W&B
+    loop: LoopConfig = field(default_factory=LoopConfig)  # NaN guard
 
 
 def accumulation_steps(batch: BatchConfig, world: int) -> int:

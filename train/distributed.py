@@ -260,7 +260,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False)
 
     No optimizer or scheduler sections: the engine gets our AdamW object and the loop sets the
     learning rate each step. `load_universal` makes the engine read a universal checkpoint
-    (world-size change, see `train.checkpoint.prepare_resume`).
+    (world-size change, see `train.resume.prepare_resume`).
 
     Raises:
         ConfigError: the batch arithmetic does not divide (see `accumulation_steps`).

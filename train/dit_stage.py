@@ -1,16 +1,17 @@
 """Stage 2: frozen VAE encoder + DiT (or skip-MLP) denoiser trained with flow matching.
 
 Loads the VAE **export** (not a checkpoint), freezes it and encodes each micro-batch on the fly
-(posterior mean). Latents are standardised with a scalar mean/std estimated once from training
-cells (saved as `latent_stats.json` in the export). Conditions come from `data.condition_columns`;
-condition dropout follows the denoiser config; an EMA of the weights is evaluated and exported.
+(posterior mean) or reads a latent cache (`train/latents.py`). Latents are standardised with a
+scalar mean/std estimated once from training cells (saved as `latent_stats.json` in the export).
+Conditions come from `data.condition_columns`; condition dropout follows the denoiser config; an
+EMA of the weights is evaluated and exported.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -23,9 +24,8 @@ from atlasldm.data.config import DataConfig
 from atlasldm.data.stream import CellStream
 from atlasldm.models.dit import DiT, DiTConfig
 from atlasldm.models.flow import flow_loss
-from atlasldm.models.pretrained import export_digest
 from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
-from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.models.vae import VAEConfig
 from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -37,32 +37,15 @@ from atlasldm.train.config import (
     RunConfig,
     TrainConfig,
 )
-from atlasldm.train.distributed import all_reduce_mean, rank, world_size
-from atlasldm.train.export import ExportError, read_export, write_export
-from atlasldm.train.latents import build_cache, cache_stats, lookup
-from atlasldm.train.loop import LoopConfig, step_generator
-from atlasldm.train.stage import (
-    Stage,
-    open_streams,
-    provenance_json,
-    resolve_source,
-    run_dir_of,
-    stage_main,
-)
+from atlasldm.train.distributed import all_reduce_mean, rank
+from atlasldm.train.export import provenance_json, write_export
+from atlasldm.train.frozen_vae import FrozenVAE, FrozenVAEConfig, load_frozen_vae, vae_export_dir
+from atlasldm.train.latents import LatentSource, latent_source
+from atlasldm.train.runner import stage_main
+from atlasldm.train.stage import Stage
+from atlasldm.train.step import step_generator
+from atlasldm.train.streams import open_streams, resolve_source
 from atlasldm.train.throughput import denoiser_flops_fn
-from atlasldm.train.vae_stage import cell_batch
-
-Encode = Callable[[CsrBatch, torch.device], torch.Tensor]  # batch -> latents (B, M, D) fp32
-
-
-@dataclass
-class FrozenVAEConfig:
-    """Which VAE export feeds a latent stage (denoiser or classifier), and how latents are made."""
-
-    vae_run: str = "vae"  # VAE run folder under run.root whose export/ is loaded
-    vae_export: str = ""  # explicit VAE export folder ("" = <run.root>/<vae_run>/export)
-    latent_stats_cells: int = 256  # training cells used to estimate the latent mean/std
-    latents: Literal["encode", "cache"] = "encode"  # encode each batch, or a cache written once
 
 
 @dataclass
@@ -78,7 +61,7 @@ class DiTStageConfig(TrainConfig):
 
     run: RunConfig = field(
         default_factory=lambda: RunConfig(name="dit", max_steps=200, eval_every=100)
-    )  # identity, seed, length; minutes on 2 CPU cores
+    )  # identity, seed, length; CPU-sized
     batch: BatchConfig = field(
         default_factory=lambda: BatchConfig(global_cells=128, micro_cells=32)
     )  # divides by 1, 2 and 4 ranks
@@ -105,77 +88,22 @@ class DiTStageConfig(TrainConfig):
     stage: DenoiserStageConfig = field(default_factory=DenoiserStageConfig)  # denoiser, VAE
     model: DiTConfig = field(default_factory=DiTConfig)  # DiT; M, D, vocab sizes derived
     skip_mlp: SkipMLPConfig = field(default_factory=SkipMLPConfig)  # used when denoiser=skip_mlp
-    loop: LoopConfig = field(default_factory=LoopConfig)  # NaN guard
 
 
-def vae_export_dir(cfg: DiTStageConfig) -> Path:
-    """Return the VAE export folder the stage loads."""
-    if cfg.stage.vae_export:
-        return Path(cfg.stage.vae_export)
-    return Path(cfg.run.root) / cfg.stage.vae_run / "export"
-
-
-def load_frozen_vae(folder: Path, device: torch.device) -> tuple[VAE, dict]:
-    """Return (frozen VAE in eval mode on `device`, provenance dict) from a VAE export.
-
-    Raises:
-        ExportError: the export is missing or unreadable.
-    """
-    if not (folder / "export.json").is_file():
-        raise ExportError(
-            f"VAE export {folder} not found (no export.json): run train_vae.py first, or point "
-            "stage.vae_export / stage.vae_run at an existing VAE run"
-        )
-    state, config, _ = read_export(folder)
-    vae = VAE(VAEConfig(**config))
-    vae.load_state_dict(state)
-    vae.requires_grad_(False)
-    provenance = json.loads((folder / "provenance.json").read_text())
-    return vae.eval().to(device), provenance
-
-
-def frozen_vae_provenance(vae_dir: Path, data: DataConfig) -> dict[str, str]:
-    """Return the provenance fields of a latent stage: the VAE export, its digest, the data."""
-    return {
-        "vae_export": str(vae_dir),
-        "vae_export_digest": export_digest(vae_dir),
-        "data_source": data.source,
-    }
-
-
-def latent_stats(vae: VAE, data: DataConfig, cells: int, device: torch.device) -> dict:
-    """Return the scalar mean/std of standardisation, from the first training cells of each rank."""
-    stream = CellStream(data, "train", rank(), world_size())
-    total = {"sum": 0.0, "sq": 0.0, "n": 0.0}
-    with torch.no_grad():
-        for batch in stream.iter_eval():
-            z = vae.encode(cell_batch(batch, device)).double()
-            total["sum"] += float(z.sum())
-            total["sq"] += float(z.square().sum())
-            total["n"] += z.numel()
-            if total["n"] >= cells * z[0].numel() / world_size():
-                break
-    stream.close()
-    mean = all_reduce_mean(total)
-    mu = mean["sum"] / mean["n"]
-    std = max(mean["sq"] / mean["n"] - mu * mu, 1e-12) ** 0.5
-    return {"mean": mu, "std": std, "cells": cells}
-
-
-def make_flow_loss(encode: Encode, stats: dict):
+def make_flow_loss(latents: LatentSource):
     """Return the training loss: flow matching on standardised latents with condition dropout."""
 
     def loss_fn(module: nn.Module, batch: CsrBatch, gen: torch.Generator):
         device = next(module.parameters()).device
         with torch.no_grad():
-            z = (encode(batch, device) - stats["mean"]) / stats["std"]
+            z = latents.standardised(batch, device)
         labels = module.drop_labels(batch.conditions, gen).to(device)  # CPU draws (resume)
         return flow_loss(module, z, labels, t_generator=gen), {}
 
     return loss_fn
 
 
-def make_flow_eval(encode: Encode, stats: dict, val: CellStream, ema_model: nn.Module, seed: int):
+def make_flow_eval(latents: LatentSource, val: CellStream, ema_model: nn.Module, seed: int):
     """Return the validation: flow loss of the raw and EMA weights with fixed t and noise."""
 
     def evaluate(module: nn.Module, ema_state: dict | None) -> dict[str, float]:
@@ -189,7 +117,7 @@ def make_flow_eval(encode: Encode, stats: dict, val: CellStream, ema_model: nn.M
         for i, batch in enumerate(val.iter_eval()):
             if batch.num_cells == 0:
                 continue
-            z = (encode(batch, device) - stats["mean"]) / stats["std"]
+            z = latents.standardised(batch, device)
             labels = batch.conditions.to(device)
             for key, net in nets.items():  # same t and noise for both weight sets
                 gen = step_generator(seed, 0, rank(), i)
@@ -201,27 +129,33 @@ def make_flow_eval(encode: Encode, stats: dict, val: CellStream, ema_model: nn.M
     return evaluate
 
 
-def make_dit_export(cfg: DiTStageConfig, model_cfg, labels: dict, stats: dict, vae_dir: Path):
-    """Return the export function: EMA weights, config.json, conditions.json, latent stats."""
-    columns = list(cfg.data.condition_columns)
+def conditions_json(columns: list[str], labels: dict, model_cfg: DiTConfig | SkipMLPConfig) -> str:
+    """Return the export's conditions.json: columns, vocabularies, null codes, dropout."""
     conditions = {
         "columns": columns,
         "vocabularies": {c: labels[c] for c in columns},
         "null_indices": {c: len(labels[c]) for c in columns},
         "dropout": {"scheme": model_cfg.cfg_dropout_scheme, "prob": model_cfg.cond_drop_prob},
     }
+    return json.dumps(conditions, indent=2)
+
+
+def make_dit_export(cfg: DiTStageConfig, model_cfg, side_files: dict[str, str], vae: FrozenVAE):
+    """Return the export function: EMA weights, config.json, `side_files`, provenance.json.
+
+    `side_files` are the files fixed when the stage is built: conditions.json,
+    latent_stats.json and the VAE's genes.tsv.
+    """
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
         provenance = provenance_json(
-            "dit", info, denoiser=cfg.stage.denoiser, **frozen_vae_provenance(vae_dir, cfg.data),
+            "dit",
+            info,
+            denoiser=cfg.stage.denoiser,
+            **vae.provenance_fields(cfg.data),
             weights="ema" if cfg.ema.enabled else "raw",
-        )  # fmt: skip
-        extra = {
-            "conditions.json": json.dumps(conditions, indent=2),
-            "latent_stats.json": json.dumps(stats, indent=2),
-            "genes.tsv": (vae_dir / "genes.tsv").read_text(),
-            "provenance.json": provenance,
-        }
+        )
+        extra = {**side_files, "provenance.json": provenance}
         write_export(folder, weights, {"denoiser": cfg.stage.denoiser, **asdict(model_cfg)}, extra)
 
     return export
@@ -229,7 +163,7 @@ def make_dit_export(cfg: DiTStageConfig, model_cfg, labels: dict, stats: dict, v
 
 def _denoiser(cfg: DiTStageConfig, vae_cfg: VAEConfig, vocab: list[int]):
     derived = {
-        "latent_tokens": vae_cfg.num_inducing_points,
+        "num_latent_tokens": vae_cfg.num_latent_tokens,
         "latent_dim": vae_cfg.latent_dim,
         "vocab_sizes": vocab,
     }
@@ -240,51 +174,49 @@ def _denoiser(cfg: DiTStageConfig, vae_cfg: VAEConfig, vocab: list[int]):
     return SkipMLP(model_cfg), model_cfg
 
 
-def latent_source(cfg: DiTStageConfig, vae: VAE, vae_dir: Path, train: CellStream, device):
-    """Return (encode(batch, device) -> z (B, M, D) fp32, standardisation stats)."""
-    cells = cfg.stage.latent_stats_cells
-    if cfg.stage.latents == "cache":
-        cache = build_cache(vae, vae_dir, cfg.data, run_dir_of(cfg) / "latent_cache", device)
-        stats = cache_stats(cache, train.source.joinids, cells)
-        return (lambda batch, dev: lookup(cache, batch.soma_joinid, dev)), stats
-
-    def encode(batch: CsrBatch, dev: torch.device) -> torch.Tensor:
-        return vae.encode(cell_batch(batch, dev)).float()  # posterior mean
-
-    return encode, latent_stats(vae, cfg.data, cells, device)
-
-
 def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTStageConfig]:
     """Return the denoiser stage and the config with derived values filled in."""
-    vae_dir = vae_export_dir(cfg)
-    vae, provenance = load_frozen_vae(vae_dir, device)
-    source = cfg.data.source or provenance.get("data_source", "")
+    vae = load_frozen_vae(vae_export_dir(cfg.stage, cfg.run.root), device)
+    source = cfg.data.source or vae.provenance.get("data_source", "")
     data = replace(cfg.data, source=source, micro_batch=cfg.batch.micro_cells)
     data = replace(data, source=resolve_source(data, cfg.run.root))
     genes = Path(data.vocab_path) if data.vocab_path else Path(data.source) / "genes.tsv"
-    if genes.read_text() != (vae_dir / "genes.tsv").read_text():
+    vae_genes = (vae.folder / "genes.tsv").read_text()
+    if genes.read_text() != vae_genes:
         raise ConfigError(
-            f"the gene vocabulary of {data.source} differs from the VAE's ({vae_dir})"
+            f"the gene vocabulary of {data.source} differs from the VAE's ({vae.folder})"
         )
     labels = json.loads((Path(data.source) / "labels.json").read_text())
     missing = [c for c in data.condition_columns if c not in labels]
     if missing:
         raise ConfigError(f"data.condition_columns {missing} are not in the copy's labels.json")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model, model_cfg = _denoiser(cfg, vae.cfg, [len(labels[c]) for c in data.condition_columns])
+    vocab = [len(labels[c]) for c in data.condition_columns]
+    model, model_cfg = _denoiser(cfg, vae.model.config, vocab)
     ema_model = copy.deepcopy(model).to(device).requires_grad_(False)
     cfg = replace(cfg, data=data)
     train, val, closers = open_streams(data)
-    encode, stats = latent_source(cfg, vae, vae_dir, train, device)
+    latents = latent_source(cfg, vae, train)
     evaluate = None
     if val is not None:
-        evaluate = make_flow_eval(encode, stats, val, ema_model, cfg.run.seed)
+        evaluate = make_flow_eval(latents, val, ema_model, cfg.run.seed)
+    side_files = {
+        "conditions.json": conditions_json(list(data.condition_columns), labels, model_cfg),
+        "latent_stats.json": json.dumps(latents.stats, indent=2),
+        "genes.tsv": vae_genes,
+    }
     stage = Stage(
-        name="dit", model=model, loss_fn=make_flow_loss(encode, stats), train_stream=train,
-        export_fn=make_dit_export(cfg, model_cfg, labels, stats, vae_dir), eval_fn=evaluate,
-        use_ema=cfg.ema.enabled, client_extra={"labels": labels, "latent_stats": stats},
-        closers=closers, flops_fn=denoiser_flops_fn(model_cfg),
-    )  # fmt: skip
+        name="dit",
+        model=model,
+        loss_fn=make_flow_loss(latents),
+        train_stream=train,
+        export_fn=make_dit_export(cfg, model_cfg, side_files, vae),
+        eval_fn=evaluate,
+        use_ema=cfg.ema.enabled,
+        client_extra={"labels": labels, "latent_stats": latents.stats},
+        closers=closers,
+        flops_fn=denoiser_flops_fn(model_cfg),
+    )
     return stage, cfg
 
 

@@ -4,6 +4,7 @@ Layout (docs/design.md): `model.safetensors`, `config.json` (the model dataclass
 any extra files (`genes.tsv`, `conditions.json`, ...) and `export.json`, the manifest, written
 LAST. The folder is assembled under a temporary name and renamed into place, so a crash never
 leaves a half-written folder under the final name; a folder without a manifest is not an export.
+Every stage's export also carries a `provenance.json` (`provenance_json`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +98,29 @@ def _swap_into_place(tmp: Path, folder: Path) -> None:
     finally:
         os.close(dir_fd)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def code_version() -> str:
+    """Return the git commit of the code (with '+dirty'), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def provenance_json(stage: str, info: dict[str, Any], **fields: Any) -> str:
+    """Return the text of an export's provenance.json.
+
+    Holds the stage name, the loop's export `info` (step, cells seen, validation metrics), the
+    stage's own `fields` (data source, fingerprints, ...), the code version and the UTC time.
+    """
+    record = {
+        "stage": stage,
+        **info,
+        **fields,
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return json.dumps(record, indent=2, default=str)

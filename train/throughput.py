@@ -49,7 +49,7 @@ def denoiser_flops_fn(cfg: DiTConfig | SkipMLPConfig) -> FlopsFn:
     if isinstance(cfg, DiTConfig):
         per_cell = TRAIN_FACTOR * dit_forward_flops(cfg).cell_total()
     else:
-        n = cfg.latent_tokens * cfg.latent_dim
+        n = cfg.num_latent_tokens * cfg.latent_dim
         dims = [n, *cfg.hidden_dims]
         down = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
         up = sum(a * b for a, b in zip(cfg.hidden_dims[1:], cfg.hidden_dims[:-1], strict=True))

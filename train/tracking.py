@@ -18,6 +18,7 @@ import secrets
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,41 +35,57 @@ def _format(step: int, metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+@dataclass
+class RunInfo:
+    """The run as the tracker records it: its folder, name, config and progress."""
+
+    run_dir: Path  # holds `wandb_run_id` and W&B's own folder
+    name: str  # the W&B run name
+    config: dict[str, Any] | None = None  # the resolved config, logged to W&B
+    run_id: str | None = None  # W&B run to reopen (else the one in `run_dir`, else a new one)
+    total_steps: int | None = None  # length of the progress bar
+    start_step: int = 0  # where the progress bar starts (a resumed run)
+
+
 class Tracker:
     """Rank-0 tracker: W&B logging, stdout metric lines every N steps, tqdm with cells/s."""
 
-    def __init__(
-        self,
-        cfg: LoggingConfig,
-        run_dir: str | Path,
-        run_name: str,
-        config: dict[str, Any] | None = None,
-        run_id: str | None = None,
-        total_steps: int | None = None,
-        start_step: int = 0,
-    ) -> None:
+    def __init__(self, cfg: LoggingConfig, info: RunInfo) -> None:
         self.cfg = cfg
-        run_dir = Path(run_dir)
+        run_dir = Path(info.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / _ID_FILE
+        run_id = info.run_id
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
         self.run_id = run_id or secrets.token_hex(4)
         id_file.write_text(self.run_id)
-        self._wandb = self._init_wandb(run_dir, run_name, config)
+        self._wandb = self._init_wandb(run_dir, info)
         self._bar = None
         if cfg.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=info.total_steps, initial=info.start_step, unit="step", dynamic_ncols=True
+            )
         self._last_time = time.perf_counter()
 
-    def _init_wandb(self, run_dir: Path, run_name: str, config: dict | None) -> Any:
+    @property
+    def wandb_run(self) -> Any:
+        """The W&B run metrics go to; None once W&B is off (disabled, failed or closed)."""
+        return self._wandb
+
+    @wandb_run.setter
+    def wandb_run(self, run: Any) -> None:
+        """Log to `run` (any object with W&B's `log` and `finish`) from now on."""
+        self._wandb = run
+
+    def _init_wandb(self, run_dir: Path, info: RunInfo) -> Any:
         mode = os.environ.get("WANDB_MODE", self.cfg.wandb_mode)
         if mode == "disabled":
             return None
         try:
-            return self._start_wandb(mode, run_dir, run_name, config)
+            return self._start_wandb(mode, run_dir, info)
         except Exception as exc:  # W&B raises its own types (CommError, UsageError, ...)
             if mode != "online":
                 _warn(f"W&B could not start ({_brief(exc)}); W&B is off for this run")
@@ -79,7 +96,7 @@ class Tracker:
         # The failed online run still holds its id in W&B's service: start a fresh service.
         _call_with_timeout(wandb.teardown, FINISH_TIMEOUT_S)
         try:  # no network or no API key: keep the history locally for `wandb sync`
-            run = self._start_wandb("offline", run_dir, run_name, config)
+            run = self._start_wandb("offline", run_dir, info)
         except Exception as exc:
             _warn(f"W&B could not start online ({_brief(first)}) nor offline ({_brief(exc)})")
             return None
@@ -89,17 +106,17 @@ class Tracker:
         )
         return run
 
-    def _start_wandb(self, mode: str, run_dir: Path, run_name: str, config: dict | None) -> Any:
+    def _start_wandb(self, mode: str, run_dir: Path, info: RunInfo) -> Any:
         import wandb  # slow import; only rank 0 with W&B enabled pays it
 
         return wandb.init(
             project=self.cfg.wandb_project,
-            name=run_name,
+            name=info.name,
             id=self.run_id,
             resume="allow",  # same id after a restart continues the same W&B run
             dir=str(run_dir),
             mode=mode,
-            config=config,
+            config=info.config,
             # W&B's own variable still wins, so an operator can wait longer for a slow network
             settings=wandb.Settings(
                 init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
@@ -205,8 +222,8 @@ def _call_with_timeout(fn: Any, timeout_s: float) -> str | None:
     return errors[0] if errors else None
 
 
-def make_tracker(cfg: LoggingConfig, run_dir: str | Path, run_name: str, **kwargs: Any) -> Any:
-    """Return a `Tracker` on rank 0 and a `NullTracker` elsewhere (kwargs go to `Tracker`)."""
-    from atlasldm.train.distributed import is_main
+def make_tracker(cfg: LoggingConfig, info: RunInfo) -> Tracker | NullTracker:
+    """Return a `Tracker` on rank 0 and a `NullTracker` elsewhere."""
+    from atlasldm.train.distributed import is_main  # keeps deepspeed out of a Tracker-only import
 
-    return Tracker(cfg, run_dir, run_name, **kwargs) if is_main() else NullTracker()
+    return Tracker(cfg, info) if is_main() else NullTracker()

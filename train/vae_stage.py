@@ -21,8 +21,8 @@ from torch import nn
 from atlasldm.data.batch import CsrBatch
 from atlasldm.data.config import DataConfig
 from atlasldm.data.stream import CellStream
-from atlasldm.models.batch import CellBatch
 from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.train.batches import cell_batch
 from atlasldm.train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -33,9 +33,11 @@ from atlasldm.train.config import (
     TrainConfig,
 )
 from atlasldm.train.distributed import all_reduce_mean, rank
-from atlasldm.train.export import write_export
-from atlasldm.train.loop import LoopConfig, step_generator
-from atlasldm.train.stage import Stage, open_streams, provenance_json, resolve_source, stage_main
+from atlasldm.train.export import provenance_json, write_export
+from atlasldm.train.runner import stage_main
+from atlasldm.train.stage import Stage
+from atlasldm.train.step import step_generator
+from atlasldm.train.streams import open_streams, resolve_source
 from atlasldm.train.throughput import vae_flops_fn
 
 _DERIVED_V = 1  # placeholder for model.num_genes until the copy's genes.tsv is read
@@ -48,7 +50,7 @@ class VAEStageConfig(TrainConfig):
 
     run: RunConfig = field(
         default_factory=lambda: RunConfig(name="vae", max_steps=150, eval_every=50)
-    )  # identity, seed, length; 150 steps of 128 cells take minutes on 2 CPU cores
+    )  # identity, seed, length; CPU-sized
     batch: BatchConfig = field(
         default_factory=lambda: BatchConfig(global_cells=128, micro_cells=32)
     )  # divides by 1, 2 and 4 ranks
@@ -67,20 +69,12 @@ class VAEStageConfig(TrainConfig):
     model: VAEConfig = field(
         default_factory=lambda: VAEConfig(num_genes=_DERIVED_V)
     )  # VAE hyperparameters; num_genes comes from the data
-    loop: LoopConfig = field(default_factory=LoopConfig)  # NaN guard
 
 
 def num_genes_of(data: DataConfig) -> int:
     """Return V, the rows of the vocabulary (copy's genes.tsv, or vocab_path in direct mode)."""
     path = Path(data.vocab_path) if data.vocab_path else Path(data.source) / "genes.tsv"
     return len(path.read_text().splitlines()) - 1
-
-
-def cell_batch(batch: CsrBatch, device: torch.device, labels: bool = False) -> CellBatch:
-    """Return the packed CellBatch of a host CsrBatch on `device`."""
-    b = batch.to(device, non_blocking=True)
-    cond = b.conditions if labels else None
-    return CellBatch.from_packed(b.gene_ids, b.counts, b.cu_seqlens, b.library_size, labels=cond)
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -182,10 +176,16 @@ def build_stage(
     extra = {"genes_tsv": Path(source, "genes.tsv").read_text() if data.mode == "copy" else ""}
     extra["labels"] = json.loads(labels)
     stage = Stage(
-        name="vae", model=model, loss_fn=vae_loss, train_stream=train,
-        export_fn=make_vae_export(cfg, train), eval_fn=evaluate, client_extra=extra,
-        closers=closers, flops_fn=vae_flops_fn(cfg.model),
-    )  # fmt: skip
+        name="vae",
+        model=model,
+        loss_fn=vae_loss,
+        train_stream=train,
+        export_fn=make_vae_export(cfg, train),
+        eval_fn=evaluate,
+        client_extra=extra,
+        closers=closers,
+        flops_fn=vae_flops_fn(cfg.model),
+    )
     return stage, cfg
 
 

@@ -25,7 +25,7 @@ from atlasldm.train.distributed import init_distributed, shutdown_distributed
 from atlasldm.train.export import write_export
 from atlasldm.train.loop import run
 from atlasldm.train.stage import Stage
-from tests.ds_toy_job import ToyLoopStream, _toy_loss, make_config
+from tests.ds_toy_job import ToyLoopStream, make_config, toy_loss
 
 
 def main(argv: Sequence[str]) -> None:
@@ -35,9 +35,15 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--every", type=int, default=1)
     args = parser.parse_args(argv)
     toy = argparse.Namespace(
-        run_dir=args.run_dir, total_steps=args.total_steps, micro_cells=2, dtype="fp32",
-        stage=2, offload="none", ema_start=2, keep=0,
-    )  # fmt: skip
+        run_dir=args.run_dir,
+        total_steps=args.total_steps,
+        micro_cells=2,
+        dtype="fp32",
+        stage=2,
+        offload="none",
+        ema_start=2,
+        keep=0,
+    )
     cfg = dataclasses.replace(
         make_config(toy),
         checkpoint=CheckpointConfig(every_steps=args.every, keep_last_k=0, resume="auto"),
@@ -47,11 +53,13 @@ def main(argv: Sequence[str]) -> None:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
     stage = Stage(
-        name="toy", model=model, loss_fn=_toy_loss,
+        name="toy",
+        model=model,
+        loss_fn=toy_loss,
         train_stream=ToyLoopStream(cfg.batch.micro_cells, nan_position=-1),
         export_fn=lambda folder, weights, info: write_export(folder, weights, {"kind": "toy"}),
         use_ema=True,
-    )  # fmt: skip
+    )
     run(stage, cfg, args.run_dir)
     shutdown_distributed()  # as stage_main does after a normal end
 

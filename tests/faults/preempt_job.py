@@ -49,8 +49,9 @@ class CountingStream:
             gen = torch.Generator().manual_seed(self.position * world_size() + rank())
             x = torch.randn(self.micro, 4, generator=gen)
             self.position += 1
-            yield SimpleNamespace(x=x, y=torch.sin(x).sum(1, keepdim=True), num_cells=self.micro,
-                                  num_tokens=x.numel())  # fmt: skip
+            yield SimpleNamespace(
+                x=x, y=torch.sin(x).sum(1, keepdim=True), num_cells=self.micro, num_tokens=x.numel()
+            )
 
     def __len__(self) -> int:
         return 1
@@ -90,9 +91,12 @@ def main() -> None:
     torch.manual_seed(0)  # identical initial weights on every rank
     model = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 1))
     stage = Stage(
-        name="toy", model=model, loss_fn=_loss, train_stream=CountingStream(2, args.step_s),
+        name="toy",
+        model=model,
+        loss_fn=_loss,
+        train_stream=CountingStream(2, args.step_s),
         export_fn=lambda folder, weights, info: write_export(folder, weights, {"kind": "toy"}),
-    )  # fmt: skip
+    )
     run(stage, cfg, run_dir)
     shutdown_distributed()  # as stage_main does after a normal end
 

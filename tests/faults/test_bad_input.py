@@ -82,9 +82,19 @@ def _our_lines(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.mark.integration
 def test_nan_stop_is_one_line_in_a_real_process(tmp_path):
     """A diverging run (lr 1e12) stops at its first NaN step with one line, exit 1."""
-    cmd = [sys.executable, str(REPO / "launchers" / "train_vae.py"), DEBUG, *TINY_VAE,
-           "optim.lr=1e12", "optim.warmup_frac=0", "loop.max_bad_steps=0", "run.max_steps=30",
-           "run.eval_every=0", "checkpoint.every_steps=0", f"run.root={tmp_path}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "launchers" / "train_vae.py"),
+        DEBUG,
+        *TINY_VAE,
+        "optim.lr=1e12",
+        "optim.warmup_frac=0",
+        "loop.max_bad_steps=0",
+        "run.max_steps=30",
+        "run.eval_every=0",
+        "checkpoint.every_steps=0",
+        f"run.root={tmp_path}",
+    ]
     proc = _run(cmd, tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert _our_lines(proc) == [
@@ -97,9 +107,17 @@ def test_nan_stop_is_one_line_in_a_real_process(tmp_path):
 def test_bad_source_under_deepspeed_is_one_line_for_all_ranks(tmp_path):
     """Two ranks under the deepspeed launcher: the error is said once, by rank 0."""
     (tmp_path / "empty").mkdir()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-           str(REPO / "launchers" / "train_vae.py"), DEBUG,
-           f"data.source={tmp_path / 'empty'}", f"run.root={tmp_path / 'runs'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        str(REPO / "launchers" / "train_vae.py"),
+        DEBUG,
+        f"data.source={tmp_path / 'empty'}",
+        f"run.root={tmp_path / 'runs'}",
+    ]
     proc = _run(cmd, tmp_path)
     assert proc.returncode != 0
     lines = _our_lines(proc)

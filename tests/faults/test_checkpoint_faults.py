@@ -45,8 +45,16 @@ def launch(run: Path, *extra: str, world: int = 1) -> list[subprocess.CompletedP
     for r in range(world):
         rank_env = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world))
         rank_env.update(LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -81,16 +81,23 @@ def on_small_disk(seed: Path, out: Path, body: str, **env: str) -> Path:
     full_env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", DISK=str(disk), OUT=str(out))
     full_env.update(SEED=str(seed), REPO=str(REPO), DISK_KIB=str(DISK_KIB))
     full_env.update(RANK_TIMEOUT=str(RANK_TIMEOUT_S), **env)
-    proc = subprocess.run(["unshare", "-rm", "bash", "-c", script], env=full_env, timeout=900,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-rm", "bash", "-c", script],
+        env=full_env,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def ranks(out: Path, name: str) -> list[tuple[int, str]]:
     """(exit status, stderr) of both ranks of job `name`."""
-    return [(int((out / f"{name}.{r}.rc").read_text()), (out / f"{name}.{r}.err").read_text())
-            for r in (0, 1)]  # fmt: skip
+    return [
+        (int((out / f"{name}.{r}.rc").read_text()), (out / f"{name}.{r}.err").read_text())
+        for r in (0, 1)
+    ]
 
 
 def assert_one_line_stop(out: Path, name: str, *needles: str) -> list[str]:

@@ -25,7 +25,7 @@ import pytest
 from atlasldm.train.checkpoint import COMPLETE, read_latest
 from atlasldm.train.config import ConfigError, LoggingConfig, TrainConfig, load_config
 from atlasldm.train.preempt import PREEMPT_TIMEOUT_EXIT, is_launcher, launcher_chain
-from atlasldm.train.tracking import Tracker
+from atlasldm.train.tracking import RunInfo, Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).with_name("preempt_job.py")
@@ -48,8 +48,14 @@ def _free_port() -> int:
 class Job:
     """A 2-rank toy job in its own session; stdout and stderr go to files in the run folder."""
 
-    def __init__(self, run_dir: Path, launcher: str, *extra: str, env: dict | None = None,
-                 args: list[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        launcher: str,
+        *extra: str,
+        env: dict | None = None,
+        args: list[str] | None = None,
+    ):
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         args = args or [str(JOB), "--run-dir", str(run_dir), *extra]
@@ -282,7 +288,7 @@ def test_save_past_the_deadline_exits_nonzero_with_one_line(job):
 
 TINY_VAE = [
     "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "model.num_cross_heads=2",
-    "model.num_inducing_points=4", "model.latent_dim=4",
+    "model.num_latent_tokens=4", "model.latent_dim=4",
 ]  # fmt: skip
 
 
@@ -319,8 +325,8 @@ def test_launcher_chain_is_the_launcher_processes_above_a_rank():
 _TRACKER_SCRIPT = """
 import os, signal, sys, psutil
 from atlasldm.train.config import ConfigError, LoggingConfig, TrainConfig, load_config
-from atlasldm.train.tracking import Tracker
-tracker = Tracker(LoggingConfig(every_steps=1, progress_bar=False), sys.argv[1], "t")
+from atlasldm.train.tracking import RunInfo, Tracker
+tracker = Tracker(LoggingConfig(every_steps=1, progress_bar=False), RunInfo(sys.argv[1], "t"))
 if sys.argv[2] == "kill-service":
     for child in psutil.Process().children(recursive=True):
         child.send_signal(signal.SIGKILL)
@@ -378,8 +384,8 @@ def test_wandb_full_disk_warns_once_and_never_raises(tmp_path, capsys):
     """ENOSPC from W&B in log or close: one WARNING line, W&B off, nothing raised."""
     cfg = LoggingConfig(every_steps=1, wandb_mode="disabled", progress_bar=False)
     for failing in ("log", "close"):
-        tracker = Tracker(cfg, tmp_path / failing, "full")
-        tracker._wandb = run = _FullDiskRun()
+        tracker = Tracker(cfg, RunInfo(tmp_path / failing, "full"))
+        tracker.wandb_run = run = _FullDiskRun()
         if failing == "log":
             tracker.log({"x": 1.0}, 1)
             tracker.log({"x": 2.0}, 2)  # W&B is off now: not called again

@@ -116,11 +116,16 @@ def test_unrecorded_buffer_is_removed_only_when_unmapped_and_old(tmp_path):
     os.utime(mapped, (old, old))
     # A real other process maps `mapped` (as a live job's ranks map their buffers).
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import mmap,sys,time\n"
-         f"f=open({str(mapped)!r},'r+b'); m=mmap.mmap(f.fileno(),0); print(1,flush=True)\n"
-         "time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import mmap,sys,time\n"
+            f"f=open({str(mapped)!r},'r+b'); m=mmap.mmap(f.fileno(),0); print(1,flush=True)\n"
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "1"
         # A starting job never removes buffers of its own MASTER_ADDR:MASTER_PORT (its peers').

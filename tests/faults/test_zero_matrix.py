@@ -43,10 +43,10 @@ SHORT = [f"run.max_steps={STEPS}", "run.eval_every=2", "checkpoint.every_steps=2
 TINY = {
     "vae": [
         "model.embed_dim=16", "model.num_layers=1", "model.num_heads=2",
-        "model.num_cross_heads=2", "model.num_inducing_points=4", "model.latent_dim=4",
+        "model.num_cross_heads=2", "model.num_latent_tokens=4", "model.latent_dim=4",
     ],
     "dit": [
-        "model.hidden_dim=32", "model.num_layers=1", "model.num_heads=2", "model.freq_dim=32",
+        "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2", "model.time_freq_dim=32",
         "ema.every=1", "ema.start_step=2",
     ],
     "skip_mlp": [
@@ -168,8 +168,9 @@ class Runs:
         key = (stage, zero, dtype)
         if key not in self.done:
             source = self.pbmc_copy if stage == "vae" else self.run("vae", 0, "fp32") / "export"
-            self.done[key] = _train(stage, self.root, f"{stage}_z{zero}_{dtype}", zero, dtype,
-                                    str(source))  # fmt: skip
+            self.done[key] = _train(
+                stage, self.root, f"{stage}_z{zero}_{dtype}", zero, dtype, str(source)
+            )
         return self.done[key]
 
     def reference(self, stage: str) -> Path:
@@ -210,11 +211,11 @@ torch.manual_seed(0)
 kind, dtype = sys.argv[1], sys.argv[2]
 if kind == "vae":
     cfg = VAEConfig(num_genes=32, embed_dim=16, num_layers=1, num_heads=2, num_cross_heads=2,
-                    num_inducing_points=4, latent_dim=4)
+                    num_latent_tokens=4, latent_dim=4)
     model = VAE(cfg)
 else:
-    model = DiT(DiTConfig(latent_tokens=4, latent_dim=4, hidden_dim=32, num_layers=1,
-                          num_heads=2, freq_dim=32))
+    model = DiT(DiTConfig(num_latent_tokens=4, latent_dim=4, embed_dim=32, num_layers=1,
+                          num_heads=2, time_freq_dim=32))
 expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
 ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
       "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == "bf16"},

@@ -1,4 +1,6 @@
-"""One measurement of the model benchmark, run by :mod:`train.bench_model` in a fresh process.
+"""One measurement of the model benchmark, run by :mod:`atlasldm.bench.model` in a fresh process.
+
+``python -m atlasldm.bench.model_worker SPEC_JSON``
 
 Shape legend (docs/model.md, 'Notation'):
     B   cells        S   expressed genes per cell        G   decoded genes
@@ -23,6 +25,7 @@ import gc
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -124,7 +127,7 @@ def train_dit(spec: dict) -> dict:
     torch.manual_seed(0)
     dit = DiT(cfg).train()
     B = b["dit_cells"]
-    z = F.layer_norm(torch.randn(B, cfg.latent_tokens, cfg.latent_dim), (cfg.latent_dim,))
+    z = F.layer_norm(torch.randn(B, cfg.num_latent_tokens, cfg.latent_dim), (cfg.latent_dim,))
     labels = torch.stack([torch.randint(0, v, (B,)) for v in cfg.vocab_sizes], dim=1)  # (B, A)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(dit.parameters(), **ADAMW)
@@ -203,3 +206,7 @@ def main(argv: Sequence[str]) -> int:
     spec = json.loads(argv[0])
     print(json.dumps(TASKS[spec["task"]](spec) | {"threads": torch.get_num_threads()}))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
