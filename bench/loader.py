@@ -143,27 +143,37 @@ def run_benchmark(opts: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of `launchers/bench_loader.py` (all have defaults: no arguments needed)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command")
-    for name in ("run", "worker"):
-        q = sub.add_parser(name)
+    for name, what in (("run", "run the benchmark (default)"), ("worker", "internal: one run")):
+        q = sub.add_parser(
+            name, description=__doc__.splitlines()[0], formatter_class=fmt, help=what
+        )
         q.add_argument("--seconds", type=float, default=60.0, help="max timed seconds per run")
         q.add_argument("--max-cells", type=int, default=200_000, help="max timed cells per run")
         q.add_argument("--threads", type=int, default=2, help="our reader threads per rank")
     run = sub.choices["run"]
-    run.add_argument("--cells", type=int, default=500_000)
-    run.add_argument("--genes", type=int, default=20_000)
-    run.add_argument("--datasets", type=int, default=30)
-    run.add_argument("--cache", default=str(DEFAULT_CACHE / "bench"))
+    run.add_argument("--cells", type=int, default=500_000, help="cells of the synthetic set")
+    run.add_argument("--genes", type=int, default=20_000, help="genes of the synthetic set")
+    run.add_argument("--datasets", type=int, default=30, help="dataset_id blocks of the set")
+    run.add_argument(
+        "--cache",
+        default=str(DEFAULT_CACHE / "bench"),
+        help="folder of the generated set and its copy, reused when present "
+        "(under $ATLASLDM_CACHE when set)",
+    )
     worker = sub.choices["worker"]
-    worker.add_argument("--loader", choices=["ml", "ours"], required=True)
-    worker.add_argument("--uri", required=True)
-    worker.add_argument("--mode", choices=["direct", "copy"], required=True)
-    worker.add_argument("--vocab", default="")
-    worker.add_argument("--seed", type=int, default=0)
+    worker.add_argument("--loader", choices=["ml", "ours"], required=True, help="which loader")
+    worker.add_argument("--uri", required=True, help="experiment URI or copy folder")
+    worker.add_argument("--mode", choices=["direct", "copy"], required=True, help="stream mode")
+    worker.add_argument("--vocab", default="", help="genes.tsv (direct mode)")
+    worker.add_argument("--seed", type=int, default=0, help="shuffle seed")
     worker.add_argument("--io-batch", type=int, default=ML_IO, help="tiledbsoma-ml io_batch_size")
-    worker.add_argument("--dense", action="store_true", help="tiledbsoma-ml dense X (default)")
-    worker.add_argument("--row-store", choices=["auto", "off"], default="auto")
+    worker.add_argument("--dense", action="store_true", help="tiledbsoma-ml dense X (its default)")
+    worker.add_argument(
+        "--row-store", choices=["auto", "off"], default="auto", help="copy mode: row store use"
+    )
     return p
 
 

@@ -142,11 +142,25 @@ def add_encoder_flops(vae: VAEConfig, bench: BenchSettings, enc: dict) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line of `launchers/bench_model.py`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=preset_names(), default="reference")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=preset_names(),
+        default="reference",
+        help="model sizes and data shape: configs/bench_model_<preset>.yaml",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer warm-up/timed steps")
     parser.add_argument("--no-measure", action="store_true", help="counts and FLOPs only")
-    parser.add_argument("overrides", nargs="*", help="vae.k=v, dit.k=v, bench.k=v")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="vae.<VAEConfig field>=v, dit.<DiTConfig field>=v, bench.<BenchSettings field>=v "
+        "(lists comma-separated)",
+    )
     return parser.parse_args(argv)
 
 

@@ -17,13 +17,15 @@ DEFAULT_CHUNK_CELLS = {"copy": 256, "direct": 512}
 class DataConfig:
     """Streaming loader settings; every field is documented inline with its meaning and unit."""
 
-    source: str = ""  # training-copy folder (mode=copy) or SOMA experiment URI (mode=direct)
+    # training-copy folder on a POSIX filesystem (mode=copy), or a SOMA experiment path or URI
+    # (s3://...) or census[:VERSION] (CELLxGENE Census, homo_sapiens; needs network) (mode=direct)
+    source: str = ""
     mode: Literal["copy", "direct"] = "copy"  # read a training copy or query any experiment
     row_store: Literal["auto", "off"] = "auto"  # copy mode: read X from <copy>/rows if present
     measurement: str = "RNA"  # SOMA measurement name holding X and var (direct mode)
     layer: str = "raw"  # X layer with raw counts (float32, no explicit zeros)
     obs_filter: str = ""  # SOMA value_filter on obs, applied once at selection ("" = all cells)
-    vocab_path: str = ""  # genes.tsv for direct mode ("" = copy's own genes.tsv)
+    vocab_path: str = ""  # direct mode: genes.tsv or one gene id per line ("" = copy's genes)
     labels_path: str = ""  # labels.json for direct mode ("" = sorted values of the selection)
     condition_columns: list[str] = field(default_factory=list)  # obs columns -> conditions (B, A)
     micro_batch: int = 256  # cells per emitted batch per rank

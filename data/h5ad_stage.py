@@ -20,6 +20,7 @@ import numpy as np
 
 from atlasldm.data.validate import IngestError, check_feature_ids
 from atlasldm.data.vocab import atomic_write_text
+from atlasldm.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +94,25 @@ def stage_h5ads(paths: Sequence[str], uri: str, layer: str | None = None) -> str
         uri, metas, measurement_name="RNA", obs_field_name="obs_id", var_field_name="var_id"
     )
     rd.prepare_experiment(uri)
+    cells = sum(meta.n_obs for meta in metas)
+    progress = Progress("ingest stage h5ad", cells, "cells") if _shows_info() else None
     for i, path in enumerate(paths):
         adata = _h5ad_counts(path, layer, i, len(paths), with_x=True)
         tiledbsoma.io.from_anndata(
             uri, adata, measurement_name="RNA", X_layer_name="raw", registration_mapping=rd
         )
         logger.info("staged %s (%d cells)", path, adata.n_obs)
+        if progress is not None:
+            progress.update(adata.n_obs)
+    if progress is not None:  # closed on success only: a refused file ends with its error line
+        progress.close()
     atomic_write_text(marker, json.dumps(record))
     return uri
+
+
+def _shows_info() -> bool:
+    """Whether progress is shown: the log level lets INFO through (not --log-level WARNING)."""
+    return logger.isEnabledFor(logging.INFO)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,10 @@ offsets, into the preallocated row store (data/rowstore.py); whoever finds every
 writes the side files, manifest.json and rows.json (`--finalize` does only that step).
 `--max-blocks N` stops after N gather blocks (tests use it to simulate a crash). See
 data/shuffle_spill.py for the spill.
+
+Bad input (`IngestError`) ends a single-worker ingest with one line, `error: ...`, exit status 2,
+and removes the output folder if this run created it. Both passes report progress
+(`atlasldm.progress`): a bar on a terminal, a line with rate and ETA every 30 s in a log file.
 """
 
 from __future__ import annotations
@@ -19,13 +23,12 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from tqdm import tqdm
 
 from atlasldm.data import materialize as mat
 from atlasldm.data import shuffle_spill as spill
@@ -40,53 +43,92 @@ from atlasldm.data.rowstore import (
 )
 from atlasldm.data.sources import Source, parse_source, same_source
 from atlasldm.data.validate import IngestError
+from atlasldm.data.vocab import GeneVocab
+from atlasldm.progress import Progress
 
 if TYPE_CHECKING:
     import tiledbsoma
 
 logger = logging.getLogger(__name__)
+CLI_REPORTED = "reported_on_stderr"  # LogRecord attribute of the error line main prints itself
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of the ingest command."""
-    p = argparse.ArgumentParser(description="Build a training copy from a source.")
-    p.add_argument("--source", default="builtin:pbmc68k", help="see data/sources.py")
-    p.add_argument("--out", required=True, help="training copy folder")
-    p.add_argument("--obs-filter", default=None, help="SOMA value_filter on obs")
-    p.add_argument("--obs-columns", nargs="*", default=[], help="extra obs columns to keep")
-    p.add_argument("--conditions", nargs="*", default=None, help="label columns")
-    p.add_argument("--genes", default=None, help="file with one feature_id per line")
-    p.add_argument("--seed", type=int, default=0, help="permutation seed")
-    p.add_argument("--cell-tile", type=int, default=256, help="X tile extent along cells")
-    p.add_argument("--block-cells", type=int, default=16384, help="cells per written block")
-    p.add_argument("--round-counts", action="store_true", help="round/clip non-integer counts")
-    p.add_argument("--workers", type=int, default=1, help="number of ingest processes K")
-    p.add_argument("--worker-index", type=int, default=0, help="this process, 0..K-1")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted ingest")
-    p.add_argument("--finalize", action="store_true", help="only write side files + manifest")
-    p.add_argument(
-        "--no-row-store",
-        action="store_true",
-        help="skip the copy's memory-mapped row store (data/rowstore.py)",
+    """Command-line options of the ingest command (every option's help shows its default)."""
+    p = argparse.ArgumentParser(
+        description="Build a training copy (docs/contracts.md §1) from a source.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--max-blocks", type=int, default=None, help="stop after this many gather blocks"
+    add = p.add_argument
+    add(
+        "--source",
+        default="builtin:pbmc68k",
+        help="builtin:pbmc68k, synthetic:cells=N,genes=G,..., census[:VERSION], an .h5ad file, "
+        "list (a.h5ad,b.h5ad) or folder, or a SOMA experiment path or URI",
     )
-    p.add_argument("--organism", default="homo_sapiens", help="Census organism")
-    p.add_argument("--census-uri", default=None, help="Census root (local folder or S3)")
-    p.add_argument("--layer", default=None, help="h5ad layer with counts")
-    p.add_argument("--measurement", default="RNA", help="SOMA measurement to read")
-    p.add_argument("--x-layer", default="raw", help="SOMA X layer with raw counts")
-    p.add_argument(
+    add(
+        "--out",
+        required=True,
+        default=argparse.SUPPRESS,  # required: no default to show
+        help="training copy folder to write (a POSIX path, not a URI); required",
+    )
+    add(
+        "--obs-filter",
+        default=None,
+        help="SOMA value_filter on obs (unset: all cells; census: is_primary_data == True)",
+    )
+    add("--obs-columns", nargs="*", default=[], help="extra obs columns to keep")
+    add(
+        "--conditions",
+        nargs="*",
+        default=None,
+        help=f"label columns (unset: {' '.join(mat.DEFAULT_CONDITIONS)}, where present)",
+    )
+    add("--genes", default=None, help="gene list: one feature_id per line, or a genes.tsv")
+    add("--seed", type=int, default=0, help="seed of the cell permutation")
+    add("--cell-tile", type=int, default=256, help="X tile extent along cells")
+    add("--block-cells", type=int, default=16384, help="cells per written block")
+    add("--round-counts", action="store_true", help="round/clip non-integer or negative counts")
+    add("--workers", type=int, default=1, help="number of ingest processes K")
+    add("--worker-index", type=int, default=0, help="this process, 0..K-1")
+    add("--resume", action="store_true", help="continue an interrupted ingest")
+    add("--finalize", action="store_true", help="only write side files + manifest")
+    add("--no-row-store", action="store_true", help="skip the row store (data/rowstore.py)")
+    add("--max-blocks", type=int, default=None, help="stop after this many gather blocks (tests)")
+    add("--organism", default="homo_sapiens", help="Census organism (census source)")
+    add("--census-uri", default=None, help="local or S3 Census root (unset: by --source version)")
+    add("--layer", default=None, help="h5ad layer with counts (unset: .raw.X, else .X)")
+    add("--measurement", default="RNA", help="SOMA measurement to read")
+    add("--x-layer", default="raw", help="SOMA X layer with raw counts")
+    add(
         "--tiledb-config",
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
         help="TileDB options, e.g. vfs.s3.no_sign_request=true vfs.s3.region=us-west-2",
     )
-    p.add_argument("--wait-timeout", type=float, default=3600.0, help="s to wait for worker 0")
-    p.add_argument("--log-level", default="INFO")
+    add("--wait-timeout", type=float, default=3600.0, help="seconds to wait for worker 0's plan")
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    add("--log-level", default="INFO", choices=levels, help="INFO and below show progress")
     return p
+
+
+def _tiledb_config(pairs: Sequence[str]) -> dict[str, str]:
+    """`--tiledb-config KEY=VALUE ...` as a dict."""
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise IngestError(f"--tiledb-config expects KEY=VALUE, got {bad[0]!r}")
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
+def _gene_list(path: str | None) -> list[str] | None:
+    """The feature ids of `--genes` (a plain list or a genes.tsv), or None."""
+    if not path:
+        return None
+    try:
+        return GeneVocab.read(path).feature_ids
+    except ValueError as err:
+        raise IngestError(f"--genes: {err}") from None
 
 
 def _options(args: argparse.Namespace, source: Source) -> mat.CopyOptions:
@@ -97,9 +139,7 @@ def _options(args: argparse.Namespace, source: Source) -> mat.CopyOptions:
         )
     if not 1 <= args.cell_tile <= 1 << 20 or args.block_cells < 1:
         raise IngestError("--cell-tile and --block-cells must be positive")
-    genes = None
-    if args.genes:
-        genes = [ln.strip() for ln in Path(args.genes).read_text().splitlines() if ln.strip()]
+    genes = _gene_list(args.genes)
     return mat.CopyOptions(
         obs_filter=args.obs_filter if args.obs_filter is not None else source.default_filter,
         obs_columns=list(args.obs_columns),
@@ -197,10 +237,17 @@ def _row_writer(out: Path, plan: dict) -> RowWriter:
 
 def run(args: argparse.Namespace) -> dict | None:
     """Run one ingest worker; returns the manifest if this call completed the copy."""
+    if "://" in args.out:
+        raise IngestError(
+            f"--out {args.out}: a training copy is written to a POSIX filesystem path (local or "
+            "shared, e.g. NFS/Lustre), not a URI; write it there, then copy it where it is used"
+        )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"--out {out} is a file; give a folder for the training copy")
     if args.finalize:
         return _finish(out, args)
-    tiledb_config = dict(kv.split("=", 1) for kv in args.tiledb_config)
+    tiledb_config = _tiledb_config(args.tiledb_config)
     source = parse_source(args.source, args.organism, args.census_uri, args.layer, tiledb_config)
     if (out / "manifest.json").is_file():
         if args.resume:
@@ -222,20 +269,28 @@ def run(args: argparse.Namespace) -> dict | None:
     return None
 
 
+def _progress(desc: str, total: int, unit: str) -> Progress | None:
+    """Progress of a pass, or None when the log level hides INFO (--log-level WARNING)."""
+    return Progress(desc, total=total, unit=unit) if logger.isEnabledFor(logging.INFO) else None
+
+
 def _gather(out: Path, plan: dict, todo: list[int], args: argparse.Namespace) -> None:
     """Pass 2: write the blocks `todo`, their rows included unless --no-row-store."""
     if not todo:
         return
     rows = None if args.no_row_store else _row_writer(out, plan)
     cells = sum(hi - lo for lo, hi in (mat.block_range(plan, b) for b in todo))
-    desc = f"gather w{args.worker_index}"
+    progress = _progress(f"ingest gather w{args.worker_index}", int(cells), "cells")
     try:
-        with tqdm(total=int(cells), unit="cell", unit_scale=True, desc=desc, disable=None) as bar:
-            for b in todo:
-                bar.update(spill.gather_block(out, plan, b, rows))
+        for b in todo:
+            written = spill.gather_block(out, plan, b, rows)
+            if progress is not None:
+                progress.update(written)
     finally:
         if rows is not None:
             rows.close()
+    if progress is not None:  # closed on success only: a failed run ends with its one error line
+        progress.close()
 
 
 def _scatter(exp: tiledbsoma.Experiment, out: Path, plan: dict, args: argparse.Namespace) -> None:
@@ -251,23 +306,72 @@ def _scatter(exp: tiledbsoma.Experiment, out: Path, plan: dict, args: argparse.N
     todo = [c for c in [*mine, *others] if not spill.scatter_done(out, c)]
     if not todo:
         return
-    desc = f"scatter w{args.worker_index}"
-    with tqdm(total=len(todo), unit="chunk", desc=desc, disable=None) as bar:
-        for c in todo:
-            if not spill.scatter_done(out, c):  # another worker may have done it meanwhile
-                spill.scatter_chunk(exp, out, plan, c)
-            bar.update(1)
+    sizes = {c: hi - lo for c, (lo, hi) in ((c, mat.block_range(plan, c)) for c in todo)}
+    progress = _progress(f"ingest scatter w{args.worker_index}", sum(sizes.values()), "cells")
+    for c in todo:
+        if not spill.scatter_done(out, c):  # another worker may have done it meanwhile
+            spill.scatter_chunk(exp, out, plan, c)
+        if progress is not None:
+            progress.update(sizes[c])
+    if progress is not None:
+        progress.close()
     missing = [c for c in range(n) if not spill.scatter_done(out, c)]
     if missing:  # only if spill files were deleted under us
         raise IngestError(f"{out}: scatter chunks {missing[:5]} missing; rerun with --resume")
     logger.info("scatter done: spill holds %.2f GB", spill.spill_bytes(out) / 1e9)
 
 
+def _created_root(out: Path) -> Path | None:
+    """The outermost folder a run writing `out` would create (None if `out` exists already)."""
+    if out.exists():
+        return None
+    root = out.absolute()
+    while not root.parent.exists():
+        root = root.parent
+    return root
+
+
+def _remove_output(out: Path, created: Path | None) -> None:
+    """Undo a refused single-worker run: remove `out` (or an empty out's new contents) and the
+    parent folders it created while they are empty, so bad input leaves nothing behind.
+
+    Parents are only removed when empty: another ingest may have started writing beside `out`.
+    """
+    if created is None:
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    folder = out.absolute().parent
+    while folder != created.parent:
+        try:
+            folder.rmdir()
+        except OSError:  # missing (never made), or holding something else: keep it
+            return
+        folder = folder.parent
+
+
 def run_ingest(argv: Sequence[str] | None = None) -> dict | None:
-    """Parse argv and run one worker; raises IngestError on bad input (used by tests)."""
+    """Parse argv and run one worker; raises IngestError on bad input (used by tests).
+
+    A refused single-worker run into a new or empty folder leaves it as it was (`_remove_output`);
+    an interrupted one (any other error, a kill) keeps its state for --resume.
+    """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
-    manifest = run(args)
+    _configure_logging(args.log_level)
+    out = Path(args.out)
+    created = _created_root(out)
+    undo = args.workers == 1 and not args.finalize
+    undo = undo and (created is not None or (out.is_dir() and not any(out.iterdir())))
+    try:
+        manifest = run(args)
+    except IngestError:
+        if undo:
+            _remove_output(out, created)
+        raise
     if manifest is not None:
         print(
             f"training copy {args.out}: {manifest['n_cells']} cells x {manifest['n_genes']} genes"
@@ -276,10 +380,35 @@ def run_ingest(argv: Sequence[str] | None = None) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command entry point: 0 on success, 2 with a one-line message on bad input."""
+    """Command entry point: 0 on success; bad input: one line `error: ...` on stderr, exit 2.
+
+    The error is also logged (level ERROR) for callers that capture logs; the log's own stream
+    handler skips it, so the terminal shows the line once.
+    """
     try:
         run_ingest(argv)
     except IngestError as err:
-        logger.error("ingest failed: %s", err)
+        logger.error("ingest failed: %s", err, extra={CLI_REPORTED: True})
+        print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _not_reported(record: logging.LogRecord) -> bool:
+    return not getattr(record, CLI_REPORTED, False)
+
+
+def _configure_logging(level: str) -> None:
+    """Log to stderr at `level`, unless the caller configured logging (tests, a launcher).
+
+    The handler skips the error record `main` prints itself as `error: ...`.
+    """
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.addFilter(_not_reported)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", handlers=[handler])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

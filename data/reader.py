@@ -1,5 +1,9 @@
 """Cell sources of the stream: a training copy (contracts.md §1) or a direct SOMA query.
 
+A training copy is a folder on a POSIX filesystem; direct mode reads any SOMA experiment, on a
+path, at a URI (`s3://`) or in the CELLxGENE Census (`census[:VERSION]`, resolved to its URI
+with cellxgene_census). Its vocabulary (`vocab_path`) is a genes.tsv or a plain gene list.
+
 A source fixes the candidate cells once (sorted joinids after `obs_filter` and `min_genes`),
 exposes per-cell metadata aligned with them, and reads sorted joinid lists into CSR pieces whose
 gene ids are already vocabulary tokens. Reads run on reader threads; each thread opens its own
@@ -25,7 +29,16 @@ from atlasldm.data.npy_reads import NpyFile
 from atlasldm.data.obs_codes import ObsColumns, hashes_of, read_obs
 from atlasldm.data.obs_select import ObsFold, fold_obs, joinid_dtype
 from atlasldm.data.rowstore import RowStore, has_row_store
-from atlasldm.data.soma import local_rows, obs_domain, obs_ranges, read_rows
+from atlasldm.data.soma import (
+    is_census,
+    local_rows,
+    obs_domain,
+    obs_ranges,
+    open_experiment,
+    read_rows,
+    stream_context,
+)
+from atlasldm.data.source_check import census_uri, check_copy_location
 from atlasldm.data.split import hash_coded_strings, hash_int_keys, split_mask
 from atlasldm.data.verify import check_at_open, rows_in_use
 from atlasldm.data.vocab import GeneVocab, load_labels
@@ -135,6 +148,7 @@ class CopySource(_Source):
     """A training copy: X rows are contiguous joinids; metadata come from memory-mapped side/."""
 
     def __init__(self, cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
+        check_copy_location(cfg.source)  # a URI or the Census: one line, not a path error
         root = Path(cfg.source)
         self.manifest = open_copy_manifest(root)  # refuses a folder without manifest.json
         # Sizes and sampled checksums of the files it will read: damage is named, not streamed.
@@ -237,11 +251,17 @@ class DirectSource(_Source):
 
     def __init__(self, cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
         if not cfg.vocab_path:
-            raise ValueError("direct mode needs vocab_path, a genes.tsv defining the tokens")
-        super().__init__(cfg, context, cfg.source)
-        vocab = GeneVocab.load(cfg.vocab_path)
+            raise ValueError(
+                "direct mode needs vocab_path: a genes.tsv or a list of gene ids (the tokens)"
+            )
+        uri = cfg.source
+        if is_census(cfg.source):  # the Census's experiment URI and the S3 settings to read it
+            uri, s3 = census_uri(cfg.source)
+            context = stream_context({**s3, **cfg.tiledb_config})
+        super().__init__(cfg, context, uri)
+        vocab = GeneVocab.read(cfg.vocab_path)
         self.vocab_size, self.vocab_fingerprint = len(vocab), vocab.fingerprint()
-        with tiledbsoma.Experiment.open(self.uri, context=context) as exp:
+        with open_experiment(self.uri, context) as exp:  # names the URI if it cannot
             var = exp.ms[cfg.measurement].var.read(column_names=["soma_joinid", "feature_id"])
             var = var.concat()
             has_nnz = "nnz" in exp.obs.schema.names

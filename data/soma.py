@@ -1,5 +1,8 @@
 """TileDB-SOMA access: contexts, opening experiments (local, S3, Census) and reading X and obs.
 
+Opening names what failed in one line (`IngestError`): a path or URI that holds no experiment,
+a Census that cannot be reached without network access (with how to use a local copy instead).
+
 The ingest reads whole rows as scipy CSR (`read_csr`) and obs tables (`read_obs`, `query_obs`);
 the stream reads rows as raw COO (`read_rows`, mapped to local rows by `local_rows`) and obs in
 bounded joinid ranges (`obs_ranges`); the row store fills blocks from X with `read_coo`.
@@ -7,8 +10,10 @@ bounded joinid ranges (`obs_ranges`); the row store fills blocks from X with `re
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,62 @@ INGEST_TILEDB_CONFIG: dict[str, Any] = {
 # tables anyway.
 STREAM_TILEDB_CONFIG = {"soma.init_buffer_bytes": str(64 * 1024**2)}
 OBS_RANGE = 1 << 19  # obs joinids per read of `obs_ranges`
+# Where the public Census lives; named in the hint for a local copy (`aws s3 sync` of it).
+CENSUS_BUCKET = "s3://cellxgene-census-public-us-west-2/cell-census"
+CENSUS_ORGANISM = "homo_sapiens"  # experiment of a `census[:VERSION]` source in direct mode
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def census_offline(source: str, err: BaseException, local_fix: str) -> IngestError:
+    """The one-line error for a Census that cannot be reached; `local_fix` says where a local
+    copy goes (`--census-uri DIR` for ingest, `data.source=DIR/...` for direct mode)."""
+    return IngestError(
+        f"{source}: the CELLxGENE Census needs network access, which failed "
+        f"({type(err).__name__}); connect to the internet, or use a local copy: "
+        f"aws s3 sync --no-sign-request {CENSUS_BUCKET}/<VERSION>/soma/ DIR, then {local_fix}"
+    )
+
+
+def is_census(source: str) -> bool:
+    """Whether a source string names the CELLxGENE Census (`census` or `census:VERSION`)."""
+    return source == "census" or source.startswith("census:")
+
+
+@functools.lru_cache(maxsize=8)  # every stream of a rank asks; one lookup per process
+def resolve_census(source: str, organism: str = CENSUS_ORGANISM) -> tuple[str, dict[str, str]]:
+    """(experiment URI, TileDB settings to read it) of `census[:VERSION]`, via cellxgene_census.
+
+    Needs network access (the Census release directory); without it, or for an unknown
+    version, raises IngestError with one line.
+    """
+    import cellxgene_census
+    import requests
+
+    version = source.partition(":")[2] or "stable"
+    local_fix = f"set data.source=DIR/census_data/{organism}"
+    try:
+        locator = cellxgene_census.get_census_version_description(version)["soma"]
+        if locator.get("relative_uri"):  # newer directories: a path under the chosen mirror
+            mirrors = cellxgene_census.get_census_mirror_directory()
+            mirror = mirrors[mirrors["default"]]
+            root = f"{mirror['base_uri'].rstrip('/')}/{locator['relative_uri'].lstrip('/')}"
+            region = mirror.get("region")
+        else:
+            root, region = locator["uri"], locator.get("s3_region")
+    except (requests.RequestException, OSError) as err:
+        raise census_offline(source, err, local_fix) from None
+    except ValueError:
+        raise IngestError(
+            f"{source}: no such Census version; give census:stable, census:latest or a release "
+            "date (cellxgene_census.get_census_version_directory() lists them)"
+        ) from None
+    config = {"vfs.s3.no_sign_request": "true", **({"vfs.s3.region": region} if region else {})}
+    return f"{root.rstrip('/')}/census_data/{organism}", config
 
 
 def make_context(tiledb_config: dict[str, Any] | None = None) -> tiledbsoma.SOMATileDBContext:
@@ -49,8 +110,22 @@ def stream_context(tiledb_config: dict[str, str]) -> tiledbsoma.SOMATileDBContex
 def open_experiment(
     uri: str, context: tiledbsoma.SOMATileDBContext | None = None
 ) -> tiledbsoma.Experiment:
-    """Open a SOMA Experiment (local path or s3:// URI) for reading."""
-    return tiledbsoma.Experiment.open(uri, mode="r", context=context or make_context())
+    """Open a SOMA Experiment (local path or s3:// URI) for reading; IngestError names the URI."""
+    try:
+        return tiledbsoma.Experiment.open(uri, mode="r", context=context or make_context())
+    except tiledbsoma.DoesNotExistError:  # its message ("Group does not exist") has no path
+        raise no_experiment(uri) from None
+    except tiledbsoma.SOMAError as err:  # another kind of SOMA object, S3 unreachable, ...
+        raise IngestError(
+            f"{uri}: cannot open it as a SOMA experiment ({first_line(err)})"
+        ) from None
+
+
+def no_experiment(uri: str) -> IngestError:
+    """The error for a path or URI that holds no SOMA object (it says which of the two)."""
+    if "://" not in uri and Path(uri).exists():
+        return IngestError(f"{uri} is not a SOMA experiment (no TileDB group there)")
+    return IngestError(f"{uri} does not exist; give the path or URI of a SOMA experiment")
 
 
 def open_census_experiment(
@@ -64,12 +139,7 @@ def open_census_experiment(
     `uri` (local folder or S3) takes precedence over `census_version`, as in
     `cellxgene_census.open_soma`. The caller closes the collection.
     """
-    import cellxgene_census  # imported lazily: only the census source needs it
-
-    if uri is None and census_version is None:
-        census_version = "stable"
-    kwargs: dict[str, Any] = {"uri": uri} if uri is not None else {"census_version": census_version}
-    census = cellxgene_census.open_soma(**kwargs, tiledb_config=tiledb_config)
+    census = _open_census(census_version, uri, tiledb_config)
     data = census["census_data"]
     if organism not in data:
         census.close()
@@ -78,6 +148,27 @@ def open_census_experiment(
             "fix --organism"
         )
     return census, data[organism]
+
+
+def _open_census(version: str | None, uri: str | None, tiledb_config: dict[str, Any] | None):
+    """`cellxgene_census.open_soma`, with its failures (network, version, URI) as one line."""
+    import cellxgene_census  # imported lazily: only the census source needs it
+    import requests
+
+    source = f"--census-uri {uri}" if uri is not None else f"census:{version or 'stable'}"
+    kwargs: dict[str, Any] = {"uri": uri} if uri is not None else {"census_version": version}
+    if uri is None and version is None:
+        kwargs["census_version"] = "stable"
+    try:
+        return cellxgene_census.open_soma(**kwargs, tiledb_config=tiledb_config)
+    except (requests.RequestException, OSError) as err:
+        raise census_offline(source, err, "pass --census-uri DIR") from None
+    except tiledbsoma.DoesNotExistError:
+        raise IngestError(
+            f"{source} does not exist; give the Census folder that holds census_data/"
+        ) from None
+    except (ValueError, tiledbsoma.SOMAError) as err:  # unknown version; S3 unreachable
+        raise IngestError(f"{source}: cannot open the Census ({first_line(err)})") from None
 
 
 def var_table(exp: tiledbsoma.Experiment, measurement: str = "RNA") -> pa.Table:

@@ -3,6 +3,11 @@
 A training launcher reads the copy's `genes.tsv` to size the model before the stream opens the
 copy, so a wrong `data.source` used to surface as a traceback from whichever file was read
 first, once per rank. Here every case gets one line that names the source and the fix.
+
+Where sources may live (docs/contracts.md §1.2): a training copy is a folder on a POSIX
+filesystem (its side arrays and row store are read with positional file reads, and the ingest
+locks and renames files); object stores (`s3://`) and the CELLxGENE Census (`census[:VERSION]`)
+are read only in direct mode, through TileDB.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ from pathlib import Path
 import tiledbsoma
 
 from atlasldm.data.materialize import open_copy_manifest
+from atlasldm.data.soma import is_census, resolve_census
+from atlasldm.data.validate import IngestError
+from atlasldm.data.vocab import GeneVocab
 
-INGEST = "python -m atlasldm.data.ingest --source <h5ad | SOMA experiment | builtin:pbmc68k> --out"
+INGEST_CMD = "python -m atlasldm.data.ingest"
+INGEST = f"{INGEST_CMD} --source <h5ad | SOMA experiment | builtin:pbmc68k> --out"
 
 
 class DataSourceError(ValueError):
@@ -24,9 +33,33 @@ def _is_uri(source: str) -> bool:
     return "://" in source  # s3://, tiledb://: checked by TileDB when opened
 
 
+def check_copy_location(source: str) -> None:
+    """Raise DataSourceError unless `source` can hold a training copy (a filesystem path)."""
+    if is_census(source):
+        raise DataSourceError(
+            f"data.source={source} is the CELLxGENE Census, which is read in data.mode=direct "
+            f"(with data.vocab_path); or make a training copy of it: {INGEST_CMD} --source "
+            f"{source} --out COPY"
+        )
+    if _is_uri(source):
+        raise DataSourceError(
+            f"data.source={source}: a training copy must be a folder on a POSIX filesystem (local "
+            "disk, NFS, Lustre, ...), as its side arrays and row store are read with file reads; "
+            "copy it to one (e.g. aws s3 sync), or read a SOMA experiment there in direct mode "
+            "(data.mode=direct)"
+        )
+
+
 def check_source(source: str, mode: str, vocab_path: str = "") -> None:
     """Raise DataSourceError (one line) unless `source` can be opened in `mode`."""
-    if not source or _is_uri(source):
+    if not source:
+        return
+    if mode != "direct":
+        check_copy_location(source)
+    elif is_census(source) or _is_uri(source):  # read through TileDB, errors name the URI
+        _check_vocab(vocab_path)
+        if is_census(source):
+            census_uri(source)  # needs network: one clear line before any stream opens
         return
     path = Path(source)
     if not path.exists():
@@ -66,8 +99,26 @@ def _check_direct(source: str, vocab_path: str) -> None:
             f"data.source={source} is not a SOMA experiment (data.mode=direct); give one, or a "
             "training copy with data.mode=copy"
         )
+    _check_vocab(vocab_path)
+
+
+def _check_vocab(vocab_path: str) -> None:
+    """Direct mode's gene vocabulary: a genes.tsv or a plain gene list that reads cleanly."""
     if not vocab_path or not Path(vocab_path).is_file():
         raise DataSourceError(
-            f"data.vocab_path={vocab_path or '(empty)'} is not a file; direct mode needs a "
-            "genes.tsv that defines the model's genes (for example a training copy's genes.tsv)"
+            f"data.vocab_path={vocab_path or '(empty)'} is not a file; direct mode needs the "
+            "model's genes: a genes.tsv (e.g. a training copy's) or a text file with one gene id "
+            "per line"
         )
+    try:
+        GeneVocab.read(vocab_path)
+    except ValueError as err:
+        raise DataSourceError(f"data.vocab_path={vocab_path}: {err}") from None
+
+
+def census_uri(source: str) -> tuple[str, dict[str, str]]:
+    """`soma.resolve_census` of a direct-mode source, its failures as DataSourceError."""
+    try:
+        return resolve_census(source)
+    except IngestError as err:
+        raise DataSourceError(f"data.source={err}") from None

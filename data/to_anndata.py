@@ -29,7 +29,7 @@ def split_to_anndata(config: DataConfig, split: Split) -> ad.AnnData:
     """
     config = replace(config, drop_last=False, max_genes=max(config.max_genes, 1 << 30))
     source = Path(config.source)
-    vocab = GeneVocab.load(Path(config.vocab_path) if config.vocab_path else source / "genes.tsv")
+    vocab = GeneVocab.read(Path(config.vocab_path) if config.vocab_path else source / "genes.tsv")
     labels_path = Path(config.labels_path) if config.labels_path else source / "labels.json"
     labels = json.loads(labels_path.read_text())
     stream = CellStream(config, split, 0, 1)

@@ -2,6 +2,10 @@
 
 Token convention: token = vocabulary index + 1; token 0 is PAD. The vocabulary of a training copy
 is its var table in soma_joinid order, so token = var soma_joinid + 1.
+
+A vocabulary file is a copy's `genes.tsv` (`GeneVocab.save`) or, for direct mode's
+`data.vocab_path`, a plain gene list: one feature id per line, optionally followed by a tab and
+the gene name (`GeneVocab.read` takes both).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Literal
 import numpy as np
 
 _HEADER = "token\tfeature_id\tfeature_name"
+# A plain gene list may start with a header line naming its column; these names are not genes.
+LIST_HEADERS = frozenset({"feature_id", "gene_id", "gene_ids", "ensembl_id", "id"})
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,14 +94,51 @@ class GeneVocab:
     def __repr__(self) -> str:
         return f"GeneVocab(V={len(self)}, fingerprint={self.fingerprint()[:12]})"
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Atomically write genes.tsv with header `token\\tfeature_id\\tfeature_name`."""
+    def tsv_text(self) -> str:
+        """The genes.tsv text: header `token\\tfeature_id\\tfeature_name`, one line per gene."""
         lines = [_HEADER]
         for i, (fid, name) in enumerate(zip(self.feature_ids, self.feature_names, strict=True)):
             if "\t" in fid or "\n" in fid or "\t" in name or "\n" in name:
                 raise ValueError(f"GeneVocab.save: tab or newline in gene {fid!r}/{name!r}")
             lines.append(f"{i + 1}\t{fid}\t{name}")
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically write genes.tsv (`tsv_text`)."""
+        atomic_write_text(path, self.tsv_text())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> GeneVocab:
+        """Read a genes.tsv (`load`) or a plain gene list (`from_list_lines`), by its first line."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(
+                f"gene vocabulary {path} not found; give a genes.tsv (a training copy's) or a "
+                "text file with one gene id per line"
+            )
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if lines and lines[0] == _HEADER:
+            return cls.load(path)
+        return cls.from_list_lines(lines, str(path))
+
+    @classmethod
+    def from_list_lines(cls, lines: Sequence[str], where: str) -> GeneVocab:
+        """Vocabulary of a plain gene list: `feature_id[\\tfeature_name[\\t...]]` per line.
+
+        Blank lines and `#` comments are skipped, and a first line naming the column
+        (`LIST_HEADERS`) too; rows `1\\tid\\tname`, `2\\t...` (a genes.tsv without its header) are
+        read as such. A gene without a name is named by its id.
+        """
+        rows = [[f.strip() for f in ln.split("\t")] for ln in lines]
+        rows = [r for r in rows if r[0] and not r[0].startswith("#")]
+        if rows and rows[0][0].lower() in LIST_HEADERS:
+            rows = rows[1:]
+        if rows and all(len(r) >= 3 and r[0] == str(i + 1) for i, r in enumerate(rows)):
+            rows = [r[1:] for r in rows]  # numbered like a genes.tsv
+        if not rows:
+            raise ValueError(f"gene list {where} holds no gene ids; write one id per line")
+        ids = check_feature_ids([r[0] for r in rows], f"gene list {where}")
+        return cls(ids, [r[1] if len(r) > 1 and r[1] else r[0] for r in rows])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GeneVocab:

@@ -214,6 +214,11 @@ def match_plan(
     values, seed = _repeat_seeds(values, n, seeds)
     if libs is not None:
         return Plan(values, libs.draw(values, seed), seed, library_source="statistics")
+    if library_key and library_key not in reference.obs:
+        raise ConditionError(
+            f"--library-size {library_key}: the --match reference has no obs column "
+            f"{library_key!r}; it has {list(reference.obs)}"
+        )
     if library_key:
         lib = reference.obs[library_key].to_numpy(dtype=np.float64)
         source = f"reference obs[{library_key!r}]"
@@ -226,3 +231,45 @@ def match_plan(
         )
     extra = {"matched_obs_name": np.tile(reference.obs_names.to_numpy(dtype=object), len(seeds))}
     return Plan(values, np.tile(lib, len(seeds)), seed, library_source=source, extra_obs=extra)
+
+
+def library_mode(value: str | float, has_match: bool) -> tuple[str, float | str | None]:
+    """Return --library-size as ("fixed", ℓ), ("stats", None) or ("reference", obs column)."""
+    try:
+        return "fixed", float(value)
+    except ValueError:
+        pass
+    text = str(value)
+    if text == "auto":
+        text = "reference" if has_match else "stats"
+    if text == "stats":
+        return "stats", None
+    if not has_match:
+        raise ConditionError(f"--library-size {text} takes sizes from a reference: add --match")
+    return "reference", None if text == "reference" else text
+
+
+def plan_request(request, vocab: Vocabulary, stats: dict | None, conditioned: list[str]) -> Plan:
+    """Return the plan of a generation request (grid, match or trajectory).
+
+    `request` is a `generation.api.GenerationRequest`; `stats` the VAE export's library-size
+    statistics; `conditioned` the attributes a `match` follows unless `match_keys` are given.
+    """
+    r = request
+    conditions = parse_conditions(r.conditions, vocab)
+    mode, value = library_mode(r.library_size, r.match is not None)
+    libs = None
+    if mode != "reference":
+        libs = LibrarySizes(stats, value if mode == "fixed" else None)
+    if r.match is not None:
+        if conditions or r.interpolate:
+            raise ConditionError("--match cannot be combined with --condition or --interpolate")
+        keys = r.match_keys if r.match_keys is not None else conditioned
+        return match_plan(r.match, keys, r.seeds, vocab, libs, value if libs is None else None)
+    if r.n_cells < 1:
+        raise ConditionError(f"--n-cells must be >= 1, got {r.n_cells}")
+    if r.interpolate:
+        return interpolation_plan(
+            r.interpolate, r.interp_steps, r.n_cells, conditions, r.seeds, vocab, libs
+        )
+    return grid_plan(conditions, r.n_cells, r.seeds, libs)

@@ -1,13 +1,14 @@
 """Benchmark the streaming loader against tiledbsoma-ml: `python launchers/bench_loader.py`."""
 
 import sys
+from collections.abc import Sequence
 
 from atlasldm.bench import loader
 
 
-def main() -> int:
-    """Run the loader benchmark with the command-line arguments."""
-    return loader.main(sys.argv[1:])
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the loader benchmark with `argv` (default: the command line)."""
+    return loader.main(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

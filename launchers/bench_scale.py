@@ -2,13 +2,14 @@
 `python launchers/bench_scale.py --help`."""
 
 import sys
+from collections.abc import Sequence
 
 from atlasldm.bench import scale
 
 
-def main() -> int:
-    """Run the scale benchmark with the command-line arguments."""
-    return scale.main(sys.argv[1:])
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scale benchmark with `argv` (default: the command line)."""
+    return scale.main(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ comparing scLDM with its baselines, the real-vs-real floor and the known-bad ref
 """
 
 import sys
+from collections.abc import Sequence
 
 from atlasldm.pipeline import e2e
 
 
-def main() -> None:
-    """Run the pipeline with the command-line arguments."""
-    e2e.main(sys.argv[1:])
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the pipeline with `argv` (default: the command line)."""
+    e2e.main(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

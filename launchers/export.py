@@ -8,32 +8,14 @@ side files) from the newest complete checkpoint, using the run's saved config.ya
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from collections.abc import Sequence
 
-from atlasldm.train import classifier_stage, dit_stage, vae_stage
-from atlasldm.train.cli import run_stage
-
-STAGES = {
-    "vae": vae_stage.main,
-    "dit": dit_stage.main,
-    "classifier": classifier_stage.main,
-}
+from atlasldm.train.cli import export_main
 
 
-def main() -> None:
-    """Parse argv, pick the run's stage and export its latest checkpoint."""
-    args = [a for a in sys.argv[1:] if not a.startswith("--local")]
-    if not args:
-        sys.exit("usage: python launchers/export.py RUN_DIR [key=value ...]")
-    run_dir = Path(args[0])
-    stage_file = run_dir / "stage"
-    if not stage_file.is_file():
-        sys.exit(f"error: {run_dir} is not a run folder (no 'stage' file); train it first")
-    stage = stage_file.read_text().strip()
-    overrides = [f"run.root={run_dir.parent}", f"run.name={run_dir.name}", *args[1:]]
-    config = [str(run_dir / "config.yaml"), *overrides]
-    run_stage(lambda _argv: STAGES[stage](config, export_only=True))
+def main(argv: Sequence[str] | None = None) -> None:
+    """Export the run folder named in `argv` (default: the command line); see `--help`."""
+    export_main(argv)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ splits the batches over N processes.
 """
 
 import sys
+from collections.abc import Sequence
 
 from atlasldm.generation import cli
 
 
-def main() -> None:
-    """Run generation with the command-line arguments."""
-    cli.main(sys.argv[1:])
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run generation with `argv` (default: the command line)."""
+    cli.main(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ Needs the VAE export of `train_vae.py` (default run folder runs/vae). Also runs 
 `torchrun --nproc_per_node N` and `accelerate launch --multi_gpu --num_processes N`.
 """
 
+from collections.abc import Sequence
+
 from atlasldm.train import dit_stage
 from atlasldm.train.cli import run_stage
 
 
-def main() -> None:
-    """Run the stage with the command-line arguments."""
-    run_stage(dit_stage.main)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the stage with `argv` (default: the command line); `--help` lists every config key."""
+    run_stage(dit_stage.main, argv)
 
 
 if __name__ == "__main__":

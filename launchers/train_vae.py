@@ -5,13 +5,15 @@ Runs with no arguments (reference-default VAE on the built-in pbmc68k copy). Als
 launcher's `--local_rank` argument is ignored.
 """
 
+from collections.abc import Sequence
+
 from atlasldm.train import vae_stage
 from atlasldm.train.cli import run_stage
 
 
-def main() -> None:
-    """Run the stage with the command-line arguments."""
-    run_stage(vae_stage.main)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the stage with `argv` (default: the command line); `--help` lists every config key."""
+    run_stage(vae_stage.main, argv)
 
 
 if __name__ == "__main__":

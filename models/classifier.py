@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlasldm.models.embeddings import TimestepEmbedder
+from atlasldm.models.export_format import Pretrained
 from atlasldm.models.flow import draw_time_and_noise, interpolate
 from atlasldm.models.skip_mlp import TimeConditionedLayer
 
@@ -48,8 +49,11 @@ class ClassifierConfig:
             raise ValueError("hidden_dims must be non-empty and positive")
 
 
-class NoisyLatentClassifier(nn.Module):
+class NoisyLatentClassifier(Pretrained, nn.Module):
     """Time-conditioned MLP: logits p(y | x_t, t) from a noisy latent (B, M, D)."""
+
+    model_type: ClassVar[str] = "classifier"  # config.json model_type (models.export_format)
+    config_class: ClassVar[type] = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()

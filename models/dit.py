@@ -32,6 +32,7 @@ from atlasldm.models.embeddings import (
     TimestepEmbedder,
     drop_conditions,
 )
+from atlasldm.models.export_format import Pretrained
 from atlasldm.models.layers import SwiGLU, modulate, sincos_embedding_1d
 
 
@@ -125,8 +126,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(Pretrained, nn.Module):
     """Velocity network v(x_t, t, labels) on the latent tokens, conditioned through adaLN."""
+
+    model_type: ClassVar[str] = "dit"  # config.json model_type (models.export_format)
+    config_class: ClassVar[type] = DiTConfig
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()

@@ -1,144 +1,128 @@
 """Load exported models with torch, safetensors and json only (no DeepSpeed, no run configs).
 
-An export folder (written by `train/export.py`) holds `model.safetensors` (fp32 weights; EMA for
-the denoiser), `config.json` (the model dataclass as a dict; denoisers add `"denoiser"`), side
-files such as `genes.tsv`, and `export.json`, the manifest listing every file with its size,
-written last: a folder without it, or with a file of the wrong size, is refused.
+The folder format (weights, config.json with `model_type`, side files, the `export.json`
+manifest written last) is `models.export_format`; every model class reads and writes it with
+`from_pretrained` / `save_pretrained`. This module adds the per-kind loaders, the model type of
+a folder, and the VAE export a denoiser or classifier export was trained on: its
+`provenance.json` names it by a path relative to the export folder (format 2; format 1 wrote the
+path as given) and by content digest (`export_digest`). See docs/api.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
 
-import torch
-from safetensors.torch import load_file
-
-from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
-from atlasldm.models.config_names import upgrade_config_dict
+from atlasldm.models.classifier import NoisyLatentClassifier
 from atlasldm.models.dit import DiT, DiTConfig
+from atlasldm.models.export_format import (  # noqa: F401  (re-exported: the format's names)
+    CARD,
+    CONFIG,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_TYPES,
+    WEIGHTS,
+    ExportError,
+    Pretrained,
+    check_export_folder,
+    export_digest,
+    infer_model_type,
+    read_config,
+    read_export,
+)
 from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
-from atlasldm.models.vae import VAE, VAEConfig
+from atlasldm.models.vae import VAE
 
-FORMAT_VERSION = 1
-MANIFEST = "export.json"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 DENOISERS = {"dit": (DiT, DiTConfig), "skip_mlp": (SkipMLP, SkipMLPConfig)}
+MODEL_CLASSES: dict[str, type[Pretrained]] = {
+    "vae": VAE,
+    "dit": DiT,
+    "skip_mlp": SkipMLP,
+    "classifier": NoisyLatentClassifier,
+}
 
 
-class ExportError(RuntimeError):
-    """An export folder cannot be written or read; the message names the folder and the fix."""
-
-
-def read_export(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """Return (fp32 state dict, model config dict, folder) of an export.
-
-    Side files are read by the caller from the returned folder.
+def model_type(folder: str | Path) -> str:
+    """Return the model type of an export folder: vae, dit, skip_mlp or classifier.
 
     Raises:
-        ExportError: the folder is missing, incomplete (no manifest) or corrupt.
+        ExportError: not a complete export, or a config.json no model class reads.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ExportError(f"export folder {folder} does not exist; run the export launcher first")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    kind = infer_model_type(read_config(folder))
+    if kind not in MODEL_CLASSES:
         raise ExportError(
-            f"{folder} has no {MANIFEST}: the export was interrupted or is not an export; "
-            "write it again with the export launcher"
+            f"{folder / CONFIG} names no model type this code loads ({kind}); expected one of "
+            f"{list(MODEL_TYPES)}"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ExportError(f"{manifest_path} is corrupt ({exc}); write the export again") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(
-            f"{folder} has export format {manifest.get('format_version')}, this code reads "
-            f"{FORMAT_VERSION}; re-export with this code version"
-        )
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            raise ExportError(
-                f"{path} is missing or has the wrong size (manifest says {size} bytes); "
-                "the export is corrupt, write it again"
-            )
-    try:
-        state = load_file(str(folder / WEIGHTS))
-        config = json.loads((folder / CONFIG).read_text())
-    except Exception as exc:  # safetensors raises its own error types
-        raise ExportError(f"{folder} cannot be read ({exc}); write the export again") from exc
-    return state, config, folder
+    return kind
 
 
-def export_digest(folder: str | Path) -> str:
-    """Return a 16-hex digest of an export's weights and config (its identity, not its path).
-
-    Two exports of the same architecture have manifests of identical sizes, so the content
-    is hashed: a latent cache or a denoiser records the digest of the VAE it was built on.
-    """
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for name in (CONFIG, WEIGHTS):
-        with open(folder / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _config(cls: type, values: dict[str, Any], folder: Path) -> Any:
-    """Build dataclass `cls` from exported values; unknown keys mean another code version.
-
-    Exports written before a field was renamed keep loading: old names are renamed, with a
-    deprecation warning (models.config_names).
-    """
-    try:
-        values = upgrade_config_dict(cls, values, where=str(folder / CONFIG))
-    except ValueError as exc:
-        raise ExportError(f"{exc}; the export is corrupt, write it again") from exc
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ExportError(
-            f"{folder / CONFIG} has keys {unknown} that {cls.__name__} does not know; the export "
-            "was written by another code version"
-        )
-    return cls(**values)
-
-
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> torch.nn.Module:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(
-            f"{folder / WEIGHTS} does not match its config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}; the export is corrupt or from another code version"
-        )
-    return model.eval()
+def load_model(folder: str | Path) -> Pretrained:
+    """Return the model of any export folder (its class from the model type), in eval mode."""
+    return MODEL_CLASSES[model_type(folder)].from_pretrained(folder)
 
 
 def load_vae(folder: str | Path) -> VAE:
     """Return the exported VAE in eval mode (fp32, CPU)."""
-    state, config, folder = read_export(folder)
-    return _load(VAE(_config(VAEConfig, config, folder)), state, folder)
+    return VAE.from_pretrained(folder)
 
 
 def load_denoiser(folder: str | Path) -> DiT | SkipMLP:
     """Return the exported denoiser (DiT or skip MLP; EMA weights) in eval mode."""
-    state, config, folder = read_export(folder)
-    config = dict(config)
-    kind = config.pop("denoiser", "dit")
+    config = read_config(folder)
+    kind = infer_model_type(config) or "dit"  # format 1 without a "denoiser" key: a DiT
     if kind not in DENOISERS:
-        raise ExportError(f"{folder / CONFIG}: unknown denoiser {kind!r}; expected dit or skip_mlp")
-    model_cls, config_cls = DENOISERS[kind]
-    return _load(model_cls(_config(config_cls, config, folder)), state, folder)
+        if kind in MODEL_CLASSES:
+            raise ExportError(
+                f"{folder} is a {kind} export, not a denoiser (dit or skip_mlp) export"
+            )
+        raise ExportError(
+            f"{Path(folder) / CONFIG}: unknown denoiser {kind!r}; expected dit or skip_mlp"
+        )
+    return DENOISERS[kind][0].from_pretrained(folder)
 
 
 def load_classifier(folder: str | Path) -> NoisyLatentClassifier:
     """Return an exported noisy-latent classifier in eval mode (fp32, CPU)."""
-    state, config, folder = read_export(folder)
-    return _load(NoisyLatentClassifier(_config(ClassifierConfig, config, folder)), state, folder)
+    return NoisyLatentClassifier.from_pretrained(folder)
+
+
+def vae_reference(folder: str | Path) -> tuple[str | None, str | None]:
+    """Return (path as recorded, digest) of the VAE export a latent-stage export was trained on."""
+    path = Path(folder) / "provenance.json"
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is corrupt ({exc}); write the export again") from exc
+    return record.get("vae_export"), record.get("vae_export_digest")
+
+
+def referenced_vae(folder: str | Path) -> Path:
+    """Return the VAE export a denoiser or classifier export names, its digest checked.
+
+    The recorded path is resolved against the export folder (so a run tree moved or copied as a
+    whole keeps working); a format-1 path relative to the working directory is tried next.
+
+    Raises:
+        ExportError: no VAE recorded, none found there, or one with another digest.
+    """
+    folder = Path(folder)
+    recorded, digest = vae_reference(folder)
+    if not recorded:
+        raise ExportError(f"{folder} does not record its VAE export; pass the VAE export too")
+    candidates = [Path(os.path.normpath(folder / recorded)), Path(recorded)]
+    found = next((c for c in candidates if (c / MANIFEST).is_file()), None)
+    if found is None:
+        raise ExportError(
+            f"{folder} was trained on the VAE export {candidates[0]}, which does not exist; "
+            "pass the VAE export it was trained on"
+        )
+    if digest is not None and export_digest(found) != digest:
+        raise ExportError(
+            f"{folder} was trained on VAE export digest {digest}, but {found} (the VAE it "
+            f"names) has digest {export_digest(found)}: that VAE was re-exported or replaced; "
+            "pass the VAE export it was trained on"
+        )
+    return found

@@ -32,6 +32,7 @@ from atlasldm.models.embeddings import (
     TimestepEmbedder,
     drop_conditions,
 )
+from atlasldm.models.export_format import Pretrained
 
 
 @dataclass
@@ -83,8 +84,11 @@ class TimeConditionedLayer(nn.Module):
         return self.act(self.norm(self.fc(x) + self.emb(emb)))
 
 
-class SkipMLP(nn.Module):
+class SkipMLP(Pretrained, nn.Module):
     """Velocity network on the flattened latent with a U-shaped skip-connected MLP."""
+
+    model_type: ClassVar[str] = "skip_mlp"  # config.json model_type (models.export_format)
+    config_class: ClassVar[type] = SkipMLPConfig
 
     def __init__(self, config: SkipMLPConfig) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from atlasldm.models.attention import BACKENDS, Backend
 from atlasldm.models.batch import CellBatch
 from atlasldm.models.embeddings_count import COUNT_EMBEDDINGS, CountEmbedding, InputLayer
+from atlasldm.models.export_format import Pretrained
 from atlasldm.models.layers import Block, CrossAttentionBlock, sincos_embedding_1d
 from atlasldm.models.likelihoods import (
     LIKELIHOODS,
@@ -203,12 +204,15 @@ class Decoder(nn.Module):
         return block.finish(q, block.attn.attend(qh, k, v))  # (B, c, E)
 
 
-class VAE(nn.Module):
+class VAE(Pretrained, nn.Module):
     """scLDM VAE: encode cells to z (B, M, D), decode per-gene NB (or Gaussian) parameters.
 
     Args:
         config: the model configuration.
     """
+
+    model_type: ClassVar[str] = "vae"  # config.json model_type (models.export_format)
+    config_class: ClassVar[type] = VAEConfig
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()

@@ -21,7 +21,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from atlasldm.generation import cli
+from atlasldm.generation import api, cli
 from atlasldm.generation.vocabulary import ConditionError
 from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
 from atlasldm.models.dit import DiT, DiTConfig
@@ -96,7 +96,10 @@ def write_dit(folder: Path, vae: Path, columns=("cell_type",), scheme="independe
         "conditions.json": json.dumps(conditions),
         "latent_stats.json": json.dumps({"mean": 0.1, "std": 0.9, "cells": 10}),
         "genes.tsv": (vae / "genes.tsv").read_text(),
-        "provenance.json": json.dumps({"stage": "dit", "vae_export_digest": export_digest(vae)}),
+        # As the DiT stage records it (train.frozen_vae): the VAE path as given, and its digest.
+        "provenance.json": json.dumps(
+            {"stage": "dit", "vae_export": str(vae), "vae_export_digest": export_digest(vae)}
+        ),
     }
     model_cfg = {"denoiser": "dit", **asdict(cfg)}
     write_export(folder, _perturbed(DiT(cfg), 1).state_dict(), model_cfg, extra)
@@ -142,6 +145,12 @@ def _reference(n_per_type=(7, 5, 3)) -> ad.AnnData:
     obs = pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(len(labels))])
     var = pd.DataFrame(index=[f"ENSG{i:05d}" for i in range(G)])
     return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def settings(adata: ad.AnnData) -> dict:
+    """uns["generation"]: a dict (a JSON string in outputs of earlier versions)."""
+    value = adata.uns["generation"]
+    return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 def _gen(exports, tmp_path, *extra, name="out.h5ad", dit=True) -> ad.AnnData:
@@ -234,7 +243,7 @@ def test_vae_prior_samples_standard_normal_latents(exports, tmp_path) -> None:
     out = _gen(exports, tmp_path, "--condition", "cell_type=B", "--n-cells", "256", dit=False)
     z = out.obsm["latent"]
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.05
-    assert "denoiser" in json.loads(out.uns["generation"])
+    assert settings(out)["library_size"] == "statistics"  # recorded in uns
 
 
 def test_soma_output_equals_h5ad_output(exports, tmp_path) -> None:
@@ -289,7 +298,7 @@ def test_two_processes_write_what_one_process_writes(exports, tmp_path) -> None:
 
 def test_a_crash_leaves_no_output(exports, tmp_path, monkeypatch) -> None:
     calls = {"n": 0}
-    real_decode = cli.decode
+    real_decode = api.decode
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -297,7 +306,7 @@ def test_a_crash_leaves_no_output(exports, tmp_path, monkeypatch) -> None:
             raise OSError(28, "No space left on device")
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "decode", failing)
+    monkeypatch.setattr(api, "decode", failing)
     with pytest.raises(OSError):
         _gen(exports, tmp_path, "--condition", "cell_type=*", "--n-cells", "4", "--batch-size", "4")
     assert list(tmp_path.iterdir()) == []
@@ -339,8 +348,99 @@ def test_command_line_error_is_one_line(exports, tmp_path) -> None:
     cmd = [sys.executable, str(REPO / "launchers" / "generate.py"), "--vae", str(exports["vae"])]
     cmd += ["--condition", "cell_type=Neuron", "--out", str(tmp_path / "x.h5ad")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown value 'Neuron'")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert proc.stderr.startswith("error: unknown value 'Neuron'")
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def _main_error(args: list[str], capsys) -> str:
+    """Run the command's main; return its one-line error (exit code 2 asserted)."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_swapped_vae_and_denoiser_are_named(exports, tmp_path, capsys) -> None:
+    out = tmp_path / "x.h5ad"
+    swapped = ["--vae", str(exports["dit"]), "--denoiser", str(exports["vae"])]
+    err = _main_error([*swapped, "--condition", "cell_type=B", "--out", str(out)], capsys)
+    assert "--vae and --denoiser are swapped" in err
+    assert f"pass --vae {exports['vae']} --denoiser {exports['dit']}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--vae", "dit"), "--vae {dit} is a dit export, not a VAE export; pass it as --denoiser"),
+        (("--vae", "vae", "--denoiser", "classifier"), "pass it as --classifier"),
+        (("--vae", "vae", "--classifier", "dit"), "is a dit export, not a classifier export"),
+        (("--vae", "missing"), "export folder {missing} does not exist"),
+        (("--vae", "vae", "--match", "missing"), "--match {missing} does not exist"),
+        (("--vae", "vae", "--n-cells", "0"), "--n-cells must be >= 1"),
+        (("--vae", "vae", "--batch-size", "0"), "--batch-size must be >= 1"),
+        (("--vae", "vae", "--seeds"), "expected at least one argument"),
+        (("--vae", "vae", "--steps", "x"), "invalid int value: 'x'"),
+        (("--vae", "vae", "--device", "gpu"), "--device gpu is not a device"),
+        (("--vae", "vae", "--match", "text"), "--match {text} cannot be read as .h5ad"),
+    ],
+)
+def test_usage_mistakes_exit_2_with_one_line(exports, tmp_path, capsys, flags, message) -> None:
+    (tmp_path / "notes.txt").write_text("not an h5ad")
+    folders = {k: str(v) for k, v in exports.items()}
+    folders.update(missing=str(tmp_path / "nope"), text=str(tmp_path / "notes.txt"))
+    args = [folders.get(f, f) for f in flags]
+    out = tmp_path / "out"
+    err = _main_error([*args, "--condition", "cell_type=B", "--out", str(out / "x.h5ad")], capsys)
+    assert message.format(**folders) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "fmt", "message"),
+    [
+        ("folder", "h5ad", "is a folder; pass a file name ending in .h5ad"),
+        ("file.h5ad", "soma", "is a file and a SOMA output is a folder"),
+        ("file.h5ad/x.h5ad", "auto", "cannot write under"),
+    ],
+)
+def test_an_out_that_cannot_take_the_format_is_refused(
+    exports, tmp_path, capsys, out, fmt, message
+):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.h5ad").write_text("old")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["--vae", str(exports["vae"]), "--out", str(tmp_path / out), "--format", fmt]
+    assert message in _main_error(args, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "file.h5ad").read_text() == "old"
+
+
+def test_the_vae_is_found_from_the_denoiser_export(exports, tmp_path) -> None:
+    request = ["--condition", "cell_type=T", "--n-cells", "4", *EULER_4]
+    dit = ["--denoiser", str(exports["dit"])]
+    given = cli.run(
+        ["--vae", str(exports["vae"]), *dit, *request, "--out", str(tmp_path / "a.h5ad")]
+    )
+    found = cli.run([*dit, *request, "--out", str(tmp_path / "b.h5ad")])
+    a, b = ad.read_h5ad(given), ad.read_h5ad(found)
+    assert (a.X != b.X).nnz == 0 and settings(b)["vae"] == str(exports["vae"])
+
+
+def test_every_option_has_help_that_shows_its_default() -> None:
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help"
+        shown = parser._get_formatter()._expand_help(action)  # what --help prints for it
+        assert f"(default: {action.default})" in shown or "%(default)" in action.help, shown
+    text = " ".join(parser.format_help().split())  # --help, unwrapped
+    assert text.count("(default: ") == len(parser._actions) - 1  # once per option, no repeats
 
 
 def test_trajectory_from_real_cells_starts_near_their_latents(exports, tmp_path) -> None:

@@ -127,6 +127,8 @@ BAD_CASES = [
     ("ok", ["--obs-columns", "sex"], ["'sex'", "available columns", "cell_type"]),
     ("ok", ["--conditions", "disease"], ["'disease'", "available columns"]),
     ("ok", ["--obs-filter", "cell_type == 'Z'"], ["matches no cells", "cell_type == 'Z'"]),
+    ("ok", ["--genes", "/no/such/genes.txt"], ["--genes", "/no/such/genes.txt not found"]),
+    ("ok", ["--tiledb-config", "vfs.s3.region"], ["KEY=VALUE", "'vfs.s3.region'"]),
 ]
 
 
@@ -138,9 +140,24 @@ def test_bad_input_clear_error_and_no_manifest(tmp_path, kind, extra, phrases):
         ingest(tmp_path / "copy", path, *extra)
     for phrase in phrases:
         assert phrase in str(err.value)
-    assert not (tmp_path / "copy" / "manifest.json").exists()
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "copy").exists()  # the refused run removed the folder it created
     with pytest.raises(IngestError, match="not a complete training copy.*--resume"):
         open_copy_manifest(tmp_path / "copy")
+
+
+def test_refused_ingest_leaves_an_empty_folder_empty_and_keeps_resumable_state(tmp_path):
+    path = tmp_path / "bad.h5ad"
+    _bad_adata("fraction").write_h5ad(path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IngestError, match="non-integer"):
+        ingest(tmp_path / "empty", path)
+    assert list((tmp_path / "empty").iterdir()) == []
+    out = ingest(tmp_path / "copy", RESUME_SOURCE, "--block-cells", "256", "--max-blocks", "1")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(IngestError, match="--resume"):  # an interrupted ingest is not removed
+        ingest(out, RESUME_SOURCE, "--block-cells", "256")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_round_counts_fixes_fraction_and_negative(tmp_path, read_copy):
@@ -360,8 +377,30 @@ def test_soma_experiment_source(pbmc_copy, tmp_path, read_copy):
     np.testing.assert_array_equal(obs2["cell_type"], obs1["cell_type"].to_numpy()[rows])
 
 
-def test_command_reports_bad_source_with_exit_code(tmp_path, caplog):
+def test_command_reports_bad_source_with_exit_code(tmp_path, caplog, capsys):
     from atlasldm.data.ingest import main
 
     assert main(["--source", "builtin:nope", "--out", str(tmp_path / "c")]) == 2
     assert "builtin:pbmc68k" in caplog.text  # the message lists what is available
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown builtin source 'builtin:nope'")
+
+
+def test_progress_lines_when_stderr_is_a_file(tmp_path):
+    """SLURM/nohup: no terminal, so each pass logs lines with its cell count and rate."""
+    log = tmp_path / "ingest.log"
+    cmd = [sys.executable, str(REPO / "launchers" / "ingest.py"), "--source", RESUME_SOURCE]
+    with open(log, "w") as stderr:
+        done = subprocess.run(
+            [*cmd, "--out", str(tmp_path / "copy"), "--block-cells", "256"],
+            cwd=REPO,
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text
+    for stage in ("scatter", "gather"):
+        line = next((ln for ln in text.splitlines() if ln.startswith(f"ingest {stage} w0:")), "")
+        assert "1,500/1,500 cells (100%)" in line and "cells/s" in line, text
+    assert "\r" not in text  # no bar redraws in a log file

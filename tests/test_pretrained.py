@@ -1,7 +1,10 @@
 """Exports load with `models.pretrained` alone and reproduce the live model's outputs; exports
-written before a config field was renamed still load, with a deprecation warning."""
+written before a config field was renamed, or before config.json named the model type, still
+load; `save_pretrained` / `from_pretrained` round-trip every model class exactly."""
 
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,15 @@ from atlasldm.models.batch import CellBatch
 from atlasldm.models.classifier import ClassifierConfig, NoisyLatentClassifier
 from atlasldm.models.config_names import DeprecatedNameWarning, deprecated_names
 from atlasldm.models.dit import DiT, DiTConfig
-from atlasldm.models.pretrained import ExportError, load_classifier, load_denoiser, load_vae
+from atlasldm.models.pretrained import (
+    FORMAT_VERSION,
+    ExportError,
+    load_classifier,
+    load_denoiser,
+    load_model,
+    load_vae,
+    model_type,
+)
 from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
 from atlasldm.models.vae import VAE, VAEConfig
 from atlasldm.train.export import write_export
@@ -125,3 +136,75 @@ def test_export_with_old_and_new_name_is_refused(tmp_path) -> None:
     folder = write_export(tmp_path / "dit", DiT(cfg).state_dict(), config)
     with pytest.raises(ExportError, match="hidden_dim.*embed_dim"):
         load_denoiser(folder)
+
+
+# model_type: (class, a small config) for save_pretrained / from_pretrained
+SMALL = {
+    "vae": (VAE, SMALL_VAE),
+    "dit": (DiT, OLD_DIT),
+    "skip_mlp": (SkipMLP, OLD_SKIP_MLP),
+    "classifier": (NoisyLatentClassifier, OLD_CLASSIFIER),
+}
+
+
+LOADERS = {"vae": load_vae, "dit": load_denoiser, "skip_mlp": load_denoiser}
+LOADERS["classifier"] = load_classifier
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_save_pretrained_from_pretrained_round_trip_is_exact(tmp_path, kind) -> None:
+    model_cls, cfg = SMALL[kind]
+    live = _trained_like(model_cls(cfg))
+    folder = live.save_pretrained(tmp_path / kind)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == kind and config["format_version"] == FORMAT_VERSION
+    assert model_type(folder) == kind
+    loaded = model_cls.from_pretrained(folder)
+    assert type(loaded) is model_cls and loaded.config == cfg and not loaded.training
+    a, b = live.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert type(load_model(folder)) is model_cls
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_from_pretrained_refuses_another_model_type(tmp_path, kind) -> None:
+    model_cls, cfg = SMALL[kind]
+    folder = model_cls(cfg).save_pretrained(tmp_path / kind)
+    for other, (other_cls, _) in SMALL.items():
+        if other != kind:
+            with pytest.raises(ExportError, match=f"is a {kind} export, not a {other} export"):
+                other_cls.from_pretrained(folder)
+
+
+def _as_format_1(folder: Path) -> Path:
+    """Rewrite an export as format 1 wrote it: no model_type / format_version in config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("model_type"), config.pop("format_version")
+    (folder / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((folder / "export.json").read_text())
+    manifest["format_version"] = 1
+    manifest["files"] = {
+        p.name: p.stat().st_size for p in folder.iterdir() if p.name != "export.json"
+    }
+    (folder / "export.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_format_1_exports_without_model_type_keep_loading(tmp_path, kind) -> None:
+    model_cls, cfg = SMALL[kind]
+    live = _trained_like(model_cls(cfg))
+    folder = _as_format_1(live.save_pretrained(tmp_path / kind))
+    assert "model_type" not in json.loads((folder / "config.json").read_text())
+    assert model_type(folder) == kind  # told from the keys, as the loaders always did
+    loaded = LOADERS[kind](folder)
+    a, b = live.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_that_is_no_model_export_is_named(tmp_path) -> None:
+    folder = write_export(tmp_path / "toy", {"w": torch.ones(2)}, {"kind": "toy"})
+    with pytest.raises(ExportError, match="names no model type"):
+        model_type(folder)
+    with pytest.raises(ExportError, match="does not exist"):
+        model_type(tmp_path / "nope")

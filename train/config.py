@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from atlasldm.cli_parser import Parser
+from atlasldm.cli_schema import schema_help
 from atlasldm.models.config_names import upgrade_config_tree
 
 T = TypeVar("T")
@@ -46,14 +49,38 @@ def _check_literals(obj: Any, prefix: str = "") -> None:
 def _read_yaml(schema: type, path: Path) -> Any:
     """Return a YAML config file as a config node, old field names renamed (with a warning)."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; check the path")
+        what = "is not a file" if path.exists() else "does not exist"
+        not_yaml = path.suffix not in (".yaml", ".yml")
+        hint = " (a key=value override needs the '=')" if not_yaml else ""
+        raise ConfigError(f"config file {path} {what}; check the path{hint}")
     text = path.read_text()
     if "${" in text or "_target_" in text:
         raise ConfigError(
             f"{path}: interpolation ('${{') and '_target_' are not allowed in configs; "
             "write plain values"
         )
-    return _upgraded(schema, OmegaConf.load(path), str(path))
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} {_yaml_problem(exc)}; fix the YAML") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(
+            f"{path}: the top level is a list, not sections (run:, optim:, ...); fix the YAML"
+        )
+    return _upgraded(schema, node, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line N: what` of a YAML syntax error (1-based line, and where the construct began)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f": {str(exc).splitlines()[0]}"
+    where, start = f"line {mark.line + 1}", getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or "not valid YAML"
+    context = getattr(exc, "context", None)
+    if context and start is not None and start.line != mark.line:
+        problem += f" ({context} started on line {start.line + 1})"
+    return f"{where}: {problem}"
 
 
 def _upgraded(schema: type, node: Any, where: str) -> Any:
@@ -84,8 +111,12 @@ def load_config(
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except ValueError as exc:  # a section's own check (e.g. DataConfig) rejected a value
-        raise ConfigError(f"bad config value: {exc}; fix it in the YAML or the override") from exc
+    except ValueError as exc:  # a section's own check (e.g. DataConfig) or OmegaConf's type check
+        key = getattr(exc, "full_key", None)
+        where = f" for '{key}'" if key else ""
+        reason = str(exc).splitlines()[0]  # OmegaConf appends full_key/object_type lines
+        fix = "fix it in the YAML or the override"
+        raise ConfigError(f"bad config value{where}: {reason}; {fix}") from exc
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
@@ -100,6 +131,42 @@ def load_config(
 def to_yaml(obj: Any) -> str:
     """Return the resolved config as YAML text (printed at start, saved in the run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def stage_parser(schema: type) -> Parser:
+    """The command line of a training stage; its --help lists every config key of `schema`."""
+    parser = Parser(
+        description=f"Train one stage. Its config (schema {schema.__name__}) is the defaults "
+        "listed below,\nthen the YAML files in the order given, then the key=value overrides.",
+        epilog=schema_help(schema),
+    )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        default=[],
+        metavar="CONFIG.yaml | KEY=VALUE",
+        help="YAML config files (merged in order), then section.key=value overrides "
+        "(e.g. optim.lr=3e-4)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML, after the files and overrides) and exit "
+        "without training",
+    )
+    return parser
+
+
+def parse_stage_argv(schema: type, argv: Sequence[str]) -> tuple[list[str], list[str], bool]:
+    """Return (YAML paths, key=value overrides, --print-config given) of a stage's argv.
+
+    `--help` prints the usage and every config key, then exits 0; an unknown option is one
+    line and exit 2. The deepspeed launcher's `--local_rank=N` is ignored.
+    """
+    kept = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    args = stage_parser(schema).parse_mixed(kept, rest="args")
+    yamls, overrides = split_cli(args.args)
+    return yamls, overrides, args.print_config
 
 
 def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +29,27 @@ from atlasldm.train.shm_buffers import (
     release_buffer,
     remove_stale_buffers,
 )
+
+
+def _deepspeed() -> Any:
+    """Import DeepSpeed on first use, naming the CPU accelerator where there is no other.
+
+    Without an accelerator DeepSpeed falls back to its CPU one and says so on stdout, which
+    corrupts machine-read output (`--print-config > run.yaml`); naming the same choice first
+    skips the detection and its message. An explicit DS_ACCELERATOR wins. Importing on first use
+    also keeps DeepSpeed's import cost out of commands that never build an engine.
+    """
+    if "DS_ACCELERATOR" not in os.environ and not _has_accelerator():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    return deepspeed
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -67,7 +87,7 @@ def init_distributed(threads_per_rank: int = 0) -> torch.device:
         if device.type == "cpu" and os.environ.get("LOCAL_SIZE") == os.environ["WORLD_SIZE"]:
             # DeepSpeed's CPU comm op maps a shm buffer only when all ranks are local (shm.cpp)
             _manage_shm_buffer(shm_buffer_path())
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        _deepspeed().init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -312,7 +332,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
     The fp32 values of the frozen parameters are copied first (see `frozen_fp32_params`).
     """
     frozen = frozen_fp32_params(model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = _deepspeed().initialize(model=model, optimizer=optimizer, config=ds_config)
     engine.frozen_fp32 = frozen
     return engine
 
@@ -340,7 +360,7 @@ def gathered_params(engine: Any) -> Iterator[None]:
     """
     if engine.zero_optimization_stage() == 3:
         params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with _deepspeed().zero.GatheredParameters(params, modifier_rank=None):
             yield
     else:
         yield

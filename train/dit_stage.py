@@ -22,6 +22,7 @@ from torch import nn
 from atlasldm.data.batch import CsrBatch
 from atlasldm.data.config import DataConfig
 from atlasldm.data.stream import CellStream
+from atlasldm.data.vocab import GeneVocab
 from atlasldm.models.dit import DiT, DiTConfig
 from atlasldm.models.flow import flow_loss
 from atlasldm.models.skip_mlp import SkipMLP, SkipMLPConfig
@@ -182,7 +183,7 @@ def build_stage(cfg: DiTStageConfig, device: torch.device) -> tuple[Stage, DiTSt
     data = replace(data, source=resolve_source(data, cfg.run.root))
     genes = Path(data.vocab_path) if data.vocab_path else Path(data.source) / "genes.tsv"
     vae_genes = (vae.folder / "genes.tsv").read_text()
-    if genes.read_text() != vae_genes:
+    if GeneVocab.read(genes) != GeneVocab.read(vae.folder / "genes.tsv"):
         raise ConfigError(
             f"the gene vocabulary of {data.source} differs from the VAE's ({vae.folder})"
         )

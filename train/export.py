@@ -1,47 +1,40 @@
-"""Export folders: plain fp32 weights + config + side files, loadable without DeepSpeed.
+"""Export folders of the training stages: weights, config, side files, provenance, model card.
 
-Layout (docs/design.md): `model.safetensors`, `config.json` (the model dataclass as a dict),
-any extra files (`genes.tsv`, `conditions.json`, ...) and `export.json`, the manifest, written
-LAST. The folder is assembled under a temporary name and renamed into place, so a crash never
-leaves a half-written folder under the final name; a folder without a manifest is not an export.
-Every stage's export also carries a `provenance.json` (`provenance_json`).
+The folder format and its atomic writer are `models.export_format` (loadable with torch,
+safetensors and json alone; docs/api.md). On top of it this module adds what a training run
+knows: `model_type` and `format_version` in config.json, `provenance.json` (`provenance_json`)
+with the VAE of a latent stage named by a path relative to the export folder, so a run tree
+moved or copied as a whole keeps its references, and a `README.md` model card.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 # The reading side and the format constants live in models/, so that downstream packages load
-# exports with models alone; this module adds the atomic writer.
-from atlasldm.models.pretrained import (  # noqa: F401  (re-exported)
+# exports with models alone; this module adds what a training run records.
+from atlasldm.models.export_format import (  # noqa: F401  (re-exported)
+    CARD,
     CONFIG,
     FORMAT_VERSION,
     MANIFEST,
     WEIGHTS,
     ExportError,
+    infer_model_type,
     read_export,
+    write_export_folder,
 )
 
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+REPO_ROOT = Path(__file__).resolve().parents[1]  # a git checkout, or site-packages/atlasldm
+PROVENANCE = "provenance.json"
 
 
 def write_export(
@@ -55,58 +48,60 @@ def write_export(
     Args:
         folder: destination folder, e.g. `runs/<name>/export`.
         state_dict_fp32: full weights (consolidated, fp32); tensors are made contiguous on CPU.
-        model_config: JSON-serialisable model config (the model dataclass as a dict).
+        model_config: JSON-serialisable model config (the model dataclass as a dict; a
+            denoiser's carries `"denoiser"`). Its model type is recorded when it tells one.
         extra_files: file name -> content (str or bytes), e.g. `genes.tsv`, `conditions.json`.
+            A `provenance.json` naming `vae_export` gets that path relative to `folder`; a
+            `README.md` model card is written unless one is given.
     """
     folder = Path(folder)
-    extra_files = dict(extra_files or {})
-    reserved = {MANIFEST, WEIGHTS, CONFIG} & set(extra_files)
-    if reserved or any("/" in name or name.startswith(".") for name in extra_files):
-        raise ExportError(f"extra file names must be plain and not {sorted(reserved)}")
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict_fp32.items()}
-        save_file(tensors, str(tmp / WEIGHTS))
-        _fsync_file(tmp / WEIGHTS)
-        _fsync_write(tmp / CONFIG, json.dumps(model_config, indent=2, sort_keys=True).encode())
-        for name, content in extra_files.items():
-            _fsync_write(tmp / name, content.encode() if isinstance(content, str) else content)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        manifest = {"format_version": FORMAT_VERSION, "files": files}
-        # The manifest goes last: its presence is what makes the folder an export.
-        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _swap_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    extra = dict(extra_files or {})
+    kind = infer_model_type(model_config)
+    config = {"format_version": FORMAT_VERSION, **model_config}
+    if kind is not None:
+        config["model_type"] = kind
+    if isinstance(extra.get(PROVENANCE), str):
+        extra[PROVENANCE] = _relative_vae_path(extra[PROVENANCE], folder)
+    if CARD not in extra:
+        extra[CARD] = model_card(kind, model_config, extra, _parameter_count(state_dict_fp32))
+    return write_export_folder(folder, state_dict_fp32, config, extra)
 
 
-def _swap_into_place(tmp: Path, folder: Path) -> None:
-    # os.replace cannot overwrite a non-empty directory: move the old export aside first. A crash
-    # between the two renames leaves no export under `folder` (and the old one under `.old`),
-    # never a mixture of the two.
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    dir_fd = os.open(folder.parent, os.O_RDONLY)
+def _relative_vae_path(provenance: str, folder: Path) -> str:
+    """Rewrite `vae_export` (a path as the run was given it) relative to the export folder."""
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    shutil.rmtree(old, ignore_errors=True)
+        record = json.loads(provenance)
+    except json.JSONDecodeError:
+        return provenance  # not ours to judge: written as given
+    if not isinstance(record, dict) or not record.get("vae_export"):
+        return provenance
+    target = os.path.abspath(record["vae_export"])
+    record["vae_export"] = os.path.relpath(target, os.path.abspath(folder))
+    return json.dumps(record, indent=2, default=str)
+
+
+def _parameter_count(state: dict[str, torch.Tensor]) -> int:
+    return sum(int(t.numel()) for t in state.values())
 
 
 def code_version() -> str:
-    """Return the git commit of the code (with '+dirty'), or 'unknown'."""
+    """Return the git commit of this code (with '+dirty'), else the installed package version.
+
+    Git runs in the package's own folder, never the caller's working directory (which may be
+    another repository); an installed wheel has no `.git` and reports `atlasldm==<version>`.
+    """
+    if (REPO_ROOT / ".git").exists():
+        try:
+            git = ["git", "-C", str(REPO_ROOT)]
+            head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+            dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+            if head.returncode == 0 and head.stdout.strip():
+                return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        except OSError:  # no git executable: fall through to the package metadata
+            pass
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
+        return f"atlasldm=={version('atlasldm')}"
+    except PackageNotFoundError:
         return "unknown"
 
 
@@ -124,3 +119,135 @@ def provenance_json(stage: str, info: dict[str, Any], **fields: Any) -> str:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return json.dumps(record, indent=2, default=str)
+
+
+# --- model card ----------------------------------------------------------------------------
+
+TITLES = {
+    "vae": "scLDM VAE (MCAB set-transformer encoder, negative-binomial decoder)",
+    "dit": "scLDM latent Diffusion Transformer (flow matching)",
+    "skip_mlp": "scLDM latent skip-connected MLP denoiser (flow matching)",
+    "classifier": "scLDM noisy-latent classifier (classifier guidance)",
+}
+USES = {
+    "vae": "Encode single-cell RNA counts over its gene vocabulary to latents (`.encode`) and "
+    "decode latents to negative-binomial counts. The first stage of scLDM; on its own it "
+    "samples cells from its prior (the 'w/o LDM' ablation).",
+    "dit": "Generate synthetic single-cell count profiles, with its VAE, conditioned on the "
+    "attributes below (classifier-free guidance).",
+    "classifier": "Steer a denoiser's generation towards values of one attribute (classifier "
+    "guidance), with the VAE and denoiser it was trained beside.",
+}
+USES["skip_mlp"] = USES["dit"]
+LIMITS = (
+    "Research use: benchmarking, augmentation and in-silico exploration. Generated cells "
+    "follow the training data, its cell populations and biases; they are not measurements and "
+    "not for clinical decisions."
+)
+
+
+def model_card(kind: str | None, config: dict[str, Any], extra: dict, n_params: int) -> str:
+    """Return the README.md of an export: data, training, metrics, intended use, how to load."""
+    prov = _json_of(extra.get(PROVENANCE))
+    lines = [f"# {TITLES.get(kind or '', 'atlasldm model export')}", ""]
+    lines += [f"- model type: `{kind}` (config.json `model_type`), export format {FORMAT_VERSION}"]
+    lines += [f"- parameters: {n_params:,}"]
+    for key in ("code_version", "created", "weights"):
+        if key in prov:
+            lines.append(f"- {key.replace('_', ' ')}: {prov[key]}")
+    lines += ["", "## Training data", "", *_data_lines(config, extra, prov), ""]
+    lines += ["## Training", "", *_training_lines(prov), ""]
+    lines += ["## Intended use", "", USES.get(kind or "", "A model of atlasldm."), "", LIMITS]
+    lines += ["", "## How to load", "", *_load_lines(kind), ""]
+    return "\n".join(lines)
+
+
+def _json_of(text: Any) -> dict:
+    try:
+        record = json.loads(text) if isinstance(text, str | bytes) else {}
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _copy_manifest(source: str | None) -> dict:
+    """The training copy's manifest.json (cells, genes, filter), or {} in direct mode."""
+    path = Path(source) / "manifest.json" if source else None
+    if path is None or not path.is_file():
+        return {}
+    return _json_of(path.read_text())
+
+
+def _data_lines(config: dict, extra: dict, prov: dict) -> list[str]:
+    copy = _copy_manifest(prov.get("data_source"))
+    origin = (copy.get("source") or {}).get("source")
+    source = f"`{prov.get('data_source', 'not recorded')}`"
+    lines = [f"- source: {source}" + (f" (training copy of `{origin}`)" if origin else "")]
+    cells = f"{copy['n_cells']:,} in the training copy" if "n_cells" in copy else "not recorded"
+    if "cells_seen" in prov:
+        cells += f"; {prov['cells_seen']:,} seen in training"
+    genes = extra.get("genes.tsv")
+    n_genes = config.get("num_genes") or copy.get("n_genes")
+    if n_genes is None and isinstance(genes, str):
+        n_genes = max(len(genes.strip().splitlines()) - 1, 0)
+    lines += [f"- cells: {cells}", f"- genes: {n_genes if n_genes is not None else 'n/a'}"]
+    obs_filter = f"`{copy['obs_filter']}`" if copy.get("obs_filter") else "none"
+    lines.append(f"- filter: {obs_filter if copy else 'not recorded'}")
+    lines += [f"- conditions: {c}" for c in _conditions(extra)]
+    if "vae_export" in prov:
+        lines.append(
+            f"- VAE export: `{prov['vae_export']}` (relative to this folder; digest "
+            f"{prov.get('vae_export_digest')})"
+        )
+    return lines
+
+
+def _conditions(extra: dict) -> list[str]:
+    cond = _json_of(extra.get("conditions.json"))
+    if "columns" in cond:
+        vocab = cond.get("vocabularies", {})
+        return [", ".join(_values(c, vocab.get(c, [])) for c in cond["columns"])]
+    if "attribute" in cond:
+        return [_values(cond["attribute"], cond.get("values", []))]
+    labels = _json_of(extra.get("labels.json"))
+    return [", ".join(_values(c, v) for c, v in labels.items())] if labels else []
+
+
+def _values(attribute: str, values: list) -> str:
+    return f"{attribute} ({len(values)} value{'' if len(values) == 1 else 's'})"
+
+
+def _training_lines(prov: dict) -> list[str]:
+    lines = [f"- steps: {prov.get('step', 'not recorded')}"]
+    val = prov.get("val") or {}
+    if not val:
+        return [*lines, "- final validation metrics: none recorded"]
+    lines += ["- final validation metrics:", "", "| metric | value |", "|---|---|"]
+    return lines + [f"| {k} | {v:.6g} |" for k, v in val.items() if isinstance(v, int | float)]
+
+
+def _load_lines(kind: str | None) -> list[str]:
+    snippet = {
+        "classifier": [
+            "import atlasldm",
+            'gen = atlasldm.load_pretrained("path/to/dit/export", classifiers=["path/to/this"])',
+            'adata = gen.generate(conditions={"ATTR": "VALUE"}, n_cells=100, seed=0)',
+        ],
+        "vae": [
+            "import atlasldm",
+            'gen = atlasldm.load_pretrained("path/to/this/folder")  # VAE prior',
+            "latents = gen.encode(adata)  # (cells, M, D)",
+        ],
+    }.get(
+        kind or "",
+        [
+            "import atlasldm",
+            'gen = atlasldm.load_pretrained("path/to/this/folder")  # finds its VAE export',
+            'adata = gen.generate(conditions={"ATTR": "VALUE"}, n_cells=100, seed=0)',
+        ],
+    )
+    plain = (
+        "Without atlasldm: `safetensors.torch.load_file('model.safetensors')` holds the fp32 "
+        "weights and `config.json` the model config (docs/api.md in the atlasldm repository)."
+    )
+    return ["```python", *snippet, "```", "", plain]

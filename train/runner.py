@@ -5,6 +5,7 @@ its `build_stage`.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,13 @@ from typing import Any
 import torch
 
 from atlasldm.data.source_check import check_source
-from atlasldm.train.config import TrainConfig, accumulation_steps, load_config, split_cli
+from atlasldm.train.config import (
+    TrainConfig,
+    accumulation_steps,
+    load_config,
+    parse_stage_argv,
+    to_yaml,
+)
 from atlasldm.train.distributed import init_distributed, shutdown_distributed, world_size
 from atlasldm.train.loop import run
 from atlasldm.train.stage import Stage
@@ -33,9 +40,14 @@ def stage_main(
     """Load `schema` from argv, build the stage on this rank's device and run the loop.
 
     Returns the final validation metrics; with `export_only`, exports the latest checkpoint.
+    `--help` and `--print-config` (rank 0 prints the config) end before any rank starts.
     """
-    yamls, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    yamls, overrides, print_only = parse_stage_argv(schema, sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, yamls, overrides)
+    if print_only:
+        if os.environ.get("RANK", "0") == "0":
+            print(to_yaml(cfg), end="", flush=True)
+        return {}
     check_source(cfg.data.source, cfg.data.mode, cfg.data.vocab_path)  # before any rank reads it
     device = init_distributed(cfg.run.threads_per_rank)
     accumulation_steps(cfg.batch, world_size())  # fail before any data work

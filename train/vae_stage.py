@@ -21,6 +21,7 @@ from torch import nn
 from atlasldm.data.batch import CsrBatch
 from atlasldm.data.config import DataConfig
 from atlasldm.data.stream import CellStream
+from atlasldm.data.vocab import GeneVocab
 from atlasldm.models.vae import VAE, VAEConfig
 from atlasldm.train.batches import cell_batch
 from atlasldm.train.config import (
@@ -74,7 +75,7 @@ class VAEStageConfig(TrainConfig):
 def num_genes_of(data: DataConfig) -> int:
     """Return V, the rows of the vocabulary (copy's genes.tsv, or vocab_path in direct mode)."""
     path = Path(data.vocab_path) if data.vocab_path else Path(data.source) / "genes.tsv"
-    return len(path.read_text().splitlines()) - 1
+    return len(GeneVocab.read(path))  # a genes.tsv or a plain gene-id list
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -142,7 +143,7 @@ def make_vae_export(cfg: VAEStageConfig, stream: CellStream):
             "vae", info, data_source=str(source), data_fingerprint=stream.fingerprint
         )
         extra = {
-            "genes.tsv": genes.read_text(),
+            "genes.tsv": GeneVocab.read(genes).tsv_text(),  # a plain list becomes a genes.tsv
             "labels.json": labels_text,
             "libsize.json": json.dumps(libsize, indent=2),
             "provenance.json": provenance,

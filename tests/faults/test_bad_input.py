@@ -34,20 +34,21 @@ def _bad_sources(tmp: Path) -> dict[str, tuple[str, str]]:
     }
 
 
-def _one_line_exit(argv: list[str]) -> str:
-    """Run the VAE launcher's main in this process; return the one-line exit message."""
+def _one_line_exit(argv: list[str], capsys) -> str:
+    """Run the VAE launcher's main in this process; return its one line (exit 2, a mistake)."""
     with pytest.raises(SystemExit) as exit_info, one_line_errors():
         vae_stage.main(argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("error: "), message
-    assert "\n" not in message and "Traceback" not in message
-    return message
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1, message
+    assert "Traceback" not in message
+    return message.strip()
 
 
-def test_bad_data_sources_give_one_line(tmp_path):
+def test_bad_data_sources_give_one_line(tmp_path, capsys):
     for name, (source, phrase) in _bad_sources(tmp_path).items():
         runs = tmp_path / "runs" / name.replace(" ", "_")
-        message = _one_line_exit([DEBUG, f"data.source={source}", f"run.root={runs}"])
+        message = _one_line_exit([DEBUG, f"data.source={source}", f"run.root={runs}"], capsys)
         assert phrase in message and source in message, (name, message)
         assert not runs.exists(), f"{name}: a run folder was started"
 
@@ -61,8 +62,8 @@ def test_bad_data_sources_give_one_line(tmp_path):
         ("run.eval_every=-1", "run.eval_every = -1 must be >= 0"),
     ],
 )
-def test_bad_values_give_one_line_and_no_export(tmp_path, override, phrase):
-    message = _one_line_exit([DEBUG, override, f"run.root={tmp_path}"])
+def test_bad_values_give_one_line_and_no_export(tmp_path, override, phrase, capsys):
+    message = _one_line_exit([DEBUG, override, f"run.root={tmp_path}"], capsys)
     assert phrase in message
     assert not any(tmp_path.iterdir()), "a run (or an export) was written"
 
