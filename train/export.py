@@ -193,6 +193,9 @@ def _data_lines(config: dict, extra: dict, prov: dict) -> list[str]:
     lines += [f"- cells: {cells}", f"- genes: {n_genes if n_genes is not None else 'n/a'}"]
     obs_filter = f"`{copy['obs_filter']}`" if copy.get("obs_filter") else "none"
     lines.append(f"- filter: {obs_filter if copy else 'not recorded'}")
+    if "data_mode" in prov:  # how training read the source, and its own obs filter
+        training_filter = f"`{prov['data_obs_filter']}`" if prov.get("data_obs_filter") else "none"
+        lines.append(f"- read as: {prov['data_mode']} mode; training filter: {training_filter}")
     lines += [f"- conditions: {c}" for c in _conditions(extra)]
     if "vae_export" in prov:
         lines.append(

@@ -139,9 +139,9 @@ def make_vae_export(cfg: VAEStageConfig, stream: CellStream):
     genes = Path(cfg.data.vocab_path) if cfg.data.vocab_path else source / "genes.tsv"
 
     def export(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-        provenance = provenance_json(
-            "vae", info, data_source=str(source), data_fingerprint=stream.fingerprint
-        )
+        data = {"data_source": str(source), "data_fingerprint": stream.fingerprint}
+        data |= {"data_mode": cfg.data.mode, "data_obs_filter": cfg.data.obs_filter}
+        provenance = provenance_json("vae", info, **data)
         extra = {
             "genes.tsv": GeneVocab.read(genes).tsv_text(),  # a plain list becomes a genes.tsv
             "labels.json": labels_text,
