@@ -24,6 +24,7 @@ from atlasldm.evaluation.preprocess import (
     log1p_cp10k,
     to_dense,
 )
+from atlasldm.progress import Progress
 
 
 def make_set(adata: ad.AnnData, label_key: str, is_normalized: bool = False) -> EvalSet:
@@ -84,9 +85,14 @@ def build_context(reference: ad.AnnData, test: ad.AnnData, config: EvalConfig) -
     )
 
 
-def evaluate_set(ctx: Context, gen: EvalSet) -> dict:
-    """Return Block B (and Block A when configured) metrics of one set at one seed."""
+def evaluate_set(ctx: Context, gen: EvalSet, progress: Progress | None = None) -> dict:
+    """Return Block B (and Block A when configured) metrics of one set at one seed.
+
+    ``progress`` counts one unit per metric block done.
+    """
     out = {"block_b": block_b(ctx, gen)}
+    if progress is not None:
+        progress.update()
     if ctx.config.block_a:
         hvg = ctx.rep.hvg_idx
         out["block_a"] = {
@@ -105,6 +111,8 @@ def evaluate_set(ctx: Context, gen: EvalSet) -> dict:
                 ctx.test_projection,
             ),
         }
+        if progress is not None:
+            progress.update()
     return out
 
 
@@ -180,17 +188,23 @@ def prepare(
 
 
 def run(ctx: Context, sets: dict[str, tuple[str, dict[int, EvalSet]]]) -> dict:
-    """Return ``{settings, sets}``: per set its kind, seeds, per-seed metrics and summary."""
+    """Return ``{settings, sets}``: per set its kind, seeds, per-seed metrics and summary.
+
+    Shows its progress in metric blocks (Block B, and Block A when configured, per set and
+    seed): a bar on a terminal, a line with rate and ETA every half minute otherwise.
+    """
     results = {}
-    for name, (kind, per_seed) in sets.items():
-        metrics = {s: evaluate_set(ctx, es) for s, es in per_seed.items()}
-        results[name] = {
-            "kind": kind,
-            "seeds": sorted(per_seed),
-            "per_seed": metrics,
-            "summary": summarize(metrics),
-            "summary_per_class": summarize_classes(metrics),
-        }
+    blocks = sum(len(per_seed) for _, per_seed in sets.values()) * (1 + ctx.config.block_a)
+    with Progress("evaluate", total=blocks, unit="metric blocks") as progress:
+        for name, (kind, per_seed) in sets.items():
+            metrics = {s: evaluate_set(ctx, es, progress) for s, es in per_seed.items()}
+            results[name] = {
+                "kind": kind,
+                "seeds": sorted(per_seed),
+                "per_seed": metrics,
+                "summary": summarize(metrics),
+                "summary_per_class": summarize_classes(metrics),
+            }
     settings = {**asdict(ctx.config), **ctx.settings, "bandwidth_h": ctx.bandwidth}
     return {"settings": settings, "sets": results}
 

@@ -8,7 +8,8 @@ and samples the same VAE from its Gaussian prior (the paper's "w/o LDM" ablation
 generates the test set's cells (same conditions and library sizes) at three seeds; the evaluation
 compares them with the real-vs-real floor and the known-bad references and prints one table.
 
-Each training stage runs as its own process through the same launchers a user runs.
+Each training stage runs as its own process through the same launchers a user runs, with its
+output in `ROOT/<stage>.log`; the console shows each stage's progress meanwhile (`StageWatch`).
 """
 
 from __future__ import annotations
@@ -16,22 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
+from tqdm import tqdm
 
+from atlasldm.cli_parser import Parser
 from atlasldm.configs import CONFIGS_DIR
 from atlasldm.data.config import DataConfig
 from atlasldm.data.to_anndata import split_to_anndata
 from atlasldm.launchers import LAUNCHERS_DIR
+from atlasldm.progress import Progress
 
 CONFIGS = CONFIGS_DIR / "e2e"
 LABEL_KEY = "cell_type"
 VAL_FRACTION = 0.3  # must equal data.val_fraction of every configs/e2e recipe
 MODELS = ("scldm", "vae_prior", "scdiffusion")  # the generated sets, in table order
+STAGES = ("vae", "dit", "skip_mlp", "classifier")  # the trained stages, in training order
 TABLE_KEYS = (
     ("w2", "W2 (30 PCs)"),
     ("mmd2_u", "MMD² unbiased"),
@@ -47,14 +54,26 @@ TABLE_KEYS = (
 )
 # CI's shortened run: a few steps per stage, 5 Euler steps, one seed, a small forest.
 QUICK = {"vae": 20, "dit": 20, "skip_mlp": 20, "classifier": 20}
+POLL_S = 2.0  # how often a running stage's log and metrics are read
+# Lines of a stage's log worth showing on the console: `Progress` lines (`ingest: 1,200/7,000
+# cells (17%), 410.0 cells/s, ETA 0:14`) and validation results (`step 300 | val/nll 682.5 ...`).
+ECHO = re.compile(
+    r"step \d+ \| val/|[\w .:/-]+: [\d,.]+(/[\d,.]+)? [^,]+( \(\d+%\))?, [\d,.]+ \S+/s"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Return the parsed command line."""
-    p = argparse.ArgumentParser(description="End-to-end scLDM run on the built-in PBMC data.")
+    p = Parser(description="End-to-end scLDM run on the built-in PBMC data.")
     p.add_argument("--root", type=Path, default=Path("runs/e2e"), help="folder of everything")
     p.add_argument("--quick", action="store_true", help="CI-sized run (minutes, not a result)")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="generation seeds")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="generation seeds (None: 0 with --quick, else 0 1 2)",
+    )
     p.add_argument(
         "--launcher",
         choices=["python", "deepspeed"],
@@ -85,17 +104,103 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def _launch(script: str, args: list[str], launcher: str, log: Path) -> None:
-    """Run a launcher to completion with its output in `log`; raise with the log's tail."""
+def _new_lines(path: Path | None, offset: int) -> tuple[list[str], int]:
+    """Return the whole lines `path` gained after byte `offset`, and the offset after them.
+
+    A line still being written waits for the next call.
+    """
+    if path is None or not path.is_file():
+        return [], offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode(errors="replace").splitlines(), offset + end
+
+
+class StageWatch:
+    """What the console shows of a stage running as a subprocess with its output in `log`.
+
+    Echoes the log's progress and validation lines (`ECHO`); for a training stage, counts the
+    optimiser steps its `run_dir/metrics.jsonl` gains against `max_steps` with `Progress`: a
+    bar on a terminal, a line with the step reached, rate and ETA every half minute otherwise.
+    The count starts at the first step logged, so the rate and ETA leave out the start-up.
+    """
+
+    def __init__(
+        self, name: str, log: Path, run_dir: Path | None = None, max_steps: int | None = None
+    ) -> None:
+        self.name, self.max_steps = name, max_steps
+        self.log, self.log_offset = log, 0
+        self.metrics = run_dir / "metrics.jsonl" if run_dir is not None else None
+        # A resumed run appends to its metrics: count only what this launch adds.
+        self.metrics_offset = (
+            self.metrics.stat().st_size if self.metrics and self.metrics.is_file() else 0
+        )
+        self.step = 0
+        self.progress: Progress | None = None
+
+    def poll(self) -> None:
+        """Show what the stage wrote since the last poll."""
+        lines, self.log_offset = _new_lines(self.log, self.log_offset)
+        for line in lines:
+            if ECHO.search(line):
+                tqdm.write(f"   {line.strip()}", file=sys.stdout)  # above a bar, if one is drawn
+                sys.stdout.flush()
+        records, self.metrics_offset = _new_lines(self.metrics, self.metrics_offset)
+        for record in records:
+            try:
+                step = int(json.loads(record)["step"])
+            except (ValueError, KeyError, TypeError):  # not a step record: nothing to count
+                continue
+            if step > self.step:
+                if self.progress is None:
+                    self.progress = Progress(self.name, total=self.max_steps, unit="steps")
+                self.progress.update(step - self.step)
+                self.step = step
+
+    def close(self) -> None:
+        """Show the stage's last lines and end its progress (a final line off a terminal)."""
+        self.poll()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _launch(script: str, args: list[str], launcher: str, watch: StageWatch) -> None:
+    """Run a launcher to completion with its output in `watch.log`, showing its progress.
+
+    Raises with the log's tail when it fails; an interrupt stops the launcher too.
+    """
     cmd = [sys.executable, str(LAUNCHERS_DIR / script), *args]
     if launcher == "deepspeed":
         cmd = ["deepspeed", "--num_gpus", "2", str(LAUNCHERS_DIR / script), *args]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    with open(watch.log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=POLL_S)
+                except subprocess.TimeoutExpired:
+                    watch.poll()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            watch.close()
     if proc.returncode != 0:
+        log = watch.log
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
+
+
+def _max_steps(stage: str, quick: bool) -> int | None:
+    """Steps the stage trains: the quick override, else its recipe's run.max_steps."""
+    if quick:
+        return QUICK[stage]
+    recipe = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) or {}
+    return (recipe.get("run") or {}).get("max_steps")
 
 
 def train(stage: str, root: Path, copy: Path, quick: bool, launcher: str) -> Path:
@@ -113,7 +218,10 @@ def train(stage: str, root: Path, copy: Path, quick: bool, launcher: str) -> Pat
             f"run.eval_every={steps}",
             f"checkpoint.every_steps={steps}",
         ]
-    _launch(script, args, launcher, root / f"{stage}.log")
+    watch = StageWatch(
+        f"train {stage}", root / f"{stage}.log", root / stage, _max_steps(stage, quick)
+    )
+    _launch(script, args, launcher, watch)
     return root / stage / "export"
 
 
@@ -208,6 +316,8 @@ def evaluate(
         *[f"{k}={v}" for k, v in generated.items()],
         "--trajectory",
         f"scldm={traj}",
+        "--training-run",  # the report's training_curves_<stage>.png
+        *[f"{stage}={root / stage}" for stage in STAGES],
     ]
     args += ["--rf-trees", "50"] if quick else ["--umap"]
     cli.main(args)
@@ -259,9 +369,10 @@ def main(argv: list[str] | None = None) -> dict:
     copy = root / "data" / "pbmc68k"
     if not (copy / "manifest.json").is_file():
         ingest = ["--source", "builtin:pbmc68k", "--out", str(copy)]
-        timer.run("ingest", _launch, "ingest.py", ingest, "python", root / "ingest.log")
-    exports = {"vae": timer.run("train vae", train, "vae", root, copy, args.quick, args.launcher)}
-    for stage in ("dit", "skip_mlp", "classifier"):
+        watch = StageWatch("ingest", root / "ingest.log")
+        timer.run("ingest", _launch, "ingest.py", ingest, "python", watch)
+    exports = {}
+    for stage in STAGES:
         exports[stage] = timer.run(
             f"train {stage}", train, stage, root, copy, args.quick, args.launcher
         )

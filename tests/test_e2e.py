@@ -22,6 +22,8 @@ from pathlib import Path
 import anndata as ad
 import pytest
 
+from atlasldm.pipeline.e2e import QUICK, STAGES, StageWatch
+
 REPO = Path(__file__).resolve().parent.parent
 SETS = ("real_floor", "scldm", "vae_prior", "scdiffusion", "poisson_mean", "gene_shuffled")
 SHADOW = 'raise SystemExit("the user\'s own {name} was imported instead of atlasldm")\n'
@@ -83,8 +85,50 @@ def test_table_lists_every_set_and_the_verdict(quick_run) -> None:
     for key in ("w2", "mmd2_u", "c2st_knn_auc"):
         assert f"{key}: scLDM" in proc.stdout
     assert (root / "e2e.md").read_text().strip() in proc.stdout
-    for figure in ("pca.png", "genes.png", "trajectory_scldm.png"):
-        assert (root / "report" / figure).stat().st_size > 10_000
+    figures = ["pca.png", "genes.png", "mean_variance.png", "trajectory_scldm.png"]
+    figures += [f"training_curves_{stage}.png" for stage in STAGES]
+    for figure in figures:
+        assert (root / "report" / figure).stat().st_size > 10_000, figure
+
+
+def test_each_stage_shows_its_progress_and_draws_its_curves(quick_run) -> None:
+    root, proc = quick_run
+    for stage in STAGES:
+        steps = QUICK[stage]
+        # Off a terminal, Progress ends each stage with a line of the steps it reached.
+        assert f"train {stage}: {steps}/{steps} steps (100%)" in proc.stderr, stage
+        assert (root / stage / "training_curves.png").stat().st_size > 10_000, stage
+    assert "   step 20 | val/" in proc.stdout  # a stage's validation line, echoed from its log
+    assert "evaluate: " in proc.stderr and "metric blocks (100%)" in proc.stderr
+
+
+def test_stage_watch_counts_logged_steps_and_echoes_progress_lines(tmp_path, capsys) -> None:
+    run, log = tmp_path / "vae", tmp_path / "vae.log"
+    run.mkdir()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text('{"step": 7}\n')  # an earlier launch's history is not this launch's work
+    watch = StageWatch("train vae", log, run, max_steps=10)
+    log.write_text(
+        "resolved config (1 ranks):\n"
+        "step 2 | cells_seen 128 | train/loss 3.5\n"
+        "step 2 | val/nll 1.25\n"
+        "ingest: 1,000/7,000 cells (14%), 3.0 cells/s, ETA 0:33\n"
+        "wandb: Run data is saved locally in /tmp/wandb\n"
+    )
+    with metrics.open("a") as fh:
+        fh.write('{"step": 1}\n{"step": 2}\n{"step": 3, "train/lo')  # step 3 half written
+    watch.poll()
+    assert watch.step == 2 and watch.progress.done == 2
+    with metrics.open("a") as fh:
+        fh.write('ss": 1.0}\n')
+    watch.close()
+    assert watch.step == 3
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "   step 2 | val/nll 1.25",
+        "   ingest: 1,000/7,000 cells (14%), 3.0 cells/s, ETA 0:33",
+    ]
+    assert "train vae: 3/10 steps (30%)" in err
 
 
 def test_generated_sets_match_the_held_out_cells(quick_run) -> None:

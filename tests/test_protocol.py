@@ -138,3 +138,23 @@ def test_normalized_input_is_not_renormalized() -> None:
     assert np.array_equal(as_log.log, log) and as_log.libsize is None
     as_counts = make_set(a, "cell_type")
     assert not np.allclose(as_counts.log, log) and as_counts.libsize is not None
+
+
+@pytest.mark.parametrize("flavor", ["igraph", "leidenalg"])
+@pytest.mark.filterwarnings("ignore:In the future, the default backend for leiden:FutureWarning")
+def test_leiden_clustering_runs_on_the_bundled_pbmc_data(flavor: str) -> None:
+    """scanpy's Leiden works here (igraph and leidenalg are dependencies; users cluster the
+    generated cells with it). The evaluation itself does not cluster.
+
+    pbmc68k_reduced ships its neighbour graph and a Louvain clustering of it; Leiden on the same
+    graph must find clusters that largely agree with those.
+    """
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score
+
+    adata = sc.datasets.pbmc68k_reduced()
+    extra = {"n_iterations": 2, "directed": False} if flavor == "igraph" else {}
+    sc.tl.leiden(adata, flavor=flavor, random_state=0, key_added="leiden", **extra)
+    clusters = adata.obs["leiden"]
+    assert clusters.notna().all() and 4 <= clusters.nunique() <= 30
+    assert adjusted_rand_score(clusters, adata.obs["louvain"]) > 0.6

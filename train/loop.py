@@ -169,6 +169,13 @@ def export(training: TrainingRun) -> None:
         reason = error or OSError("rank 0 failed to write it")
         raise OutputWriteError(describe_write_failure("writing the export", folder, reason, needed))
     print0(f"export written to {folder}")
+    if is_main():  # beside the export, not in it: a figure that cannot be drawn only warns
+        from atlasldm.training_curves import CurveError, training_curves
+
+        try:
+            training_curves(training.run_dir, training.run_dir / "training_curves.png")
+        except (CurveError, OSError) as exc:
+            print(f"note: no training-curve figure ({exc})", file=sys.stderr, flush=True)
 
 
 def open_run(stage: Stage, cfg: TrainConfig, run_dir: Path) -> tuple[TrainingRun, bool]:
