@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,14 +27,22 @@ from atlasldm.train.loop import TrainingError
 SAME_ON_EVERY_RANK = (ConfigError, DataSourceError, IngestError)
 USAGE_ERROR = 2  # a mistake in the command, config or data: argparse's usage-error code
 RUN_FAILURE = 1  # a run that started and failed (NaN loss, full disk, damaged checkpoint)
+SILENT_RANK_GRACE_S = 10.0  # how long a rank that says nothing waits for rank 0 to speak
 # The stage a run folder's `stage` file names -> that stage's main (export_only=True exports).
 EXPORT_STAGES = {"vae": vae_stage.main, "dit": dit_stage.main, "classifier": classifier_stage.main}
 
 
 def fail(message: str, every_rank: bool = False, code: int = USAGE_ERROR) -> NoReturn:
-    """Print `error: message` (on rank 0 only, unless `every_rank`) and exit with `code`."""
+    """Print `error: message` (on rank 0 only, unless `every_rank`) and exit with `code`.
+
+    A launcher ends every rank as soon as one exits with an error, so a silent rank that exited
+    first could kill rank 0 before it said why. The silent ranks wait (at most
+    SILENT_RANK_GRACE_S) for rank 0 to speak and exit, which ends them.
+    """
     if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(SILENT_RANK_GRACE_S)
     sys.exit(code)
 
 
