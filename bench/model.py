@@ -35,6 +35,10 @@ from atlasldm.models.vae import VAE, VAEConfig
 # Fixed threshold: buffers >= 128 KiB are mmapped and unmapped on free, so the decoder scan's
 # RSS follows live memory instead of glibc's dynamic-threshold heap reuse.
 DECODER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# One OpenMP thread that sleeps when idle: busy-waiting threads on a shared host make step times
+# 2-12x worse and noisy; figures are per process.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
+TODAY = {"checkpoint_decode": "true", "sampled_zeros": 0}  # the decode before issue #14
 WORKER_MODULE = "atlasldm.bench.model_worker"
 
 
@@ -83,7 +87,7 @@ def flop_summary(vae: VAEConfig, dit: DiTConfig, bench: BenchSettings) -> dict:
 def run_worker(spec: dict, env: dict[str, str] | None = None) -> dict:
     """Run one measurement in a fresh interpreter; its last stdout line is a JSON result."""
     cmd = [sys.executable, "-m", WORKER_MODULE, json.dumps(spec)]
-    full_env = os.environ | (env or {})
+    full_env = os.environ | WORKER_ENV | (env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=full_env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -106,6 +110,35 @@ def decoder_scan(base: dict, bench: BenchSettings) -> list[dict]:
     return rows
 
 
+def comparison_variants(bench: BenchSettings) -> list[tuple[str, dict]]:
+    """(label, VAEConfig overrides) of the decode comparison; the first is the baseline."""
+    rows = [("today: checkpointed full decode", TODAY), ("new defaults", {})]
+    for k in bench.compare_ks:
+        rows.append((f"sampled k={k}", {"sampled_zeros": k, "sampled_normaliser": "estimated"}))
+    k = bench.compare_ks[len(bench.compare_ks) // 2] if bench.compare_ks else 0
+    if k:
+        rows.append((f"sampled k={k} exact", {"sampled_zeros": k, "sampled_normaliser": "exact"}))
+    return rows
+
+
+def decode_comparison(base: dict, bench: BenchSettings) -> list[dict]:
+    """VAE training step at each G of the comparison, for every variant, with ratios to today's."""
+    out = []
+    for G, S in zip(bench.compare_genes, bench.compare_expressed, strict=True):
+        shape = {"train_cells": bench.compare_cells, "train_expressed": S, "train_genes": 0}
+        row: dict = {"G": G, "S": S, "B": bench.compare_cells, "variants": {}}
+        for label, fields in comparison_variants(bench):
+            spec = base | {"task": "train_vae", "bench": base["bench"] | shape}
+            spec["vae"] = base["vae"] | {"num_genes": G} | fields
+            row["variants"][label] = run_worker(spec)
+        first = next(iter(row["variants"].values()))
+        for res in row["variants"].values():
+            if "error" not in res and "error" not in first:
+                res["today_over_this"] = first["cpu_s_per_step"] / res["cpu_s_per_step"]
+        out.append(row)
+    return out
+
+
 def measure(vae: VAEConfig, dit: DiTConfig, bench: BenchSettings) -> dict:
     """Every subprocess measurement: training steps, encoder scan, decoder memory scan."""
     base = {"vae": dataclasses.asdict(vae), "bench": dataclasses.asdict(bench)}
@@ -113,13 +146,15 @@ def measure(vae: VAEConfig, dit: DiTConfig, bench: BenchSettings) -> dict:
     out["train_dit"] = run_worker(base | {"task": "train_dit", "dit": dataclasses.asdict(dit)})
     out["encoder"] = run_worker(base | {"task": "encoder"})
     out["decoder"] = decoder_scan(base, bench)
+    out["decode_comparison"] = decode_comparison(base, bench)
     return out
 
 
 def add_achieved_rates(vae: VAEConfig, dit: DiTConfig, bench: BenchSettings, m: dict) -> None:
     """Add each training step's analytic FLOPs (hardware: with recompute) and GFLOP/s to m."""
     G = min(bench.train_genes or vae.num_genes, vae.num_genes)
-    vae_step = flops.vae_train_flops(vae, bench.train_expressed, G, vae.checkpoint_decode)
+    recompute = bool(m["train_vae"].get("checkpointed"))
+    vae_step = flops.vae_train_flops(vae, bench.train_expressed, G, recompute)
     steps = {
         "train_vae": vae_step.total(bench.train_cells),
         "train_dit": flops.dit_train_flops(dit).total(bench.dit_cells),

@@ -47,6 +47,12 @@ class BenchSettings:
     dec_cells: int = 8  # B of the decoder memory scan
     dec_genes: list[int] = field(default_factory=lambda: [2000, 8192, 36130])  # G values
     dec_chunk: int = 4096  # decode_chunk of the chunked (checkpointed) decoder
+    # Decode comparison: today's decode (checkpointed, all genes) against the new defaults and
+    # the sampled decode, at each G with S expressed genes per cell (lists of equal length).
+    compare_genes: list[int] = field(default_factory=lambda: [2000, 17002, 36130])  # G values
+    compare_expressed: list[int] = field(default_factory=lambda: [500, 2000, 2000])  # S per G
+    compare_cells: int = 32  # B of the comparison steps
+    compare_ks: list[int] = field(default_factory=lambda: [512, 2048, 4096])  # sampled_zeros
 
 
 @dataclass

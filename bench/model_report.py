@@ -18,7 +18,8 @@ def format_train(res: dict) -> str:
         return f"FAILED ({res['error']})"
     first = res["first_step_mb"]
     return (
-        f"{res['cells_per_s']:.2f} cells/s, {res['s_per_step']:.3f} s/step, "
+        f"{res['cells_per_s']:.2f} cells/s, {res['s_per_step']:.3f} s/step "
+        f"({res['cpu_s_per_step']:.3f} CPU s), "
         f"peak RSS +{res['peak_rss_delta_mb']:.0f} MB"
         + (f" (warm-up step +{first:.0f} MB)" if first is not None else "")
         + f", ≈{res['achieved_gflops']:.1f} GFLOP/s (analytic FLOPs / time)"
@@ -107,3 +108,21 @@ def report_measurements(vae: VAEConfig, bench: BenchSettings, res: dict) -> None
     )
     for row in m["decoder"]:
         print(format_decoder_row(row))
+    report_comparison(m["decode_comparison"])
+
+
+def report_comparison(rows: list[dict]) -> None:
+    """Print the decode comparison: a markdown table, CPU-s per step and ratio to today's."""
+    print("== VAE training step: today's decode vs the new defaults and sampled decode ==")
+    print("| G | S | B | variant | CPU s/step | wall s/step | checkpointed | today / this |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        for label, r in row["variants"].items():
+            head = f"| {row['G']:,} | {row['S']} | {row['B']} | {label} |"
+            if "error" in r:
+                print(f"{head} FAILED ({r['error']}) | | | |")
+                continue
+            print(
+                f"{head} {r['cpu_s_per_step']:.3f} | {r['s_per_step']:.3f} | "
+                f"{'yes' if r['checkpointed'] else 'no'} | {r.get('today_over_this', 0):.2f}x |"
+            )

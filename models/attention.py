@@ -11,9 +11,12 @@ One dispatch point, three backends:
     ``flash``      FlashAttention-2 (``flash_attn``), CUDA + fp16/bf16 only, import guarded;
     ``reference``  explicit softmax(Q K^T / sqrt(Dh)) V in fp32 with masking (tests, debugging).
 ``auto`` picks ``flash`` for packed (varlen) inputs on CUDA when ``flash_attn`` is importable and
-the inputs are half precision, else ``sdpa``. Masks use True = real key. A row whose keys are all
-masked is undefined (NaN); the data loader's ``min_genes`` filter prevents it. REF in docstrings
-is the scLDM reference implementation (docs/model.md, 'Tags'), whose parameter names we keep.
+the inputs are half precision, else ``sdpa``. Packed keys pooled by shared queries (the MCAB)
+skip padding on the CPU: :func:`shared_query_attention` runs one SDPA per sequence on views of
+the packed keys (``reference`` still pads, as the oracle). Masks use True = real key. A row
+whose keys are all masked is undefined (NaN, or 0 from CPU ``sdpa``); the data loader's
+``min_genes`` filter prevents it. REF in docstrings is the scLDM reference implementation
+(docs/model.md, 'Tags'), whose parameter names we keep.
 """
 
 from __future__ import annotations
@@ -136,15 +139,52 @@ def seq_index(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
     return seq, idx - cu[seq]
 
 
+def _check_rows(cu: Tensor, lengths: Tensor, total: int, max_len: int) -> None:
+    """Raise where a flat row would land silently in another sequence's slots."""
+    end, longest = torch.stack((cu[-1], lengths.max() if lengths.numel() else cu[0])).tolist()
+    if end != total:  # one host read for both checks
+        raise ValueError(f"cu_seqlens ends at {end}, expected {total} packed rows")
+    if longest > max_len:
+        raise ValueError(f"max_len {max_len} is shorter than the longest sequence ({longest})")
+
+
+def padded_rows(cu_seqlens: Tensor, total: int, max_len: int) -> tuple[Tensor, Tensor]:
+    """Where packed rows go in the padded layout: one flat row index per token, and the mask.
+
+    Compute once per ``cu_seqlens`` and reuse for every tensor padded or unpadded with it.
+
+    Args:
+        cu_seqlens: (N+1,) int cumulative lengths, starting at 0.
+        total: number of packed tokens (== cu_seqlens[-1]).
+        max_len: padded length L (>= the longest sequence).
+
+    Returns:
+        rows (total,) int64, token i's row ``seq * L + pos`` in an (N * L) layout, and the
+        (N, L) bool mask, True = real token.
+    """
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]  # (N,)
+    if not torch.compiler.is_compiling():  # eager guard; a graph would break on the host read
+        _check_rows(cu, lengths, total, max_len)
+    seq = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=cu.device), lengths, output_size=total
+    )  # (T,)
+    rows = torch.arange(total, device=cu.device) + (seq * max_len - cu[seq])  # (T,)
+    mask = torch.arange(max_len, device=cu.device) < lengths[:, None]  # (N, L)
+    return rows, mask
+
+
+def scatter_rows(x: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
+    """Packed x (T, ...) into zeros (N, L, ...) at :func:`padded_rows`' rows (differentiable)."""
+    n, max_len = mask.shape
+    out = x.new_zeros((n * max_len, *x.shape[1:]))  # (N*L, ...)
+    return out.index_copy_(0, rows, x).view(n, max_len, *x.shape[1:])  # (N, L, ...)
+
+
 def pad_packed(x: Tensor, cu_seqlens: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
     """Scatter packed rows (T, ...) into (N, max_len, ...) zeros; also return the (N, L) mask."""
-    n = cu_seqlens.shape[0] - 1
-    seq, pos = seq_index(cu_seqlens, x.shape[0])
-    out = x.new_zeros((n, max_len, *x.shape[1:]))  # (N, L, ...)
-    out[seq, pos] = x
-    mask = torch.zeros(n, max_len, dtype=torch.bool, device=x.device)  # (N, L)
-    mask[seq, pos] = True
-    return out, mask
+    rows, mask = padded_rows(cu_seqlens, x.shape[0], max_len)
+    return scatter_rows(x, rows, mask), mask
 
 
 def varlen_attention(
@@ -161,7 +201,7 @@ def varlen_attention(
     """Attention on packed variable-length sequences (no cross-sequence attention).
 
     ``flash`` calls ``flash_attn_varlen_func``; the other backends pad through ``cu_seqlens``
-    (loop-free scatter), run masked attention and unpad.
+    (one flat scatter per tensor, rows and masks computed once), run masked attention, unpad.
 
     Args:
         q: (Tq, H, Dh) packed queries.
@@ -185,13 +225,64 @@ def varlen_attention(
         q16, k16, v16 = q.to(dtype), k.to(dtype), v.to(dtype)
         out = flash_attn_varlen_func(q16, k16, v16, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
         return out.to(q.dtype)  # (Tq, H, Dh)
-    qp, _ = pad_packed(q, cu_seqlens_q, int(max_seqlen_q))  # (N, Lq, H, Dh)
-    kp, mask_k = pad_packed(k, cu_seqlens_k, int(max_seqlen_k))  # (N, Lk, H, Dh)
-    vp, _ = pad_packed(v, cu_seqlens_k, int(max_seqlen_k))  # (N, Lk, H, Dh)
-    qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (N, H, L, Dh)
+    rows_q, mask_q = padded_rows(cu_seqlens_q, q.shape[0], int(max_seqlen_q))
+    rows_k, mask_k = padded_rows(cu_seqlens_k, k.shape[0], int(max_seqlen_k))
+    qp = scatter_rows(q, rows_q, mask_q).transpose(1, 2)  # (N, H, Lq, Dh)
+    kp, vp = (scatter_rows(t, rows_k, mask_k).transpose(1, 2) for t in (k, v))  # (N, H, Lk, Dh)
     out = attention(qp, kp, vp, key_padding_mask=mask_k, backend=backend)  # (N, H, Lq, Dh)
-    seq, pos = seq_index(cu_seqlens_q, q.shape[0])
-    return out.transpose(1, 2)[seq, pos]  # (Tq, H, Dh)
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, rows_q)  # (Tq, H, Dh)
+
+
+def _per_sequence(q: Tensor, k: Tensor, backend: str) -> bool:
+    """Whether :func:`shared_query_attention` loops over sequences (eager CPU ``auto``/``sdpa``).
+
+    On the CPU, N unpadded SDPA calls beat a scatter into zeros plus one masked call over
+    N x longest keys; on accelerators, N kernel launches and the host sync on the lengths
+    would cost more than the padding saves. Under ``torch.compile`` the padded path keeps one
+    graph: a loop over the lengths would specialise the graph on every batch's lengths.
+    """
+    on_cpu = q.device.type == "cpu" and k.device.type == "cpu"
+    return backend in ("auto", "sdpa") and on_cpu and not torch.compiler.is_compiling()
+
+
+def shared_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int, backend: Backend
+) -> Tensor:
+    """Every packed key sequence attends from the same queries (the MCAB inducing points).
+
+    CPU ``auto``/``sdpa``: one unmasked SDPA per sequence on views of the packed keys, no
+    padding, no scatter and no mask; elsewhere (``reference``, ``flash``, CUDA) the padded or
+    flash :func:`varlen_attention` with the queries repeated per sequence.
+
+    Args:
+        q: (H, Lq, Dh) queries shared by every sequence.
+        k: (Tk, H, Dh) packed keys.
+        v: (Tk, H, Dh) packed values.
+        cu_seqlens_k: (N+1,) int cumulative key lengths.
+        max_seqlen_k: longest key sequence (python int).
+        backend: ``auto``, ``sdpa``, ``flash`` or ``reference``.
+
+    Returns:
+        (N, Lq, H, Dh).
+    """
+    _check_backend(backend)
+    n, (H, Lq, Dh) = cu_seqlens_k.shape[0] - 1, q.shape
+    if not _per_sequence(q, k, backend):
+        qp = q.expand(n, H, Lq, Dh).transpose(1, 2).reshape(n * Lq, H, Dh)  # (N*Lq, H, Dh)
+        cu_q = torch.arange(n + 1, device=q.device, dtype=torch.int32) * Lq  # (N+1,)
+        out = varlen_attention(qp, k, v, cu_q, cu_seqlens_k, Lq, max_seqlen_k, backend=backend)
+        return out.view(n, Lq, H, Dh)
+    if n == 0:
+        return q.new_empty(0, Lq, H, Dh)
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    q4 = q.unsqueeze(0)  # (1, H, Lq, Dh)
+    # split token-major, then view each cell head-major: the backward concatenates the cells'
+    # gradients along the packed axis into a contiguous (Tk, H, Dh)
+    outs = [
+        F.scaled_dot_product_attention(q4, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None])
+        for kc, vc in zip(k.split(lengths), v.split(lengths), strict=True)
+    ]  # N x (1, H, Lq, Dh)
+    return torch.cat(outs).transpose(1, 2)  # (N, Lq, H, Dh)
 
 
 class SelfAttention(nn.Module):
@@ -291,10 +382,16 @@ class CrossAttention(nn.Module):
     def attend_packed(
         self, qh: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int
     ) -> Tensor:
-        """Varlen attention: qh (B|1, H, Lq, Dh), packed k/v (Tk, H, Dh) -> (B, Lq, E)."""
+        """Varlen attention: qh (B|1, H, Lq, Dh), packed k/v (Tk, H, Dh) -> (B, Lq, E).
+
+        Shared queries (leading dim 1) take :func:`shared_query_attention`, unpadded on the CPU.
+        """
         B = cu_seqlens_k.shape[0] - 1
         _, H, Lq, Dh = qh.shape
-        qp = qh.expand(B, H, Lq, Dh).transpose(1, 2).reshape(B * Lq, H, Dh)  # (B*Lq, H, Dh)
+        if qh.shape[0] == 1:
+            y = shared_query_attention(qh[0], k, v, cu_seqlens_k, max_seqlen_k, self.backend)
+            return self.resid_dropout(self.c_proj(y.reshape(B, Lq, H * Dh)))  # (B, Lq, E)
+        qp = qh.transpose(1, 2).reshape(B * Lq, H, Dh)  # (B*Lq, H, Dh)
         cu_q = torch.arange(B + 1, device=qh.device, dtype=torch.int32) * Lq  # (B+1,)
         y = varlen_attention(
             qp, k, v, cu_q, cu_seqlens_k, Lq, max_seqlen_k, backend=self.backend

@@ -176,3 +176,23 @@ class CellBatch:
         out = torch.zeros(self.num_cells, gene_ids.shape[0], device=self.device)
         out[rows[sel], col[sel]] = cnt[sel]
         return out
+
+    def _dense_rows(self, size: int, fill: Tensor | None = None) -> Tensor:
+        """(B, size) table over tokens 0..size-1: counts, or ``fill`` where given, per cell."""
+        rows, tok, cnt = self._rows_tokens_counts()
+        out = torch.zeros(self.num_cells, size, device=self.device, dtype=cnt.dtype)
+        out[rows, tok] = cnt if fill is None else fill.expand_as(cnt).to(cnt.dtype)
+        return out
+
+    def dense_target_rows(self, gene_ids: Tensor) -> Tensor:
+        """Counts of per-cell gene lists (B, c) (PAD-free tokens; repeats allowed) as (B, c)."""
+        _, tok, _ = self._rows_tokens_counts()
+        size = int(max(int(gene_ids.max()), int(tok.max()) if tok.numel() else 0)) + 1
+        return self._dense_rows(size).gather(1, gene_ids.long())
+
+    def membership(self, gene_ids: Tensor) -> Tensor:
+        """(B, G) bool: whether each cell lists each gene of ``gene_ids`` (G,) among its tokens."""
+        _, tok, _ = self._rows_tokens_counts()
+        size = int(max(int(gene_ids.max()), int(tok.max()) if tok.numel() else 0)) + 1
+        listed = self._dense_rows(size, torch.ones((), device=self.device))  # (B, size)
+        return listed[:, gene_ids.long()] > 0

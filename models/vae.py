@@ -26,6 +26,12 @@ from torch.utils.checkpoint import checkpoint
 
 from atlasldm.models.attention import BACKENDS, Backend
 from atlasldm.models.batch import CellBatch
+from atlasldm.models.decode_cost import (
+    Normaliser,
+    decode_activation_bytes,
+    normalise_switch,
+    should_checkpoint,
+)
 from atlasldm.models.embeddings_count import COUNT_EMBEDDINGS, CountEmbedding, InputLayer
 from atlasldm.models.export_format import Pretrained
 from atlasldm.models.layers import Block, CrossAttentionBlock, sincos_embedding_1d
@@ -37,8 +43,10 @@ from atlasldm.models.likelihoods import (
     fp32_island,
     log1p_cp10k,
 )
+from atlasldm.models.sampled_decode import sampled_nll
 
 Posterior = Literal["deterministic", "gaussian"]
+CHECKPOINT_DECODE = {"auto": "auto", "true": "true", "false": "false"}  # also True/False
 
 
 @dataclass
@@ -61,7 +69,15 @@ class VAEConfig:
     shared_embedding: bool = True  # decoder queries reuse the encoder's gene table
     latent_positions: bool = True  # add a fixed sin-cos embedding over the M tokens (REF slot)
     decode_chunk: int = 4096  # genes per decoder chunk (bounds activation memory)
-    checkpoint_decode: bool = True  # activation checkpointing per decode chunk in training
+    # Recompute each decode chunk in backward instead of keeping its activations: "true",
+    # "false", or "auto" = only when a micro-batch's decode would keep more than
+    # decode_memory_mb of activations (docs/model.md, 'Decode cost').
+    checkpoint_decode: str = "auto"
+    decode_memory_mb: float = 2048.0  # activation budget of one micro-batch's decode ("auto")
+    # k > 0: train on each cell's expressed genes plus k genes drawn per micro-batch, reweighted
+    # so the NLL over all genes is estimated without bias (docs/sampled_decode.md); 0 = all genes.
+    sampled_zeros: int = 0
+    sampled_normaliser: Normaliser = "estimated"  # library-size normaliser under sampled_zeros
     dropout: float = 0.0  # residual dropout in attention blocks
     bias: bool = False  # bias on attention projections and the latent linears
     multiple_of: int = 4  # SwiGLU hidden width rounding
@@ -73,6 +89,7 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         """Check enums and cross-field constraints."""
+        self.checkpoint_decode = normalise_switch(self.checkpoint_decode)
         checks = [
             (self.count_embedding in COUNT_EMBEDDINGS, f"count_embedding {self.count_embedding}"),
             (self.posterior in ("deterministic", "gaussian"), f"posterior {self.posterior}"),
@@ -84,6 +101,9 @@ class VAEConfig:
             (self.num_latent_tokens > 0 and self.decode_chunk > 0, "M, decode_chunk > 0"),
             (self.beta >= 0 and self.logvar_min < self.logvar_max, "beta/logvar bounds"),
             (not self.latent_positions or self.embed_dim % 2 == 0, "sin-cos needs even E"),
+            (self.checkpoint_decode in CHECKPOINT_DECODE, "checkpoint_decode auto|true|false"),
+            (self.decode_memory_mb > 0 and self.sampled_zeros >= 0, "decode budget, sampled_zeros"),
+            (self.sampled_normaliser in ("estimated", "exact"), "sampled_normaliser"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -255,13 +275,25 @@ class VAE(Pretrained, nn.Module):
     def _all_genes(self, device: torch.device) -> Tensor:
         return torch.arange(1, self.config.num_genes + 1, device=device)  # (V,)
 
+    def checkpoints_decode(self, rows: int, device: torch.device) -> bool:
+        """Whether a training decode of `rows` (cell, gene) rows recomputes in backward."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        cfg = self.config
+        kind = device.type
+        half = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) != torch.float32
+        size = decode_activation_bytes(
+            cfg.embed_dim, cfg.num_cross_heads, cfg.multiple_of, rows, half
+        )
+        return should_checkpoint(cfg.checkpoint_decode, size, cfg.decode_memory_mb)
+
     def _logit_chunks(self, z: Tensor, gene_ids: Tensor | None, chunk: int | None):
         """Yield (start, end, gene_ids chunk, logits (B, c) fp32) over the decoded genes."""
         gene_ids = self._all_genes(z.device) if gene_ids is None else gene_ids.to(z.device)
         chunk = chunk or self.config.decode_chunk
         k, v = self.decoder.context(z)  # (B, M, H, Dh), computed once for all chunks
-        use_ckpt = self.config.checkpoint_decode and self.training and torch.is_grad_enabled()
         G = gene_ids.shape[-1]
+        use_ckpt = self.checkpoints_decode(z.shape[0] * G, z.device)
         for s in range(0, G, chunk):
             ids = gene_ids[..., s : s + chunk]  # (c,) or (B, c)
             if use_ckpt:
@@ -282,6 +314,11 @@ class VAE(Pretrained, nn.Module):
         """
         return torch.cat([lg for *_, lg in self._logit_chunks(z, gene_ids, chunk)], dim=-1)
 
+    def _samples_genes(self, gene_ids: Tensor | None) -> bool:
+        """Gene-sampled decode: asked for, training with gradients, and decoding every gene."""
+        on = self.config.sampled_zeros > 0 and gene_ids is None
+        return on and self.training and torch.is_grad_enabled()
+
     # ----- likelihood --------------------------------------------------------------------------
     def _nll(self, z: Tensor, batch: CellBatch, gene_ids: Tensor | None) -> Tensor:
         """−log p(x | z) per cell (B,), summed over the decoded genes."""
@@ -298,16 +335,27 @@ class VAE(Pretrained, nn.Module):
             total = total - lp.sum(dim=-1)
         return total
 
-    def forward(self, batch: CellBatch, gene_ids: Tensor | None = None) -> VAELoss:
+    def forward(
+        self,
+        batch: CellBatch,
+        gene_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> VAELoss:
         """Training loss (see `loss`); a module call, so ZeRO-3's top-level hooks run."""
-        return self.loss(batch, gene_ids)
+        return self.loss(batch, gene_ids, generator)
 
-    def loss(self, batch: CellBatch, gene_ids: Tensor | None = None) -> VAELoss:
+    def loss(
+        self,
+        batch: CellBatch,
+        gene_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> VAELoss:
         """Training loss: NLL summed over decoded genes, averaged over cells, + β·KL.
 
         Args:
             batch: the cells.
             gene_ids: (G,) genes to decode (default: the whole vocabulary).
+            generator: draws the sampled genes under ``sampled_zeros`` (default: global RNG).
         """
         mu, logvar = self._encode(batch)
         z, kl = mu, mu.new_zeros(())
@@ -316,7 +364,10 @@ class VAE(Pretrained, nn.Module):
                 z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # (B, M, D)
             kl_cell = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2))  # (B,)
             kl = kl_cell.mean()
-        nll = self._nll(z, batch, gene_ids).mean()
+        if self._samples_genes(gene_ids):
+            nll = sampled_nll(self, z, batch, generator).mean()
+        else:
+            nll = self._nll(z, batch, gene_ids).mean()
         total = nll + self.config.beta * kl
         G = self.config.num_genes if gene_ids is None else gene_ids.shape[-1]
         metrics = {"nll": nll.detach(), "kl": kl.detach(), "nll_per_gene": nll.detach() / G}

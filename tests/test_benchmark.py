@@ -67,3 +67,24 @@ def test_model_worker_trains_in_a_fresh_process() -> None:
     assert "error" not in res, res
     assert res["cells_per_s"] > 0 and res["s_per_step"] > 0 and res["threads"] >= 1
     assert "error" in model.run_worker(spec | {"task": "no_such_task"})
+
+
+def test_decode_comparison_puts_today_first_and_every_variant_beside_it() -> None:
+    """The comparison runs today's decode, the new defaults and sampled rows on the same cells."""
+    tiny = ["vae.embed_dim=8", "vae.num_heads=2", "vae.num_cross_heads=2", "vae.num_layers=1"]
+    bench_lines = ["bench.compare_genes=300", "bench.compare_expressed=40", "bench.compare_ks=64"]
+    vae, dit, bench = build_configs(
+        "reference", [*tiny, *bench_lines, "bench.compare_cells=4"], True
+    )
+    base = {"vae": dataclasses.asdict(vae), "bench": dataclasses.asdict(bench)}
+    (row,) = model.decode_comparison(base, bench)
+    labels = list(row["variants"])
+    assert labels[0].startswith("today") and "new defaults" in labels
+    assert {"sampled k=64", "sampled k=64 exact"} <= set(labels)
+    today, new = row["variants"][labels[0]], row["variants"]["new defaults"]
+    assert today["checkpointed"] and not new["checkpointed"]  # 4 x 300 rows fit any budget
+    for res in row["variants"].values():
+        assert "error" not in res, res
+        assert res["cpu_s_per_step"] > 0
+        ratio = today["cpu_s_per_step"] / res["cpu_s_per_step"]
+        assert res["today_over_this"] == pytest.approx(ratio)

@@ -80,6 +80,7 @@ def test_vae_forward_flops_match_flop_counter(count_embedding: str, posterior: s
 def test_vae_train_flops_include_checkpoint_recompute() -> None:
     torch.manual_seed(0)
     cfg = _small_vae("log1p_mul", "deterministic")
+    cfg.checkpoint_decode = "true"  # "auto" would not checkpoint a decode this small
     vae = VAE(cfg).train()
     B, S = 2, 16
     batch = _batch(B, S, cfg.num_genes)
@@ -136,7 +137,7 @@ def test_bench_presets_and_overrides() -> None:
     assert (vae.num_genes, vae.embed_dim, vae.num_heads) == (36130, 512, 8)
     assert vae.latent_dim == dit.latent_dim == 8  # the DiT's token width follows the VAE
     assert dit.embed_dim == 128 and bench.dec_genes == [100, 200] and bench.steps <= 2
-    assert not vae.checkpoint_decode
+    assert vae.checkpoint_decode == "false"
     for bad in ("vae.nope=1", "model.embed_dim=4", "vae.embed_dim"):
         with pytest.raises(ValueError):
             build_configs("reference", [bad], False)

@@ -53,3 +53,25 @@ def test_mfu_needs_a_known_peak() -> None:
     assert no_peak == {"perf/model_tflops": pytest.approx(2.0)}
     out = throughput_metrics(3e12, 1.5, world=2, peak=4.0)
     assert out["perf/mfu"] == pytest.approx(2.0 / 8.0)  # all ranks' FLOPs over all ranks' peak
+
+
+@pytest.mark.parametrize("normaliser", ["estimated", "exact"])
+def test_sampled_decode_flops_match_torchs_count_of_the_step(normaliser) -> None:
+    """Padded expressed rows + k sampled rows trained (+ every gene forward for "exact")."""
+    from atlasldm.models.batch import CellBatch
+    from atlasldm.models.vae import VAE
+
+    shape = {"embed_dim": 16, "num_layers": 1, "num_heads": 2, "num_cross_heads": 2}
+    cfg = VAEConfig(num_genes=60, num_latent_tokens=4, latent_dim=8, **shape)
+    cfg.sampled_zeros, cfg.sampled_normaliser = 10, normaliser
+    cfg.attention_backend = "reference"  # matmuls the counter sees, as in tests/test_flops.py
+    lengths = [3, 17, 9]
+    cu = torch.tensor([0, 3, 20, 29], dtype=torch.int32)
+    ids = torch.cat([torch.randperm(60)[:n] + 1 for n in lengths])
+    torch.manual_seed(0)
+    vae = VAE(cfg).train()
+    batch = CellBatch.from_packed(ids, torch.ones(29), cu)
+    with FlopCounterMode(display=False) as counter:
+        vae.loss(batch, generator=torch.Generator().manual_seed(0)).total.backward()
+    host = SimpleNamespace(num_tokens=29, num_cells=3, cu_seqlens=cu)
+    assert vae_flops_fn(cfg)(host) == pytest.approx(counter.get_total_flops(), rel=0.05)

@@ -171,6 +171,21 @@ def test_vae_resume_is_exact(vae_run, tmp_path, fork_run):
     assert_same_export(resumed, run_dir)
 
 
+def test_sampled_decode_trains_and_resumes_exactly(pbmc_copy, tmp_path, fork_run):
+    """`model.sampled_zeros`: genes drawn from the step's seed, so a resume repeats the steps."""
+    args = [DEBUG, *TINY_VAE, f"data.source={pbmc_copy}", f"run.root={tmp_path}"]
+    args += ["model.sampled_zeros=64", "run.max_steps=4", "run.eval_every=2"]
+    args += ["checkpoint.every_steps=2"]
+    _launch("train_vae.py", [*args, "run.name=full"])
+    ref = read_run_metrics(tmp_path / "full")
+    assert all(math.isfinite(ref[s]["train/loss"]) for s in (1, 2, 3, 4))
+    assert "val/nll" in ref[4]  # validation decodes every gene
+    fork_run(tmp_path / "full", tmp_path / "resumed", 2)
+    proc = _launch("train_vae.py", [*args, "run.name=resumed"])
+    assert "resumed from step_0000002" in proc.stdout
+    _assert_same_steps(tmp_path / "resumed", ref, (3, 4))
+
+
 def test_vae_resumes_at_another_world_size(vae_run, tmp_path, fork_run):
     """2 ranks -> 1 -> 2 through DeepSpeed universal checkpoints; the stream continues
     elastically (a world size's own batch order, so losses are not compared step by step)."""

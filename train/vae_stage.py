@@ -84,7 +84,8 @@ def _device(module: nn.Module) -> torch.device:
 
 def vae_loss(module: nn.Module, batch: CsrBatch, gen: torch.Generator):
     """Loss of one micro-batch: NB NLL summed over genes, mean over cells (+ beta KL)."""
-    out = module(cell_batch(batch, _device(module)))  # forward = loss: ZeRO-3 hooks fire
+    # forward = loss, so ZeRO-3 hooks fire; `gen` draws sampled genes (seeded by step and rank)
+    out = module(cell_batch(batch, _device(module)), None, gen)
     return out.total, {k: float(v) for k, v in out.metrics.items()}
 
 
