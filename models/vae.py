@@ -314,9 +314,11 @@ class VAE(Pretrained, nn.Module):
         """
         return torch.cat([lg for *_, lg in self._logit_chunks(z, gene_ids, chunk)], dim=-1)
 
-    def _samples_genes(self, gene_ids: Tensor | None) -> bool:
-        """Gene-sampled decode: asked for, training with gradients, and decoding every gene."""
-        on = self.config.sampled_zeros > 0 and gene_ids is None
+    def _samples_genes(self, batch: CellBatch, gene_ids: Tensor | None) -> bool:
+        """Gene-sampled decode: asked for, training with gradients, decoding every gene, and
+        cheaper than the full decode (fewer rows: the longest cell's genes + k < G)."""
+        k = self.config.sampled_zeros
+        on = k > 0 and gene_ids is None and batch.max_seqlen + k < self.config.num_genes
         return on and self.training and torch.is_grad_enabled()
 
     # ----- likelihood --------------------------------------------------------------------------
@@ -364,7 +366,7 @@ class VAE(Pretrained, nn.Module):
                 z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # (B, M, D)
             kl_cell = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2))  # (B,)
             kl = kl_cell.mean()
-        if self._samples_genes(gene_ids):
+        if self._samples_genes(batch, gene_ids):
             nll = sampled_nll(self, z, batch, generator).mean()
         else:
             nll = self._nll(z, batch, gene_ids).mean()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atlasldm.models.batch import CellBatch
-from atlasldm.models.sampled_decode import row_weights, sample_genes
+from atlasldm.models.sampled_decode import row_weights, sample_genes, sampled_nll
 from atlasldm.models.vae import VAE, VAEConfig
 
 G = 48
@@ -59,11 +59,13 @@ def test_sampling_every_gene_trains_exactly_like_the_full_decode(normaliser, lik
     full, sampled = small_vae(**fields), small_vae(sampled_zeros=G, **fields)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (full, sampled)]
     for step in range(3):
-        for model, opt, seed in ((full, opts[0], None), (sampled, opts[1], step)):
-            opt.zero_grad()
-            gen = None if seed is None else torch.Generator().manual_seed(seed)
-            model.loss(BATCH, generator=gen).total.backward()
-            opt.step()
+        opts[0].zero_grad()
+        full.loss(BATCH).total.backward()
+        opts[0].step()
+        opts[1].zero_grad()  # the sampled objective itself: `loss` would fall back at k = G
+        gen = torch.Generator().manual_seed(step)
+        sampled_nll(sampled, sampled.encode(BATCH), BATCH, gen).mean().backward()
+        opts[1].step()
     for (name, a), b in zip(full.named_parameters(), sampled.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -169,3 +171,16 @@ def test_config_checks_the_new_fields():
     with pytest.raises(ValueError, match="sampled_zeros"):
         VAEConfig(num_genes=5, sampled_zeros=-1)
     assert dataclasses.replace(VAEConfig(num_genes=5), sampled_zeros=3).sampled_zeros == 3
+
+
+def test_the_full_decode_is_used_when_it_decodes_fewer_rows(monkeypatch):
+    """Longest cell (17 genes) + k >= G: the sampled rows would outnumber G, so decode all."""
+    import atlasldm.models.vae as vae_module
+
+    calls = []
+    monkeypatch.setattr(vae_module, "sampled_nll", lambda *a: calls.append(a) or 1 / 0)
+    full, fallback = small_vae(), small_vae(sampled_zeros=G - 17)
+    assert float(fallback.loss(BATCH).total) == float(full.loss(BATCH).total)
+    assert not calls
+    with pytest.raises(ZeroDivisionError):  # one gene fewer: the sampled decode runs
+        small_vae(sampled_zeros=G - 18).loss(BATCH)
