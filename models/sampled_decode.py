@@ -1,19 +1,21 @@
-"""Gene-sampled training decode: each cell's expressed genes plus k genes drawn per micro-batch.
+"""Gene-sampled training decode: each cell's expressed genes plus k of its unexpressed genes.
 
 Shape legend:
     B   cells            S   longest expressed-gene list in the batch (padded)
-    k   sampled genes    G   vocabulary size (genes 1..G)     c   genes in one decode chunk
+    k   drawn genes      G   vocabulary size (genes 1..G)
 
 The NLL over all G genes splits into the expressed genes of a cell, decoded exactly, and its
-unexpressed genes U_b, estimated from a uniform sample R of k genes shared by the micro-batch:
-each gene of U_b lands in R with probability k/G, so weighting the sampled terms by G/k (and by 0
-where the sampled gene is expressed in that cell, which the exact part already counts) is an
-unbiased (Horvitz-Thompson) estimate of the sum over U_b. The library-size normaliser LSE_b =
-log sum_g exp(logit_bg) couples every gene; two treatments (docs/sampled_decode.md):
+unexpressed genes U_b, estimated from k of them drawn uniformly without replacement for that
+cell: each lands in the draw with probability k/|U_b|, so weighting the drawn terms by |U_b|/k is
+an unbiased (Horvitz-Thompson) estimate of the sum over U_b. Draws are per cell, so every gene is
+drawn by some cell of the micro-batch in most steps: its parameters get a gradient nearly every
+step, as under the full decode, instead of rare, large ones that Adam would damp
+(docs/sampled_decode.md). The library-size normaliser LSE_b = log sum_g exp(logit_bg) couples
+every gene; two treatments:
 
-``estimated``  LSE from the same rows and weights. Exact at k = G; otherwise log of an unbiased
-               sum, so biased by about -Var/2 (Jensen), with the bias shrinking as k grows.
-``exact``      LSE from a no-grad forward over all G genes; its gradient from the sampled rows,
+``estimated``  LSE from the same rows and weights. Exact when k covers U_b; otherwise the log of
+               an unbiased sum, so biased by about -Var/2 (Jensen), shrinking as k grows.
+``exact``      LSE from a no-grad forward over all G genes; its gradient from the drawn rows,
                scaled by the exactly computed dNLL/dLSE. Value exact, gradient unbiased, at the
                cost of one forward (no backward, no kept activations) over all genes.
 """
@@ -27,27 +29,44 @@ from torch.utils.checkpoint import checkpoint
 from atlasldm.models.batch import CellBatch
 
 
-def sample_genes(num_genes: int, k: int, generator: torch.Generator | None) -> Tensor:
-    """k distinct genes of 1..G, uniform without replacement, on the generator's device (k,)."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randperm(num_genes, generator=generator, device=device)[:k] + 1
+def sample_unexpressed(
+    batch: CellBatch, num_genes: int, k: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Per cell, k genes drawn uniformly without replacement from those it does not express.
 
-
-def row_weights(batch: CellBatch, sampled: Tensor, num_genes: int) -> tuple[Tensor, Tensor]:
-    """Expressed rows and the sampled genes' weights.
+    Random keys on the generator's device, expressed genes (and PAD 0) keyed -1, top-k per row.
 
     Returns:
-        ids (B, S) expressed tokens (PAD 0 replaced by gene 1), and a weight (B, S + k): 1 for
-        real expressed rows, 0 for padding, G/k for a sampled gene the cell does not express, 0
-        for one it does (already counted among its expressed rows).
+        ids (B, k') with k' = min(k, G), and their weights (B, k'): |U_b| / min(k, |U_b|) for a
+        drawn gene, 0 for a filler slot of a cell with fewer than k unexpressed genes.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    keys = torch.rand(batch.num_cells, num_genes + 1, generator=generator, device=device)
+    listed = batch.membership(torch.arange(num_genes + 1, device=batch.device))  # (B, G+1)
+    listed[:, 0] = True  # PAD is never drawn
+    keys = keys.to(batch.device).masked_fill(listed, -1.0)
+    values, ids = keys.topk(min(k, num_genes), dim=1)  # (B, k')
+    unexpressed = (num_genes + 1 - listed.sum(dim=1)).float()  # (B,) |U_b|
+    per_draw = unexpressed / unexpressed.clamp(max=ids.shape[1]).clamp_min(1)  # (B,)
+    return ids, torch.where(values >= 0, per_draw[:, None], torch.zeros_like(values))
+
+
+def row_weights(
+    batch: CellBatch, num_genes: int, k: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Every decoded row of the micro-batch: expressed genes, then k drawn unexpressed ones.
+
+    Returns:
+        ids (B, S + k') of gene tokens (PAD replaced by gene 1, with weight 0), and weights
+        (B, S + k'): 1 for an expressed gene, |U_b| / k for a drawn one, 0 for padding.
     """
     padded = batch.padded()
     mask = padded.mask  # (B, S) True = real token
-    ids = torch.where(mask, padded.gene_ids, torch.ones_like(padded.gene_ids))  # (B, S)
-    expressed = batch.membership(sampled)  # (B, k) bool
-    scale = num_genes / sampled.shape[0]
-    weight = torch.cat([mask.float(), (~expressed).float() * scale], dim=1)  # (B, S + k)
-    return ids, weight
+    expressed = torch.where(mask, padded.gene_ids, torch.ones_like(padded.gene_ids))  # (B, S)
+    drawn, drawn_weight = sample_unexpressed(batch, num_genes, k, generator)
+    drawn = torch.where(drawn_weight > 0, drawn, torch.ones_like(drawn))  # fillers: gene 1
+    ids = torch.cat([expressed, drawn], dim=1)
+    return ids, torch.cat([mask.float(), drawn_weight], dim=1)
 
 
 def _decode(vae, kv: tuple[Tensor, Tensor], ids: Tensor, checkpointed: bool) -> Tensor:
@@ -102,14 +121,9 @@ def _exact_lse_and_slope(vae, kv, batch) -> tuple[Tensor, Tensor, Tensor]:
 def sampled_nll(vae, z: Tensor, batch: CellBatch, generator: torch.Generator | None) -> Tensor:
     """Per-cell NLL (B,) over all G genes from the expressed and k sampled genes (see module)."""
     cfg = vae.config
-    G = cfg.num_genes
-    sampled = sample_genes(G, min(cfg.sampled_zeros, G), generator).to(z.device)  # (k,)
-    ids_e, weight = row_weights(batch, sampled, G)
+    ids, weight = row_weights(batch, cfg.num_genes, cfg.sampled_zeros, generator)  # (B, S + k)
     kv = vae.decoder.context(z)  # 2 x (B, M, H, Dh)
-    rows = z.shape[0] * (ids_e.shape[1] + sampled.shape[0])
-    ckpt = vae.checkpoints_decode(rows, z.device)
-    logits = torch.cat([_decode(vae, kv, ids_e, ckpt), _decode(vae, kv, sampled, ckpt)], dim=-1)
-    ids = torch.cat([ids_e, sampled.expand(ids_e.shape[0], -1)], dim=1)  # (B, S + k)
+    logits = _decode(vae, kv, ids, vae.checkpoints_decode(ids.numel(), z.device))
     if vae.decoder_head.theta is None:  # gaussian: no normaliser
         return _weighted_nll(vae, (ids, logits, weight), None, batch)
     if cfg.sampled_normaliser == "estimated":

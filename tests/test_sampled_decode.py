@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atlasldm.models.batch import CellBatch
-from atlasldm.models.sampled_decode import row_weights, sample_genes, sampled_nll
+from atlasldm.models.sampled_decode import row_weights, sampled_nll
 from atlasldm.models.vae import VAE, VAEConfig
 
 G = 48
@@ -92,9 +92,8 @@ def test_estimated_normaliser_sum_is_unbiased_its_log_biased_low_and_shrinking_w
     for k in (4, 16, G):
         sums, logs = [], []
         for seed in range(3000 if k < G else 1):
-            sampled = sample_genes(G, k, torch.Generator().manual_seed(seed))
-            ids, weight = row_weights(BATCH, sampled, G)
-            rows = torch.cat([logits.gather(1, ids - 1), logits[:, sampled - 1]], dim=1)
+            ids, weight = row_weights(BATCH, G, k, torch.Generator().manual_seed(seed))
+            rows = logits.gather(1, ids - 1)  # (B, S + k)
             log_w = torch.where(weight > 0, weight.clamp_min(1e-30).log(), float("-inf"))
             logs.append(torch.logsumexp(rows + log_w, dim=1))
             sums.append(torch.exp(logs[-1] - true_lse))  # S_hat / S
@@ -139,19 +138,36 @@ def test_sampled_decode_runs_under_bf16_autocast():
     seed=st.integers(0, 2**16),
 )
 def test_row_weights_count_every_gene_once(lengths, k, seed):
-    """Expressed rows weigh 1, sampled genes G/k unless the cell expresses them (then 0)."""
+    """Expressed genes weigh 1; each cell draws min(k, |U|) distinct unexpressed genes at |U|/k."""
     batch = cells(len(lengths), lengths, seed=seed)
-    sampled = sample_genes(G, k, torch.Generator().manual_seed(seed))
-    assert sampled.unique().numel() == k and int(sampled.min()) >= 1 and int(sampled.max()) <= G
-    ids, weight = row_weights(batch, sampled, G)
-    dense = batch.dense_target_chunk(1, G + 1) > 0  # (B, G) expressed
+    ids, weight = row_weights(batch, G, k, torch.Generator().manual_seed(seed))
+    expressed = batch.dense_target_chunk(1, G + 1) > 0  # (B, G)
+    S = int(batch.max_seqlen)
     for b, n in enumerate(lengths):
-        w_expr, w_samp = weight[b, : ids.shape[1]], weight[b, ids.shape[1] :]
-        assert float(w_expr.sum()) == n and set(ids[b, :n].tolist()) == set(
-            (dense[b].nonzero().flatten() + 1).tolist()
-        )
-        unexpressed = ~dense[b, sampled - 1]  # (k,)
-        torch.testing.assert_close(w_samp, unexpressed.float() * (G / k))
+        real = weight[b, :S] > 0
+        assert int(real.sum()) == n and float(weight[b, :S].sum()) == n
+        assert expressed[b, ids[b, :S][real] - 1].all()
+        drawn = ids[b, S:][weight[b, S:] > 0]
+        unexpressed = G - n
+        assert drawn.numel() == min(k, unexpressed) and drawn.unique().numel() == drawn.numel()
+        assert not expressed[b, drawn - 1].any() and int(drawn.min()) >= 1
+        expected = unexpressed / min(k, unexpressed)
+        assert torch.allclose(weight[b, S:][weight[b, S:] > 0], torch.tensor(expected))
+
+
+def test_draws_cover_every_unexpressed_gene_evenly():
+    """Each unexpressed gene of a cell is drawn with probability k / |U| (the weights' premise)."""
+    counts = torch.zeros(BATCH.num_cells, G + 1)
+    for seed in range(600):
+        ids, weight = row_weights(BATCH, G, 8, torch.Generator().manual_seed(seed))
+        S = int(BATCH.max_seqlen)
+        counts.scatter_add_(1, ids[:, S:], (weight[:, S:] > 0).float())
+    expressed = BATCH.dense_target_chunk(1, G + 1) > 0
+    for b in range(BATCH.num_cells):
+        freq = counts[b, 1:][~expressed[b]] / 600  # (|U|,)
+        p = 8 / int((~expressed[b]).sum())
+        assert (freq - p).abs().max() < 5 * (p * (1 - p) / 600) ** 0.5
+        assert counts[b, 1:][expressed[b]].sum() == 0
 
 
 @settings(max_examples=30, deadline=None)
