@@ -19,6 +19,7 @@ import torch
 
 from atlasldm.train.checkpoint import Snapshot
 from atlasldm.train.checkpoint import save_checkpoint as save_tag
+from atlasldm.train.compile import compile_engine, compile_plan
 from atlasldm.train.config import TrainConfig, to_yaml
 from atlasldm.train.disk_space import (
     OutputWriteError,
@@ -182,6 +183,7 @@ def open_run(stage: Stage, cfg: TrainConfig, run_dir: Path) -> tuple[TrainingRun
     """Write the run folder's files, build the engine (and EMA), resume from the checkpoint to
     resume from (`checkpoint.resume`); return (the run, True when it resumed)."""
     world = world_size()
+    compiling = compile_plan(cfg.precision.compile)  # first: "on" may refuse, leaving nothing
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -191,6 +193,8 @@ def open_run(stage: Stage, cfg: TrainConfig, run_dir: Path) -> tuple[TrainingRun
     ds_config = deepspeed_config(cfg, world, load_universal=bool(point and point.universal))
     save_deepspeed_config(ds_config, run_dir)
     engine = build_engine(stage.model, build_optimizer(stage.model, cfg.optim), ds_config)
+    if compiling:  # in place: parameter names and checkpoints stay as they are
+        compile_engine(engine, stage, cfg.precision.compile)
     ema = EMA(master_weights(engine), cfg.ema) if stage.use_ema else None
     state = LoopState(precision=cfg.precision.dtype)
     training = TrainingRun(engine, stage, cfg, run_dir, state, ema)
