@@ -52,7 +52,7 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 WORKER_ENV |= {"TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the compile shares the one core too
 
 # name -> (model, what is compiled, dynamic=, mark T dynamic on every batch). "genes": only the
-# decoder's gene-query block (VAE._chunk_logits, fixed shapes per chunk), as precision.compile=on
+# decoder's gene-query block (VAE.gene_logits, fixed shapes per chunk), as precision.compile=on
 # compiles the VAE; "model": the whole module, as "on" compiles the DiT (train/compile.py).
 CASES: dict[str, tuple[str, str, bool | None, bool]] = {
     "vae_genes":         ("vae", "genes", None, False),

@@ -76,9 +76,9 @@ def _decode(vae, kv: tuple[Tensor, Tensor], ids: Tensor, checkpointed: bool) -> 
     for s in range(0, ids.shape[-1], vae.config.decode_chunk):
         chunk = ids[..., s : s + vae.config.decode_chunk]
         if checkpointed:
-            parts.append(checkpoint(vae._chunk_logits, k, v, chunk, use_reentrant=False))
+            parts.append(checkpoint(vae.gene_logits, k, v, chunk, use_reentrant=False))
         else:
-            parts.append(vae._chunk_logits(k, v, chunk))
+            parts.append(vae.gene_logits(k, v, chunk))
     return torch.cat(parts, dim=-1)
 
 
@@ -103,7 +103,7 @@ def _exact_lse_and_slope(vae, kv, batch) -> tuple[Tensor, Tensor, Tensor]:
     step = vae.config.decode_chunk
     with torch.no_grad():
         starts = range(0, all_ids.shape[0], step)
-        chunks = [(s, vae._chunk_logits(k, v, all_ids[s : s + step])) for s in starts]
+        chunks = [(s, vae.gene_logits(k, v, all_ids[s : s + step])) for s in starts]
         lse = torch.logsumexp(torch.cat([lg for _, lg in chunks], dim=-1), dim=-1)  # (B,)
     lse_var = lse.clone().requires_grad_(True)
     nll = torch.zeros_like(lse)

@@ -267,8 +267,11 @@ class VAE(Pretrained, nn.Module):
         q = table(gene_ids)  # (c, E) or (B, c, E)
         return q.unsqueeze(0) if gene_ids.dim() == 1 else q
 
-    def _chunk_logits(self, k: Tensor, v: Tensor, gene_ids: Tensor) -> Tensor:
-        """One chunk: k/v (B, M, H, Dh), gene_ids (c,) or (B, c) -> logits (B, c) fp32."""
+    def gene_logits(self, k: Tensor, v: Tensor, gene_ids: Tensor) -> Tensor:
+        """Decoder logits (B, c) fp32 of one chunk: k/v (B, M, H, Dh), gene_ids (c,) or (B, c).
+
+        The gene-query block: about 78% of a training step. `precision.compile=on` compiles it.
+        """
         h = self.decoder.genes(self._queries(gene_ids), k, v)  # (B, c, E)
         return self.decoder_head.logits(h)  # (B, c)
 
@@ -297,9 +300,9 @@ class VAE(Pretrained, nn.Module):
         for s in range(0, G, chunk):
             ids = gene_ids[..., s : s + chunk]  # (c,) or (B, c)
             if use_ckpt:
-                lg = checkpoint(self._chunk_logits, k, v, ids, use_reentrant=False)
+                lg = checkpoint(self.gene_logits, k, v, ids, use_reentrant=False)
             else:
-                lg = self._chunk_logits(k, v, ids)
+                lg = self.gene_logits(k, v, ids)
             yield s, s + ids.shape[-1], ids, lg
 
     def decode_logits(

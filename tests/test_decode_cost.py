@@ -29,7 +29,7 @@ def saved_bytes_per_row(cfg: VAEConfig, half: bool, cells: int = 4, genes: int =
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=half)
     with autocast, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        logits = vae._chunk_logits(k, v, ids)
+        logits = vae.gene_logits(k, v, ids)
         x = torch.randint(0, 3, (cells, genes)).float()
         lse = logits.logsumexp(-1)
         vae.decoder_head.log_prob(x, logits, lse, torch.full((cells,), 1e3), ids).sum()

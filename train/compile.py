@@ -45,7 +45,7 @@ AUTO_DEVICES: frozenset[str] = frozenset()
 # fixed shapes per chunk and compiles in a minute into one graph; the whole VAE loss compiles in
 # minutes into a dozen graphs and never reaches that block inside the decode checkpoint
 # (torch.utils.checkpoint runs its function with dynamo disabled). Other models: the whole module.
-HOT_BLOCKS: dict[type, str] = {VAE: "_chunk_logits"}
+HOT_BLOCKS: dict[type, str] = {VAE: "gene_logits"}
 # What to install when the compiler cannot build, by device type.
 _TOOLCHAIN = {
     "cpu": "a C++ compiler (g++; or point CXX at one)",
