@@ -1,54 +1,57 @@
-"""Loader benchmark: our CellStream against tiledbsoma-ml's ExperimentDataset on the same data.
+"""Loader benchmark: our CellStream against tiledbsoma-ml, scDataset and annbatch on one corpus.
 
-Two cases, each timed for both loaders in fresh subprocesses (so peak RSS is per loader):
-  (a) a Census-layout experiment (X tiles 2048 x 2048, rows grouped by dataset), our stream in
-      direct mode;
-  (b) our training copy (rows pre-permuted, cell tile 256, gene tile = all genes).
-tiledbsoma-ml runs with shuffle on, `shuffle_chunk_size=64`, its default I/O batch (65,536) and
-`return_sparse_X=True` (its fastest path; dense output would add a densify step we don't pay).
-Printed per run: cells/s, nonzeros per CPU-second (per core), peak RSS, mean per-batch
-`dataset_id` entropy relative to truly random batches, and the ratio to tiledbsoma-ml. The last
-line printed is one JSON object with every figure. The measured runs: :mod:`.loader_worker`.
+Two cases, every loader in fresh subprocesses (so peak RSS is per loader), batch 256:
+  (a) the Census-layout experiment (X tiles 2048 x 2048, rows grouped by dataset): our stream in
+      direct mode; tiledbsoma-ml on the same experiment; scDataset on the same cells written as
+      a backed h5ad (its recommended settings and the annbatch paper's);
+  (b) prepared copies: our training copy (rows pre-permuted; read from its row store and once
+      through TileDB), tiledbsoma-ml on the copy's experiment, and annbatch on its own shuffled
+      zarr collection written from the h5ad by annbatch's writer (in a Python >= 3.12 venv,
+      :mod:`.loader_peers_env`; skipped with the reason printed when that is impossible).
+Per run: cells/s, nonzeros per CPU-second, peak RSS, time to the first batch, per-batch
+`dataset_id` entropy relative to random batches; then each loader that shards over ranks once
+more as 2 processes. Also printed: each format's preparation time and disk size, and whether each
+loader resumes mid-epoch and reorders between epochs (tested where the loader allows it). The
+last line printed is one JSON object with every figure. Runs: :mod:`.loader_worker`,
+:mod:`.loader_peers_annbatch`; orchestration of the peers: :mod:`.loader_peers`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from atlasldm.bench.diversity import random_entropy
-from atlasldm.bench.loader_worker import BATCH, ML_IO, run_worker
+from atlasldm.bench import loader_peers as peers_mod
+from atlasldm.bench.diversity import RandomEntropy
+from atlasldm.bench.loader_peers_env import ANNBATCH_PINS
+from atlasldm.bench.loader_peers_measure import BATCH
+from atlasldm.bench.loader_peers_scdataset import SETTINGS as SCD_SETTINGS
+from atlasldm.bench.loader_worker import ML_IO, run_worker
+from atlasldm.cli_parser import Parser
 
 ML_IO_SMALL = 16384  # a tiledbsoma-ml I/O batch whose peak RSS is near our 4 GB budget
 DEFAULT_CACHE = Path(os.environ.get("ATLASLDM_CACHE", Path.home() / ".cache" / "atlasldm"))
-# Printed name -> JSON key of each tiledbsoma-ml run, in print order.
-ML_RUNS = {
-    "ml default(dense)": "tiledbsoma_ml_default_dense",
-    "ml sparse": "tiledbsoma_ml_sparse",
-    f"ml sparse io={ML_IO_SMALL}": "tiledbsoma_ml_sparse_small_io",
+LOADERS = ("ml", "scdataset", "annbatch", "ours")
+ML_RUNS = {  # printed name -> worker flags of each tiledbsoma-ml run
+    "tiledbsoma-ml default (dense)": {"--dense": True},
+    "tiledbsoma-ml sparse": {},
+    f"tiledbsoma-ml sparse, I/O batch {ML_IO_SMALL:,}": {"--io-batch": ML_IO_SMALL},
 }
-
-
-def spawn(opts: argparse.Namespace, flags: dict[str, Any]) -> dict:
-    """Run one worker (`flags`: its options; True = a bare flag) in a fresh process."""
-    shared = {"--seconds": opts.seconds, "--max-cells": opts.max_cells, "--threads": opts.threads}
-    argv = []
-    for key, value in (flags | shared).items():
-        argv += [key] if value is True else [key, str(value)]
-    cmd = [sys.executable, "-m", "atlasldm.bench.loader", "worker", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+OURS = {"a_census_layout": "atlasldm, direct mode", "b_training_copy": "atlasldm, row store"}
+# Resume / epoch order of the loaders that cannot be tested here (tiledbsoma-ml 0.1.0's API).
+ML_FEATURES = {
+    "resume_mid_epoch": "no (API: no state to save or restore)",
+    "order_differs_between_epochs": "only after set_epoch(e) (documented)",
+}
 
 
 def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[str, Path]:
@@ -57,21 +60,26 @@ def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[
     from atlasldm.data.rowstore import build_row_store, has_row_store
     from atlasldm.data.synthetic import write_synthetic_experiment
 
-    name = f"synthetic_{cells}x{genes}_d{datasets}"
+    folder = cache / f"synthetic_{cells}x{genes}_d{datasets}"
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = not (folder / "census_layout.complete.json").is_file()
+    t0 = time.perf_counter()
     census_uri = write_synthetic_experiment(
-        cache / name / "census_layout",
+        folder / "census_layout",
         f"cells={cells},genes={genes},datasets={datasets},cell_types=12,seed=0",
     )
-    copy = cache / name / "training_copy"
+    if fresh:
+        peers_mod.record_time(folder, "synthetic", time.perf_counter() - t0)
+    copy = folder / "training_copy"
     if (copy / "manifest.json").is_file() and not has_row_store(copy):
-        t0 = time.perf_counter()
         build_row_store(copy)  # copies built before the row store existed
-        print(f"row store of {copy}: {time.perf_counter() - t0:.0f} s", flush=True)
     if not (copy / "manifest.json").is_file():
         conditions = ["--conditions", "dataset_id", "cell_type"]
         argv = ["--source", census_uri, "--out", str(copy), *conditions, "--resume"]
+        t0 = time.perf_counter()
         if ingest.main(argv) != 0:
             raise RuntimeError(f"ingest failed: {argv}")
+        peers_mod.record_time(folder, "ingest", time.perf_counter() - t0)
     return census_uri, copy
 
 
@@ -83,89 +91,207 @@ def _dataset_codes(uri: str) -> np.ndarray:
     return np.unique(col.astype(str), return_inverse=True)[1]
 
 
-def measure_case(opts: argparse.Namespace, uri: str, mode: str, copy: Path) -> dict[str, dict]:
-    """Every loader run of one case, by printed name in print order (atlasldm last)."""
+def worker_cmd(opts: argparse.Namespace, flags: dict) -> list[str]:
+    """The command of one of our workers (`flags`: its options; True = a bare flag)."""
+    shared = {"--seconds": opts.seconds, "--max-cells": opts.max_cells, "--threads": opts.threads}
+    argv = []
+    for key, value in (shared | flags).items():
+        argv += [key] if value is True else [key, str(value)]
+    return [sys.executable, "-m", "atlasldm.bench.loader", "worker", *argv]
+
+
+def case_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path, peers: dict) -> list:
+    """(printed name, loader, command, runs as 2 ranks too) of each run of one case."""
+    mode = "direct" if case == "a_census_layout" else "copy"
     base = {"--uri": uri, "--mode": mode, "--vocab": str(copy / "genes.tsv")}
-    base |= {"--io-batch": ML_IO, "--row-store": "auto"}
-    ml = base | {"--loader": "ml"}
-    dense, sparse, small = ML_RUNS
-    runs = {dense: spawn(opts, ml | {"--dense": True}), sparse: spawn(opts, ml)}
-    runs[small] = spawn(opts, ml | {"--io-batch": ML_IO_SMALL})
+    runs = [
+        (n, "ml", worker_cmd(opts, base | {"--loader": "ml"} | f), False)
+        for n, f in ML_RUNS.items()
+    ]
     ours = base | {"--loader": "ours", "--uri": str(copy) if mode == "copy" else uri}
-    ours_run = spawn(opts, ours)
-    if mode == "copy":  # the same copy read through TileDB instead of its row store
-        runs["atlasldm, TileDB read"] = spawn(opts, ours | {"--row-store": "off"})
-    runs["atlasldm"] = ours_run
-    nnz_per_cell = runs[sparse]["nnz"] / runs[sparse]["cells"]
-    d = runs[dense]
-    d["nnz_per_cpu_s"] = d["nnz_per_cpu_s"] or nnz_per_cell * d["cells"] / d["cpu_seconds"]
-    return runs
+    if mode == "direct":
+        for i, name in enumerate(SCD_SETTINGS):
+            flags = {"--loader": "scdataset", "--uri": str(peers["h5ad"]), "--setting": i}
+            runs.append((name, "scdataset", worker_cmd(opts, base | flags), i == 0))
+    else:
+        tiledb = ours | {"--row-store": "off"}
+        runs.append(("atlasldm, copy read through TileDB", "ours", worker_cmd(opts, tiledb), False))
+        if peers["annbatch"] is not None:
+            timing = ["--seconds", str(opts.seconds), "--max-cells", str(opts.max_cells)]
+            cmd = peers_mod.annbatch_cmd(*peers["annbatch"], timing)
+            runs.append(("annbatch (shuffled zarr, chunk 32 x 256)", "annbatch", cmd, True))
+    runs.append((OURS[case], "ours", worker_cmd(opts, ours), True))
+    return [r for r in runs if r[1] in opts.loaders]
 
 
-def report_case(case: str, runs: dict[str, dict], rand: float) -> dict:
-    """Print one case's runs and speed-ups; return its summary entry."""
-    for name, r in runs.items():
-        r["diversity_vs_random"] = r["entropy"] / rand
-        print(
-            f"{case:16s} {name:22s} {r['cells_per_s']:8.0f} cells/s "
-            f"{r['nnz_per_cpu_s'] / 1e6:6.2f} M nnz/cpu-s  rss {r['peak_rss_gb']:.2f} GB  "
-            f"diversity {r['diversity_vs_random']:.3f}",
-            flush=True,
+def two_rank_cmd(loader: str, cmd: list[str]) -> list[str]:
+    """A run's command for one of 2 ranks: our stream then reads with 1 thread per rank."""
+    if loader != "ours":
+        return cmd
+    i = cmd.index("--threads")
+    return [*cmd[: i + 1], "1", *cmd[i + 2 :]]
+
+
+def measure_case(opts, case: str, runs: list, rand: RandomEntropy) -> dict[str, dict]:
+    """Every run of one case, by printed name; 2-rank runs under '<name>, 2 processes'."""
+    rows: dict[str, dict] = {}
+    for name, loader, cmd, ranks in runs:
+        rows[name] = peers_mod.run_one([*cmd, "--probe"], rand) | {"loader": loader}
+        print_row(case, name, rows[name])
+        if ranks and opts.two_process:
+            two = f"{name}, 2 processes"
+            rows[two] = peers_mod.run_ranks(two_rank_cmd(loader, cmd), rand) | {"loader": loader}
+            print_row(case, two, rows[two])
+    fill_dense_nnz(rows)
+    return rows
+
+
+def fill_dense_nnz(rows: dict[str, dict]) -> None:
+    """A dense tiledbsoma-ml run counts no nonzeros: use its sparse run's nonzeros per cell."""
+    dense, sparse = list(ML_RUNS)[:2]
+    if dense in rows and sparse in rows and rows[sparse]["cells"]:
+        d = rows[dense]
+        per_cell = rows[sparse]["nnz"] / rows[sparse]["cells"]
+        d["nnz_per_cpu_s"] = per_cell * d["cells"] / d["cpu_seconds"]
+
+
+def print_row(case: str, name: str, r: dict) -> None:
+    """One printed line of the table."""
+    div = "n/a" if r["diversity_vs_random"] is None else f"{r['diversity_vs_random']:.3f}"
+    print(
+        f"{case:16s} {name:58s} {r['cells_per_s']:9.0f} cells/s "
+        f"{r['nnz_per_cpu_s'] / 1e6:7.2f} M nnz/cpu-s  rss {r['peak_rss_gb']:.2f} GB  "
+        f"diversity {div}  first batch {r['first_batch_s']:.2f} s",
+        flush=True,
+    )
+
+
+def features(cases: dict[str, dict]) -> dict[str, dict]:
+    """Resume mid-epoch / order differs between epochs, per loader, and how it was known."""
+
+    def yes_no(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    out = {"tiledbsoma-ml": dict(ML_FEATURES)}
+    for rows in cases.values():
+        for name, r in rows.items():
+            if "order_differs_tested" not in r:
+                continue
+            if "resume_exact_tested" in r:
+                resume = f"{yes_no(r['resume_exact_tested'])} (tested: exact batch after restore)"
+            else:
+                resume = f"{yes_no(r['resume_api'])} (API: no state_dict/load_state_dict)"
+            order = f"{yes_no(r['order_differs_tested'])} (tested: first batch of 2 passes)"
+            out[name] = {"resume_mid_epoch": resume, "order_differs_between_epochs": order}
+    return out
+
+
+def targets(cases: dict[str, dict]) -> dict:
+    """The issue's targets: ours vs the best peer per process on (b), vs scDataset on (a)."""
+    out: dict = {}
+    b = cases.get("b_training_copy", {})
+    peers_b = {n: r for n, r in b.items() if r["loader"] != "ours" and "2 processes" not in n}
+    if OURS["b_training_copy"] in b and peers_b:
+        best = max(peers_b, key=lambda n: peers_b[n]["cells_per_s"])
+        out["copy_best_peer"] = best
+        out["copy_ratio_vs_best_peer"] = (
+            b[OURS["b_training_copy"]]["cells_per_s"] / peers_b[best]["cells_per_s"]
         )
-    ours = runs["atlasldm"]
-    ratios = {name: ours["cells_per_s"] / runs[name]["cells_per_s"] for name in ML_RUNS}
-    speedups = ", ".join(f"{v:.2f}x vs {k}" for k, v in ratios.items())
-    print(f"{case:16s} atlasldm speed-up: {speedups}", flush=True)
-    summary = {key: runs[name] for name, key in ML_RUNS.items()} | {"atlasldm": ours}
-    summary["speedup_vs_default_dense"] = ratios["ml default(dense)"]
-    summary["speedup_vs_sparse"] = ratios["ml sparse"]
-    summary["speedup_vs_sparse_small_io"] = ratios[f"ml sparse io={ML_IO_SMALL}"]
-    if "atlasldm, TileDB read" in runs:
-        summary["atlasldm_tiledb_read"] = runs["atlasldm, TileDB read"]
-    return summary
+    a = cases.get("a_census_layout", {})
+    scd = {n: r for n, r in a.items() if r["loader"] == "scdataset" and "2 processes" not in n}
+    if OURS["a_census_layout"] in a and scd:
+        best = max(scd, key=lambda n: scd[n]["cells_per_s"])
+        out["census_ratio_vs_scdataset"] = (
+            a[OURS["a_census_layout"]]["cells_per_s"] / scd[best]["cells_per_s"]
+        )
+    return out
+
+
+def versions(peer_rows: list[dict]) -> dict[str, str]:
+    """Versions of the peers that ran (annbatch's as its venv reported them)."""
+    out = {}
+    for name in ("tiledbsoma-ml", "tiledbsoma", "scdataset", "anndata", "h5py"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    for r in peer_rows:
+        out |= {f"annbatch venv: {k}": v for k, v in r.get("versions", {}).items()}
+    return out
 
 
 def run_benchmark(opts: argparse.Namespace) -> dict:
-    """Run both cases for both loaders; print a table; return the summary."""
-    census_uri, copy = build_datasets(Path(opts.cache), opts.cells, opts.genes, opts.datasets)
-    rand = random_entropy(_dataset_codes(census_uri), BATCH)
-    cases = {
-        "a_census_layout": (census_uri, "direct"),
-        "b_training_copy": (str(copy / "experiment"), "copy"),
-    }
+    """Prepare every format, run every case, print the tables; return the summary."""
+    cache = Path(opts.cache)
+    census_uri, copy = build_datasets(cache, opts.cells, opts.genes, opts.datasets)
+    folder = copy.parent
+    peers = peers_mod.prepare_peers(folder, census_uri, cache, opts.annbatch_venv)
+    rand = RandomEntropy(np.bincount(_dataset_codes(census_uri)))
     summary: dict = {"cells": opts.cells, "genes": opts.genes, "batch": BATCH}
-    summary |= {"random_batch_entropy": rand, "cases": {}}
-    for case, (uri, mode) in cases.items():
-        runs = measure_case(opts, uri, mode, copy)
-        summary["cases"][case] = report_case(case, runs, rand)
+    summary |= {"date": datetime.date.today().isoformat(), "command": opts.command_line}
+    summary["random_batch_entropy"] = rand(BATCH)
+    summary["formats"] = peers_mod.formats_table(folder, census_uri, copy, peers)
+    for name, f in summary["formats"].items():
+        t = "n/a" if f["prepare_s"] is None else f"{f['prepare_s']:.0f} s"
+        print(f"format {name:50s} prepare {t:>8s}  disk {f['disk_gb']:.2f} GB", flush=True)
+    cases = {"a_census_layout": census_uri, "b_training_copy": str(copy / "experiment")}
+    summary["cases"] = {}
+    for case, uri in cases.items():
+        summary["cases"][case] = measure_case(
+            opts, case, case_runs(opts, case, uri, copy, peers), rand
+        )
+    summary["features"] = features(summary["cases"])
+    summary["targets"], summary["skipped"] = targets(summary["cases"]), peers["skipped"]
+    annbatch_rows = [
+        r for c in summary["cases"].values() for r in c.values() if r["loader"] == "annbatch"
+    ]
+    summary["versions"] = versions(annbatch_rows)
+    summary["annbatch_pins"] = list(ANNBATCH_PINS)
+    for name, f in summary["features"].items():
+        resume, order = f["resume_mid_epoch"], f["order_differs_between_epochs"]
+        print(f"{name:58s} resume: {resume:45s} reorders: {order}", flush=True)
+    print(f"targets: {summary['targets']}", flush=True)
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Options of `launchers/bench_loader.py` (all have defaults: no arguments needed)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="command")
-    for name, what in (("run", "run the benchmark (default)"), ("worker", "internal: one run")):
-        q = sub.add_parser(
-            name, description=__doc__.splitlines()[0], formatter_class=fmt, help=what
-        )
-        q.add_argument("--seconds", type=float, default=60.0, help="max timed seconds per run")
-        q.add_argument("--max-cells", type=int, default=200_000, help="max timed cells per run")
-        q.add_argument("--threads", type=int, default=2, help="our reader threads per rank")
-    run = sub.choices["run"]
+def _add_timing(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--seconds", type=float, default=60.0, help="max timed seconds per run")
+    q.add_argument("--max-cells", type=int, default=200_000, help="max timed cells per run")
+    q.add_argument("--threads", type=int, default=2, help="our reader threads per rank")
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--cells", type=int, default=500_000, help="cells of the synthetic set")
     run.add_argument("--genes", type=int, default=20_000, help="genes of the synthetic set")
     run.add_argument("--datasets", type=int, default=30, help="dataset_id blocks of the set")
     run.add_argument(
         "--cache",
         default=str(DEFAULT_CACHE / "bench"),
-        help="folder of the generated set and its copy, reused when present "
+        help="folder of the generated set, its copies and annbatch's venv, reused when present "
         "(under $ATLASLDM_CACHE when set)",
     )
-    worker = sub.choices["worker"]
-    worker.add_argument("--loader", choices=["ml", "ours"], required=True, help="which loader")
-    worker.add_argument("--uri", required=True, help="experiment URI or copy folder")
+    run.add_argument(
+        "--loaders",
+        nargs="+",
+        choices=LOADERS,
+        default=list(LOADERS),
+        help="loaders to run (ml = tiledbsoma-ml, ours = atlasldm)",
+    )
+    run.add_argument(
+        "--annbatch-venv",
+        choices=["create", "existing", "off"],
+        default="create",
+        help="annbatch's Python >= 3.12 venv: create it when missing (pip), use "
+        "it only if present, or skip annbatch",
+    )
+    run.add_argument(
+        "--no-two-process", dest="two_process", action="store_false", help="skip the 2-rank runs"
+    )
+
+
+def _add_worker(worker: argparse.ArgumentParser) -> None:
+    worker.add_argument("--loader", choices=["ml", "ours", "scdataset"], required=True)
+    worker.add_argument("--uri", required=True, help="experiment URI, copy folder or h5ad")
     worker.add_argument("--mode", choices=["direct", "copy"], required=True, help="stream mode")
     worker.add_argument("--vocab", default="", help="genes.tsv (direct mode)")
     worker.add_argument("--seed", type=int, default=0, help="shuffle seed")
@@ -174,7 +300,39 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--row-store", choices=["auto", "off"], default="auto", help="copy mode: row store use"
     )
+    worker.add_argument("--setting", type=int, default=0, help="scDataset: index in SETTINGS")
+    worker.add_argument("--rank", type=int, default=0, help="this process's rank")
+    worker.add_argument("--world", type=int, default=1, help="ranks in all")
+    worker.add_argument("--codes-out", default="", help=".npz for the timed batches' codes")
+    worker.add_argument("--probe", action="store_true", help="also test resume and epoch order")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of `launchers/bench_loader.py` (all have defaults: no arguments needed)."""
+    p = Parser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command")
+    for name, what in (("run", "run the benchmark (default)"), ("worker", "internal: one run")):
+        _add_timing(sub.add_parser(name, description=__doc__.splitlines()[0], help=what))
+    _add_run(sub.choices["run"])
+    _add_worker(sub.choices["worker"])
     return p
+
+
+def check_run(opts: argparse.Namespace) -> str:
+    """The first problem with the run options, as one line ('' when none)."""
+    for flag in ("cells", "genes", "datasets", "max_cells", "threads"):
+        if getattr(opts, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be >= 1, got {getattr(opts, flag)}"
+    if not opts.seconds > 0:
+        return f"--seconds must be > 0, got {opts.seconds}"
+    if opts.datasets > opts.cells:
+        return f"--datasets ({opts.datasets}) must not exceed --cells ({opts.cells})"
+    if opts.cells < 2 * BATCH:
+        return f"--cells must be >= {2 * BATCH} (two batches of {BATCH}), got {opts.cells}"
+    cache = Path(opts.cache)
+    if cache.exists() and not cache.is_dir():
+        return f"--cache {cache} is a file; give a folder"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,11 +340,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "worker"):
         argv = ["run", *argv]
-    opts = build_parser().parse_args(argv)
+    parser = build_parser()
+    opts = parser.parse_args(argv)
     if opts.command == "worker":
         print(json.dumps(run_worker(opts)), flush=True)
-    else:
-        print(json.dumps(run_benchmark(opts)), flush=True)
+        return 0
+    problem = check_run(opts)
+    if problem:
+        parser.exit(2, f"error: {problem}\n")
+    opts.command_line = "python launchers/bench_loader.py " + " ".join(argv[1:])
+    print(json.dumps(run_benchmark(opts)), flush=True)
     return 0
 
 

@@ -1,23 +1,22 @@
 """One measured run of the loader benchmark: one loader on one experiment, in a fresh process.
 
 Started by :mod:`atlasldm.bench.loader` as `python -m atlasldm.bench.loader worker ...`. The
-optional `tiledbsoma_ml` is imported here only, and only for its own runs.
+optional `tiledbsoma_ml` and `scdataset` are imported only for their own runs; annbatch runs in
+its own venv (:mod:`.loader_peers_annbatch`). Every loader goes through the same timed loop
+(:func:`.loader_peers_measure.time_batches`); `--probe` then tests resume and epoch order.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from atlasldm.bench.diversity import batch_entropy
+from atlasldm.bench.loader_peers_measure import BATCH, order_differs, time_batches
 
-BATCH = 256  # cells per mini-batch, both loaders
 ML_IO = 65536  # tiledbsoma-ml's default io_batch_size
 RESUME_AT = (0.05, 0.37, 0.71, 0.98)  # epoch fractions of the resume latencies
 
@@ -63,7 +62,7 @@ def our_stream(args: argparse.Namespace) -> Any:
         unknown_genes="drop",
         row_store=args.row_store,
     )
-    return CellStream(cfg, split="all", rank=0, world_size=1)
+    return CellStream(cfg, split="all", rank=args.rank, world_size=args.world)
 
 
 def _our_batches(args: argparse.Namespace) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -91,57 +90,65 @@ def resume_latency(args: argparse.Namespace) -> list[float]:
     return latencies
 
 
-def peak_rss_gb() -> float:
-    """This process's peak RSS in GiB: VmHWM of its own address space.
+def exact_resume(args: argparse.Namespace, k: int = 2) -> bool:
+    """Whether a stream restored from the state after batch k yields batch k + 1 exactly."""
+    stream = our_stream(args)
+    it = iter(stream)
+    for _ in range(k):
+        next(it)
+    state = stream.state_dict()
+    expected = next(it)
+    stream.close()
+    resumed = our_stream(args)
+    resumed.load_state_dict(state)
+    got = next(iter(resumed))
+    resumed.close()
+    fields = ("soma_joinid", "gene_ids", "counts", "cu_seqlens")
+    return all(
+        np.array_equal(getattr(got, f).numpy(), getattr(expected, f).numpy()) for f in fields
+    )
 
-    getrusage's ru_maxrss survives fork and exec, so a worker started by a parent that once held
-    more memory (e.g. while building a row store) would report the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+def our_probes(args: argparse.Namespace) -> dict[str, Any]:
+    """Resume latencies, an exact-resume test, and whether epoch 1 starts with other cells."""
+    out: dict[str, Any] = {"resume_first_batch_s": resume_latency(args)}
+    out["resume_exact_tested"] = exact_resume(args)
+    stream = our_stream(args)
+
+    def epoch_ids(epoch: int) -> Iterator[np.ndarray]:
+        stream.set_epoch(epoch)
+        return (b.soma_joinid.numpy() for b in stream)
+
+    out["order_differs_tested"] = order_differs(epoch_ids)
+    stream.close()
+    return out
 
 
-def time_batches(batches: Iterator, max_cells: int, seconds: float) -> dict[str, Any]:
-    """Iterate until `max_cells` timed cells or `seconds`; the first batch is not timed."""
-    cells = nnz = 0
-    entropies: list[float] = []
-    t_start = time.perf_counter()
-    t_warm = cpu_warm = None
-    for n_cells, n_nnz, codes in batches:
-        if t_warm is None:  # the first batch pays start-up; time the steady state after it
-            t_warm, cpu_warm = time.perf_counter(), time.process_time()
-        else:
-            cells, nnz = cells + n_cells, nnz + n_nnz
-        entropies.append(batch_entropy(codes))
-        if cells >= max_cells or time.perf_counter() - t_warm > seconds:
-            break
-    wall, cpu = time.perf_counter() - t_warm, time.process_time() - cpu_warm
-    batches.close()
-    nnz = max(nnz, 0)  # dense runs: the caller fills nnz/s from the sparse run's nnz per cell
-    return {
-        "cells": cells,
-        "nnz": nnz,
-        "seconds": wall,
-        "cells_per_s": cells / wall,
-        "nnz_per_cpu_s": nnz / cpu,
-        "cpu_seconds": cpu,
-        "first_batch_s": t_warm - t_start,
-        "entropy": float(np.mean(entropies)),
-        "peak_rss_gb": peak_rss_gb(),
-    }
+def _batches(args: argparse.Namespace) -> Iterator[tuple[int, int, np.ndarray]]:
+    if args.loader == "ml":
+        return _ml_batches(args)
+    if args.loader == "scdataset":
+        from atlasldm.bench.loader_peers_scdataset import SETTINGS, scdataset_batches
+
+        setting = list(SETTINGS.values())[args.setting]
+        return scdataset_batches(args.uri, setting, args.seed, (args.rank, args.world))
+    return _our_batches(args)
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time one loader on one experiment; returns its figures (run in a fresh process)."""
     import atlasldm.data.stream  # noqa: F401  (torch and TileDB imports are not the loader's start-up)
 
-    batches = _ml_batches(args) if args.loader == "ml" else _our_batches(args)
-    out = time_batches(batches, args.max_cells, args.seconds)
-    if args.loader == "ours":
-        out["resume_first_batch_s"] = resume_latency(args)
+    if args.loader == "scdataset":  # nor are the peer's imports
+        import anndata  # noqa: F401
+        import scdataset  # noqa: F401
+
+    out = time_batches(_batches(args), args.max_cells, args.seconds, args.codes_out)
+    if args.probe and args.loader == "ours":
+        out |= our_probes(args)
+    elif args.probe and args.loader == "scdataset":
+        from atlasldm.bench.loader_peers_scdataset import SETTINGS, scdataset_probes
+
+        setting = list(SETTINGS.values())[args.setting]
+        out |= scdataset_probes(args.uri, setting, args.seed, (args.rank, args.world))
     return out

@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vae, dit, bench = build_configs(args.preset, args.overrides, args.quick)
     env = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": int(WORKER_ENV["OMP_NUM_THREADS"]),  # per measuring process
         "loadavg_start": list(os.getloadavg()),
     }
     print_header(args, (vae, dit, bench), env)

@@ -1,4 +1,4 @@
-"""Benchmark the streaming loader against tiledbsoma-ml: `python launchers/bench_loader.py`."""
+"""Benchmark the streaming loader against its peers: `python launchers/bench_loader.py`."""
 
 import sys
 from collections.abc import Sequence

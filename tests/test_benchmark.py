@@ -3,6 +3,8 @@ shipped training recipes, not copies of them) and its measurements in fresh proc
 
 import dataclasses
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +90,18 @@ def test_decode_comparison_puts_today_first_and_every_variant_beside_it() -> Non
         assert res["cpu_s_per_step"] > 0
         ratio = today["cpu_s_per_step"] / res["cpu_s_per_step"]
         assert res["today_over_this"] == pytest.approx(ratio)
+
+
+def test_step_against_a_commit_times_both_trees_and_removes_the_worktree(capsys) -> None:
+    """Against HEAD itself: both trees are timed every round, and no worktree is left behind."""
+    from atlasldm.bench import step_vs_commit
+
+    repo = Path(__file__).resolve().parents[1]
+    before = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True)
+    tiny = ["--cells", "2", "--expressed", "8", "--genes", "40", "--steps", "1", "--rounds", "2"]
+    assert step_vs_commit.main(["HEAD", *tiny]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["cpu_s_per_step"]["HEAD"]) == len(out["cpu_s_per_step"]["now"]) == 2
+    assert out["now_over_commit"] > 0
+    after = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True)
+    assert after.stdout == before.stdout
