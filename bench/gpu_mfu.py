@@ -227,10 +227,11 @@ def row_flops(model: str, cfg, sizes: tuple[int, int], checkpointed: bool | None
     hardware = flops.vae_train_flops(cfg, S, G, recompute=bool(checkpointed)).total(cells)
     basis = f"vae_train_flops(S={S}, G={G})"
     if cfg.num_genes != G:  # sampled: S + k rows per cell, counted as a decode of S + k genes
-        # whose query projections (counted once per step) are per cell for the S expressed genes
-        per_cell_q = flops.TRAIN_FACTOR * (cells - 1) * S * 2.0 * cfg.embed_dim**2
+        # whose query projections (counted once per step) are per cell for all S + k rows:
+        # both the expressed and the drawn genes differ from cell to cell
+        per_cell_q = flops.TRAIN_FACTOR * (cells - 1) * G * 2.0 * cfg.embed_dim**2
         model_flops, hardware = model_flops + per_cell_q, hardware + per_cell_q
-        basis += " over the S + k sampled rows, expressed-gene queries projected per cell"
+        basis += " over the S + k sampled rows, all queries projected per cell"
         if getattr(cfg, "sampled_normaliser", "") == "exact":  # + a no-grad forward over all G
             extra = flops.vae_decoder_gene_flops(cfg, cfg.num_genes).total(cells)
             model_flops, hardware = model_flops + extra, hardware + extra
