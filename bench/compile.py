@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from atlasldm.bench.model_worker import ADAMW
 from atlasldm.models.batch import CellBatch
 from atlasldm.models.dit import DiT, DiTConfig
 from atlasldm.models.flow import flow_loss
@@ -47,7 +48,6 @@ from atlasldm.models.vae import VAE, VAEConfig
 from atlasldm.progress import Progress
 from atlasldm.train.compile import BACKEND, COMPILE_KWARGS, compile_block, hot_block
 
-ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}  # docs/model.md, 'Training recipes'
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 WORKER_ENV |= {"TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the compile shares the one core too
 

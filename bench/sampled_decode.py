@@ -32,12 +32,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from atlasldm.bench.model import WORKER_ENV
 from atlasldm.models.batch import CellBatch
 from atlasldm.models.vae import VAE, VAEConfig
 from atlasldm.train.config import OptimConfig
 from atlasldm.train.optim import lr_at
-
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
