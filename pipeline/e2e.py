@@ -14,219 +14,68 @@ output in `ROOT/<stage>.log`; the console shows each stage's progress meanwhile 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import yaml
-from tqdm import tqdm
 
-from atlasldm.cli_parser import Parser
-from atlasldm.configs import CONFIGS_DIR
 from atlasldm.data.config import DataConfig
 from atlasldm.data.to_anndata import split_to_anndata
-from atlasldm.launchers import LAUNCHERS_DIR
-from atlasldm.progress import Progress
+from atlasldm.pipeline.e2e_options import (
+    CONFIGS,
+    MODELS,
+    QUICK,
+    STAGES,
+    OptionError,
+    Options,
+    parse_args,
+    resolve,
+)
+from atlasldm.pipeline.e2e_tables import decomposition_table, stage_lines, table, verdict
+from atlasldm.pipeline.stages import StageWatch, Timer, launch
 
-CONFIGS = CONFIGS_DIR / "e2e"
+__all__ = ["MODELS", "QUICK", "STAGES", "StageWatch", "main"]
 LABEL_KEY = "cell_type"
 VAL_FRACTION = 0.3  # must equal data.val_fraction of every configs/e2e recipe
-MODELS = ("scldm", "vae_prior", "scdiffusion")  # the generated sets, in table order
-STAGES = ("vae", "dit", "skip_mlp", "classifier")  # the trained stages, in training order
-TABLE_KEYS = (
-    ("w2", "W2 (30 PCs)"),
-    ("mmd2_u", "MMD² unbiased"),
-    ("energy", "energy"),
-    ("c2st_knn_auc", "C2ST AUC kNN"),
-    ("c2st_logreg_auc", "C2ST AUC logreg"),
-    ("precision", "precision"),
-    ("recall", "recall"),
-    ("w2_class_mean", "W2 per class"),
-    ("cond_accuracy", "cond. accuracy"),
-    ("genes/all/mean_pcc", "gene-mean r"),
-    ("genes/all/var_pcc", "gene-var r"),
-)
-# CI's shortened run: a few steps per stage, 5 Euler steps, one seed, a small forest.
-QUICK = {"vae": 20, "dit": 20, "skip_mlp": 20, "classifier": 20}
-POLL_S = 2.0  # how often a running stage's log and metrics are read
-# Lines of a stage's log worth showing on the console: `Progress` lines (`ingest: 1,200/7,000
-# cells (17%), 410.0 cells/s, ETA 0:14`) and validation results (`step 300 | val/nll 682.5 ...`).
-ECHO = re.compile(
-    r"step \d+ \| val/|[\w .:/-]+: [\d,.]+(/[\d,.]+)? [^,]+( \(\d+%\))?, [\d,.]+ \S+/s"
-)
+TRAJECTORY = ("CD14+ Monocyte", "CD19+ B")  # endpoints of the example trajectory
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Return the parsed command line."""
-    p = Parser(description="End-to-end scLDM run on the built-in PBMC data.")
-    p.add_argument("--root", type=Path, default=Path("runs/e2e"), help="folder of everything")
-    p.add_argument("--quick", action="store_true", help="CI-sized run (minutes, not a result)")
-    p.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        default=None,
-        help="generation seeds (None: 0 with --quick, else 0 1 2)",
-    )
-    p.add_argument(
-        "--launcher",
-        choices=["python", "deepspeed"],
-        default="python",
-        help="python: one process per stage; deepspeed: 2 ranks",
-    )
-    return p.parse_args(argv)
-
-
-class Timer:
-    """Wall time of each named step, printed as it ends."""
-
-    def __init__(self) -> None:
-        self.t0, self.steps = time.perf_counter(), {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        """Run fn(*args, **kwargs), record and print its wall time, return its result."""
-        start = time.perf_counter()
-        print(f"== {name} ...", flush=True)
-        out = fn(*args, **kwargs)
-        self.steps[name] = time.perf_counter() - start
-        print(f"== {name}: {self.steps[name]:.0f} s", flush=True)
-        return out
-
-    @property
-    def total(self) -> float:
-        """Seconds since the start."""
-        return time.perf_counter() - self.t0
-
-
-def _new_lines(path: Path | None, offset: int) -> tuple[list[str], int]:
-    """Return the whole lines `path` gained after byte `offset`, and the offset after them.
-
-    A line still being written waits for the next call.
-    """
-    if path is None or not path.is_file():
-        return [], offset
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read()
-    end = data.rfind(b"\n") + 1
-    return data[:end].decode(errors="replace").splitlines(), offset + end
-
-
-class StageWatch:
-    """What the console shows of a stage running as a subprocess with its output in `log`.
-
-    Echoes the log's progress and validation lines (`ECHO`); for a training stage, counts the
-    optimiser steps its `run_dir/metrics.jsonl` gains against `max_steps` with `Progress`: a
-    bar on a terminal, a line with the step reached, rate and ETA every half minute otherwise.
-    The count starts at the first step logged, so the rate and ETA leave out the start-up.
-    """
-
-    def __init__(
-        self, name: str, log: Path, run_dir: Path | None = None, max_steps: int | None = None
-    ) -> None:
-        self.name, self.max_steps = name, max_steps
-        self.log, self.log_offset = log, 0
-        self.metrics = run_dir / "metrics.jsonl" if run_dir is not None else None
-        # A resumed run appends to its metrics: count only what this launch adds.
-        self.metrics_offset = (
-            self.metrics.stat().st_size if self.metrics and self.metrics.is_file() else 0
-        )
-        self.step = 0
-        self.progress: Progress | None = None
-
-    def poll(self) -> None:
-        """Show what the stage wrote since the last poll."""
-        lines, self.log_offset = _new_lines(self.log, self.log_offset)
-        for line in lines:
-            if ECHO.search(line):
-                tqdm.write(f"   {line.strip()}", file=sys.stdout)  # above a bar, if one is drawn
-                sys.stdout.flush()
-        records, self.metrics_offset = _new_lines(self.metrics, self.metrics_offset)
-        for record in records:
-            try:
-                step = int(json.loads(record)["step"])
-            except (ValueError, KeyError, TypeError):  # not a step record: nothing to count
-                continue
-            if step > self.step:
-                if self.progress is None:
-                    self.progress = Progress(self.name, total=self.max_steps, unit="steps")
-                self.progress.update(step - self.step)
-                self.step = step
-
-    def close(self) -> None:
-        """Show the stage's last lines and end its progress (a final line off a terminal)."""
-        self.poll()
-        if self.progress is not None:
-            self.progress.close()
-
-
-def _launch(script: str, args: list[str], launcher: str, watch: StageWatch) -> None:
-    """Run a launcher to completion with its output in `watch.log`, showing its progress.
-
-    Raises with the log's tail when it fails; an interrupt stops the launcher too.
-    """
-    cmd = [sys.executable, str(LAUNCHERS_DIR / script), *args]
-    if launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", "2", str(LAUNCHERS_DIR / script), *args]
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    with open(watch.log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            while proc.poll() is None:
-                try:
-                    proc.wait(timeout=POLL_S)
-                except subprocess.TimeoutExpired:
-                    watch.poll()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            watch.close()
-    if proc.returncode != 0:
-        log = watch.log
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
-
-
-def _max_steps(stage: str, quick: bool) -> int | None:
-    """Steps the stage trains: the quick override, else its recipe's run.max_steps."""
-    if quick:
+def _max_steps(stage: str, opts: Options) -> int | None:
+    """Steps the stage trains: the quick override, else --set/profile, else the recipe's."""
+    if opts.quick:
         return QUICK[stage]
+    override = (opts.overrides.get(stage, {}).get("run") or {}).get("max_steps")
     recipe = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) or {}
-    return (recipe.get("run") or {}).get("max_steps")
+    return override or (recipe.get("run") or {}).get("max_steps")
 
 
-def train(stage: str, root: Path, copy: Path, quick: bool, launcher: str) -> Path:
-    """Train one stage from its configs/e2e recipe; return its export folder."""
+def train(stage: str, opts: Options, copy: Path) -> Path:
+    """Train one stage from its configs/e2e recipe and overrides; return its export folder."""
     script = {"vae": "train_vae.py", "classifier": "train_classifier.py"}.get(stage, "train_dit.py")
-    args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={root}", f"run.name={stage}"]
+    args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={opts.root}", f"run.name={stage}"]
     if stage == "vae":
         args.append(f"data.source={copy}")
-    if launcher == "deepspeed":  # 2 ranks: same 64-cell global batch, 32 cells per rank
+    if opts.launcher == "deepspeed":  # 2 ranks: same 64-cell global batch, 32 cells per rank
         args.append("batch.micro_cells=32")
-    if quick:
+    args += opts.recipe_args(stage)
+    if opts.quick:
         steps = QUICK[stage]
         args += [
             f"run.max_steps={steps}",
             f"run.eval_every={steps}",
             f"checkpoint.every_steps={steps}",
         ]
+    root = opts.root
     watch = StageWatch(
-        f"train {stage}", root / f"{stage}.log", root / stage, _max_steps(stage, quick)
+        f"train {stage}", root / f"{stage}.log", root / stage, _max_steps(stage, opts)
     )
-    _launch(script, args, launcher, watch)
+    launch(script, args, opts.launcher, watch)
     return root / stage / "export"
 
 
-def real_splits(copy: Path, root: Path) -> tuple[Path, Path]:
-    """Write the held-out test cells and the training cells as h5ad; return their paths."""
+def split_cells(copy: Path, root: Path) -> tuple[Path, Path]:
+    """Write the copy's held-out cells and its training cells as h5ad; return their paths."""
     config = DataConfig(source=str(copy), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
     paths = root / "real_test.h5ad", root / "real_train.h5ad"
     for split, path in zip(("val", "train"), paths, strict=True):
@@ -234,171 +83,162 @@ def real_splits(copy: Path, root: Path) -> tuple[Path, Path]:
     return paths
 
 
-def generate(name: str, exports: dict[str, Path], test: Path, root: Path, seeds, quick) -> Path:
-    """Generate the test set's cells with one model at every seed; return the h5ad path."""
-    from atlasldm.generation import cli
+def corpus(opts: Options, timer: Timer) -> Path:
+    """Ingest the built-in data; with --validation, then its training cells alone; return the copy.
 
-    out = root / "generated" / f"{name}.h5ad"
-    args = [
-        "--vae",
-        str(exports["vae"]),
-        "--match",
-        str(test),
-        "--match-keys",
-        LABEL_KEY,
-        "--out",
-        str(out),
-        "--seeds",
-        *map(str, seeds),
-    ]
-    if name == "scldm":
-        args += ["--denoiser", str(exports["dit"])]
-    elif name == "scdiffusion":
-        args += ["--denoiser", str(exports["skip_mlp"]), "--classifier", str(exports["classifier"])]
-    if quick:
-        args += ["--sampler", "euler", "--steps", "5"]
-    elif name != "vae_prior":
-        args += ["--sampler", "euler", "--steps", "50"]
-    cli.run(args)
+    The validation copy holds only the training cells of the full split, so its own hash split
+    (same fraction, new joinids) carves the validation cells out of them: the test cells are in
+    neither of its splits.
+    """
+    full = opts.root / "data" / "pbmc68k"
+    full.parent.mkdir(parents=True, exist_ok=True)
+    _ingest("builtin:pbmc68k", full, opts.root / "ingest.log", timer)
+    if not opts.validation:
+        return full
+    cells = opts.root / "data" / "training_cells.h5ad"
+    if not cells.is_file():
+        config = DataConfig(str(full), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
+        split_to_anndata(config, "train").write_h5ad(cells)
+    copy = opts.root / "data" / "pbmc68k_training_cells"
+    _ingest(str(cells), copy, opts.root / "ingest_validation.log", timer)
+    return copy
+
+
+def _ingest(source: str, out: Path, log: Path, timer: Timer) -> None:
+    """Ingest `source` into the training copy `out` unless it is there already."""
+    if not (out / "manifest.json").is_file():
+        args = ["--source", source, "--out", str(out)]
+        timer.run(
+            f"ingest {out.name}", launch, "ingest.py", args, "python", StageWatch("ingest", log)
+        )
+
+
+def _flags(options: dict) -> list[str]:
+    """Generate-command flags of {"cfg_weight": "cell_type=2", "steps": 50}."""
+    out = []
+    for key, value in options.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
     return out
 
 
-TRAJECTORY = ("CD14+ Monocyte", "CD19+ B")  # endpoints of the example trajectory
+def generate(model: str, exports: dict[str, Path], test: Path, opts: Options, library="auto"):
+    """Generate the test set's cells with one model at every seed; return the h5ad path.
+
+    `library="stats"` draws library sizes from the VAE's per-condition statistics instead of
+    taking the test cells' own (the decomposition's `scldm_genlib`).
+    """
+    from atlasldm.generation import cli
+
+    suffix = "_genlib" if library == "stats" else ""
+    out = opts.root / "generated" / f"{model}{suffix}.h5ad"
+    args = ["--vae", str(exports["vae"]), "--match", str(test), "--match-keys", LABEL_KEY]
+    args += ["--out", str(out), "--library-size", library, "--seeds", *map(str, opts.seeds)]
+    if model == "scldm":
+        args += ["--denoiser", str(exports["dit"])]
+    elif model == "scdiffusion":
+        args += ["--denoiser", str(exports["skip_mlp"]), "--classifier", str(exports["classifier"])]
+    cli.run(args + _flags(opts.generate_options(model)))
+    return out
 
 
-def trajectory(exports: dict[str, Path], root: Path, quick: bool) -> Path:
+def decompose(exports: dict[str, Path], test: Path, opts: Options) -> dict[str, Path]:
+    """Write the decomposition sets of the test cells (generation/decomposition.py); their paths."""
+    import anndata as ad
+
+    from atlasldm.generation.api import load_pretrained
+    from atlasldm.generation.decomposition import decomposition_sets
+
+    gen = load_pretrained(exports["vae"], device="cpu")
+    paths = {}
+    for name, adata in decomposition_sets(gen, ad.read_h5ad(test), opts.seeds).items():
+        paths[name] = opts.root / "generated" / f"{name}.h5ad"
+        adata.write_h5ad(paths[name])
+    return paths
+
+
+def trajectory(exports: dict[str, Path], opts: Options) -> Path:
     """Generate an scLDM trajectory between two cell types (CFG interpolation); return its path."""
     from atlasldm.generation import cli
 
-    out = root / "generated" / "scldm_trajectory.h5ad"
-    cli.run(
-        [
-            "--vae",
-            str(exports["vae"]),
-            "--denoiser",
-            str(exports["dit"]),
-            "--interpolate",
-            f"{LABEL_KEY}={TRAJECTORY[0]}:{TRAJECTORY[1]}",
-            "--interp-steps",
-            "5",
-            "--n-cells",
-            "40",
-            "--sampler",
-            "euler",
-            "--steps",
-            "5" if quick else "50",
-            "--out",
-            str(out),
-        ]
-    )
+    out = opts.root / "generated" / "scldm_trajectory.h5ad"
+    args = ["--vae", str(exports["vae"]), "--denoiser", str(exports["dit"])]
+    args += ["--interpolate", f"{LABEL_KEY}={TRAJECTORY[0]}:{TRAJECTORY[1]}", "--interp-steps", "5"]
+    args += ["--n-cells", "40", "--out", str(out)]
+    cli.run(args + _flags(opts.generate_options("scldm")))
     return out
 
 
-def evaluate(
-    real: tuple[Path, Path], generated: dict[str, Path], traj: Path, root: Path, seeds, quick
-) -> dict:
-    """Run the evaluation protocol; return report.json as a dict."""
+def evaluate(real: tuple[Path, Path], generated: dict[str, Path], extra: dict, opts: Options):
+    """Run the evaluation protocol on every set; return report.json as a dict.
+
+    `extra` holds the trajectory (or None) and the trained stages' run folders.
+    """
     from atlasldm.evaluation import cli
 
-    out = root / "report"
-    args = [
-        "--real-test",
-        str(real[0]),
-        "--real-train",
-        str(real[1]),
-        "--label-key",
-        LABEL_KEY,
-        "--out",
-        str(out),
-        "--seeds",
-        *map(str, seeds),
-        "--generated",
-        *[f"{k}={v}" for k, v in generated.items()],
-        "--trajectory",
-        f"scldm={traj}",
-        "--training-run",  # the report's training_curves_<stage>.png
-        *[f"{stage}={root / stage}" for stage in STAGES],
-    ]
-    args += ["--rf-trees", "50"] if quick else ["--umap"]
+    out = opts.root / "report"
+    args = ["--real-test", str(real[0]), "--real-train", str(real[1]), "--label-key", LABEL_KEY]
+    args += ["--out", str(out), "--seeds", *map(str, opts.seeds)]
+    args += ["--generated", *[f"{k}={v}" for k, v in generated.items()]]
+    if "vae_means" in generated:
+        args += ["--normalized", "vae_means"]
+    if extra["trajectory"] is not None:
+        args += ["--trajectory", f"scldm={extra['trajectory']}"]
+    args += ["--training-run", *[f"{s}={opts.root / s}" for s in extra["stages"]]]
+    if opts.validation:  # choosing settings needs Block B alone, not the paper recipes or UMAPs
+        args.append("--no-block-a")
+    args += ["--rf-trees", "50"] if opts.quick else [] if opts.validation else ["--umap"]
     cli.main(args)
     return json.loads((out / "report.json").read_text())
 
 
-def _cell(entry: dict | None) -> str:
-    if entry is None:
-        return "–"
-    sem = entry.get("sem")
-    shown = f"{entry['value']:.4g}"
-    return shown + (f" ± {sem:.2g}" if sem is not None and np.isfinite(sem) else "")
+def generate_all(exports: dict[str, Path], test: Path, opts: Options, timer: Timer) -> dict:
+    """Every generated set of the run (models, then the decomposition), name -> h5ad path."""
+    sets = {m: timer.run(f"generate {m}", generate, m, exports, test, opts) for m in opts.models}
+    if opts.decomposition and "scldm" in opts.models:
+        sets["scldm_genlib"] = timer.run(
+            "generate scldm_genlib", generate, "scldm", exports, test, opts, "stats"
+        )
+    if opts.decomposition:
+        sets.update(timer.run("decomposition sets", decompose, exports, test, opts))
+    return sets
 
 
-def table(report: dict) -> str:
-    """Return the comparison table (markdown): one row per set, Block B headline columns."""
-    sets = report["sets"]
-    order = ["real_floor", *MODELS, "poisson_mean", "gene_shuffled"]
-    head = "| set | " + " | ".join(label for _, label in TABLE_KEYS) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE_KEYS) + 1)]
-    for name in order:
-        if name in sets:
-            summary = sets[name]["summary"]
-            cells = [_cell(summary.get(key)) for key, _ in TABLE_KEYS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verdict(report: dict) -> list[str]:
-    """Return one line per headline metric: does scLDM beat both model baselines?"""
-    sets, lines = report["sets"], []
-    for key in ("w2", "mmd2_u", "c2st_knn_auc"):
-        ours = sets["scldm"]["summary"][key]["value"]
-        others = {m: sets[m]["summary"][key]["value"] for m in MODELS[1:]}
-        better = all(ours < v for v in others.values())
-        shown = ", ".join(f"{m} {v:.4g}" for m, v in others.items())
-        result = "beats both" if better else "DOES NOT beat both"
-        lines.append(f"{key}: scLDM {ours:.4g} vs {shown} -> {result}")
-    return lines
+def write_summary(report: dict, opts: Options, timer: Timer) -> str:
+    """Write e2e.md and e2e.json; return the text printed at the end."""
+    kind = "quick" if opts.quick else "full profile" if opts.full else "default"
+    scored = "validation cells" if opts.validation else "test cells"
+    parts = [f"# End-to-end run ({kind}, scored on the {scored}), {timer.total / 60:.1f} min"]
+    parts += ["", table(report), "", *verdict(report)]
+    decomposition = decomposition_table(report)
+    if decomposition:
+        parts += ["", "## Where the gap comes from", "", decomposition, "", *stage_lines(report)]
+    steps = ", ".join(f"{k} {v:.0f}" for k, v in timer.steps.items())
+    text = "\n".join([*parts, "", "wall time per step (s): " + steps])
+    (opts.root / "e2e.md").write_text(text + "\n")
+    summary = {"steps_s": timer.steps, "total_s": timer.total, "verdict": verdict(report)}
+    summary["stage_lines"] = stage_lines(report)
+    (opts.root / "e2e.json").write_text(json.dumps(summary, indent=2))
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the whole pipeline; print and save the table; return the report."""
-    args = parse_args(argv)
-    root = args.root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    """Run the whole pipeline; print and save the tables; return the report."""
+    try:
+        opts = resolve(parse_args(argv))
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    opts.root.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    copy = root / "data" / "pbmc68k"
-    if not (copy / "manifest.json").is_file():
-        ingest = ["--source", "builtin:pbmc68k", "--out", str(copy)]
-        watch = StageWatch("ingest", root / "ingest.log")
-        timer.run("ingest", _launch, "ingest.py", ingest, "python", watch)
-    exports = {}
-    for stage in STAGES:
-        exports[stage] = timer.run(
-            f"train {stage}", train, stage, root, copy, args.quick, args.launcher
-        )
-    real = timer.run("real splits", real_splits, copy, root)
-    generated = {
-        m: timer.run(f"generate {m}", generate, m, exports, real[0], root, seeds, args.quick)
-        for m in MODELS
-    }
-    traj = timer.run("generate trajectory", trajectory, exports, root, args.quick)
-    report = timer.run("evaluate", evaluate, real, generated, traj, root, seeds, args.quick)
-    text = "\n".join(
-        [
-            f"# End-to-end run ({'quick' if args.quick else 'full'}), {timer.total / 60:.1f} min",
-            "",
-            table(report),
-            "",
-            *verdict(report),
-            "",
-            "wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timer.steps.items()),
-        ]
-    )
-    (root / "e2e.md").write_text(text + "\n")
-    (root / "e2e.json").write_text(
-        json.dumps(
-            {"steps_s": timer.steps, "total_s": timer.total, "verdict": verdict(report)}, indent=2
-        )
-    )
-    print(text, flush=True)
+    copy = corpus(opts, timer)
+    exports = {s: timer.run(f"train {s}", train, s, opts, copy) for s in opts.stages}
+    real = timer.run("real splits", split_cells, copy, opts.root)
+    generated = generate_all(exports, real[0], opts, timer)
+    traj = timer.run("generate trajectory", trajectory, exports, opts) if "dit" in exports else None
+    extra = {"trajectory": traj, "stages": opts.stages}
+    report = timer.run("evaluate", evaluate, real, generated, extra, opts)
+    print(write_summary(report, opts, timer), flush=True)
     return report
+
+
+_launch = launch  # TEMP for helper

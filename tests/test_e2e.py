@@ -84,6 +84,11 @@ def test_table_lists_every_set_and_the_verdict(quick_run) -> None:
         assert f"| {name} |" in proc.stdout
     for key in ("w2", "mmd2_u", "c2st_knn_auc"):
         assert f"{key}: scLDM" in proc.stdout
+    # The gap decomposition: one row per stage's set, then what each stage adds.
+    decomposition = proc.stdout.split("## Where the gap comes from")[1]
+    for name in ("nb_resample", "vae_means", "vae_recon", "scldm", "scldm_genlib"):
+        assert f"| {name} |" in decomposition, name
+    assert "largest loss: " in decomposition
     assert (root / "e2e.md").read_text().strip() in proc.stdout
     figures = ["pca.png", "genes.png", "mean_variance.png", "trajectory_scldm.png"]
     figures += [f"training_curves_{stage}.png" for stage in STAGES]
@@ -142,6 +147,13 @@ def test_generated_sets_match_the_held_out_cells(quick_run) -> None:
         assert list(gen.obs["cell_type"].astype(str)) == list(test.obs["cell_type"])
         assert list(gen.obs["library_size"]) == list(test.X.sum(1).A1)
         assert list(gen.var_names) == list(test.var_names)
+    for name in ("nb_resample", "vae_means", "vae_recon", "scldm_genlib"):
+        gen = ad.read_h5ad(root / "generated" / f"{name}.h5ad")
+        assert list(gen.obs["cell_type"].astype(str)) == list(test.obs["cell_type"]), name
+    genlib = ad.read_h5ad(root / "generated" / "scldm_genlib.h5ad").obs["library_size"]
+    assert list(genlib) != list(test.X.sum(1).A1)  # drawn from the VAE's statistics
+    recon = ad.read_h5ad(root / "generated" / "vae_recon.h5ad")
+    assert list(recon.var_names) == list(test.var_names)
     traj = ad.read_h5ad(root / "generated" / "scldm_trajectory.h5ad")
     assert sorted(set(traj.obs["interp_alpha"])) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
