@@ -27,6 +27,7 @@ COMMANDS = {
     "generate": ("generate", "generate cells from exported models"),
     "evaluate": ("evaluate", "evaluate generated cells against real data"),
     "e2e": ("e2e", "end-to-end run: ingest, train, generate, evaluate on built-in data"),
+    "scale-study": ("scale_study", "synthetic scale study: gap to a known truth vs corpus size"),
     "bench-loader": ("bench_loader", "benchmark the streaming loader against tiledbsoma-ml"),
     "bench-model": ("bench_model", "benchmark the models: parameters, FLOPs, speed, memory"),
     "bench-scale": ("bench_scale", "scale benchmark of the data path (sampler, streams, N)"),

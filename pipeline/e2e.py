@@ -239,6 +239,3 @@ def main(argv: list[str] | None = None) -> dict:
     report = timer.run("evaluate", evaluate, real, generated, extra, opts)
     print(write_summary(report, opts, timer), flush=True)
     return report
-
-
-_launch = launch  # TEMP for helper

@@ -1,0 +1,1 @@
+"""Recipes of the synthetic scale study (`python launchers/scale_study.py`)."""

@@ -1,0 +1,494 @@
+"""Synthetic scale study (issue #15, part 4): does the gap to real cells shrink with more data?
+
+The synthetic generator (data/synthetic.py) is the truth, so fresh cells can be drawn from it at
+will. For each corpus size N the study ingests `synthetic:cells=N,...` through the ingest launcher,
+trains the VAE and then the DiT through their launchers (configs/scale_study/, the e2e
+architecture), and generates cells conditioned on cell_type that copy a FRESH truth set's labels
+and library sizes. One evaluation then scores every size against the same fresh truth cells
+(set A, `--real-test`), with a second fresh truth set B as `--real-train`: the floor is truth
+against truth and the PCA reference is truth, so no model's training cells enter the scoring.
+
+Nesting. With datasets=1 the generator's global parameters (`_Model`) do not depend on `cells`,
+and cells come in blocks of GEN_BLOCK seeded by (seed, block). So a corpus of N cells holds the
+same first floor(N / GEN_BLOCK) blocks as every larger corpus; a last, partial block is a different
+draw from the same truth (its draws depend on its length). Blocks from ceil(max N / GEN_BLOCK) on
+are in no corpus: those are the fresh truth cells. `check_same_truth` verifies the parameters.
+
+Every size trains for the same number of steps (compute-matched): a larger corpus only means
+fewer repeats of each cell, so a shrinking gap is the effect of data, not of compute.
+
+A rerun reuses what is done: a stage whose marker (`ROOT/<what>.done.json`) records the same
+inputs is skipped, and the wall time the marker keeps is still reported; a changed recipe, size
+or upstream model redoes the stage and what follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import yaml
+
+from atlasldm.cli_parser import Parser
+from atlasldm.configs import CONFIGS_DIR
+from atlasldm.data.synthetic import (
+    GEN_BLOCK,
+    SyntheticSpec,
+    _Model,
+    generate_block,
+    parse_spec,
+    var_frame,
+)
+from atlasldm.data.vocab import GeneVocab
+from atlasldm.pipeline.stages import StageWatch, Timer, launch
+
+CONFIGS = CONFIGS_DIR / "scale_study"
+LABEL_KEY = "cell_type"
+TRUTH = "genes=1000,datasets=1,cell_types=6,seed=0"  # the generator; `cells` is set per corpus
+SIZES = (5000, 20000, 50000)
+STAGES = ("vae", "dit")
+# One generation seed: at 2,000 cells the seed-to-seed SEM is small (C2ST kNN about 0.002 over
+# three seeds) against the differences between sizes, and each seed costs a minute per size.
+SEEDS = (0,)
+FRESH = {"test": 2000, "train": 4000}  # fresh truth cells: set A (--real-test), set B
+# `--quick` (the test): tiny corpora of fewer genes, a few steps, one seed.
+QUICK_TRUTH = "genes=200,datasets=1,cell_types=4,seed=0"
+QUICK_SIZES = (600, 1200)
+QUICK_STEPS = 20
+QUICK_FRESH = {"test": 300, "train": 600}
+# Columns of the table: (report key, label, True when higher is better).
+METRICS = (
+    ("w2", "W2 (30 PCs)", False),
+    ("c2st_knn_auc", "C2ST AUC kNN", False),
+    ("c2st_logreg_auc", "C2ST AUC logreg", False),
+    ("recall", "recall", True),
+    ("precision", "precision", True),
+    ("cond_accuracy", "cond. accuracy", True),
+)
+
+
+def sizes_arg(text: str) -> tuple[int, ...]:
+    """argparse type of --sizes: distinct positive integers, returned in increasing order."""
+    try:
+        sizes = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers") from None
+    if sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return tuple(sizes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the parsed command line."""
+    p = Parser(description="Synthetic scale study: generation fidelity against a known truth.")
+    p.add_argument(
+        "--sizes",
+        type=sizes_arg,
+        default=None,
+        help=f"corpus sizes, comma-separated, in any order (None: {','.join(map(str, SIZES))}; "
+        f"--quick: {','.join(map(str, QUICK_SIZES))})",
+    )
+    p.add_argument("--root", type=Path, default=Path("runs/scale_study"), help="folder of all")
+    p.add_argument("--quick", action="store_true", help="test-sized run (seconds, not a result)")
+    for stage in STAGES:
+        p.add_argument(
+            f"--{stage}-steps",
+            type=int,
+            default=None,
+            help=f"{stage} steps of every size (None: configs/scale_study/{stage}.yaml; "
+            f"--quick: {QUICK_STEPS})",
+        )
+    return p.parse_args(argv)
+
+
+def spec_of(truth: str, cells: int) -> SyntheticSpec:
+    """The generator spec of a corpus of `cells` cells drawn from `truth`."""
+    return parse_spec(f"{truth},cells={cells}")
+
+
+def check_same_truth(specs: list[SyntheticSpec]) -> None:
+    """Raise unless every spec has the same generator parameters (same truth, nested corpora).
+
+    Holds for datasets=1, where nothing in `_Model` depends on `cells`; with several datasets
+    the dataset boundaries move with `cells` and a smaller corpus is no prefix of a larger one.
+    """
+    ref = _Model(specs[0])
+    for spec in specs[1:]:
+        if replace(spec, cells=0) != replace(specs[0], cells=0):
+            raise ValueError(f"{spec} and {specs[0]} differ in more than `cells`")
+        model = _Model(spec)
+        for name in ("base", "programs", "shift", "lib_factor", "r", "ds_start", "type_mix"):
+            if not np.array_equal(getattr(model, name), getattr(ref, name)):
+                raise ValueError(f"generator parameter {name} differs: {spec} vs {specs[0]}")
+
+
+def first_fresh_block(sizes: tuple[int, ...]) -> int:
+    """The first generator block in no corpus of these sizes."""
+    return -(-max(sizes) // GEN_BLOCK)
+
+
+def fresh_truth(
+    truth: str, sizes: tuple[int, ...], counts: dict[str, int], genes: list[str]
+) -> dict[str, ad.AnnData]:
+    """Draw the fresh truth sets (name -> cells) from blocks that no corpus holds.
+
+    The sets take consecutive cells, in the order of `counts`, from block `first_fresh_block`
+    on, so they share no cell with each other or with any corpus; the rare cell without a
+    count is left out (a set can be a cell or two short). Genes follow `genes`.
+    """
+    first = first_fresh_block(sizes)
+    total = sum(counts.values())
+    n_blocks = -(-total // GEN_BLOCK)
+    spec = spec_of(truth, (first + n_blocks) * GEN_BLOCK)
+    check_same_truth([spec_of(truth, n) for n in sizes] + [spec])
+    model = _Model(spec)
+    parts = [generate_block(spec, b, model) for b in range(first, first + n_blocks)]
+    X = sp.vstack([p[0] for p in parts]).tocsr()
+    obs = pd.concat([p[1] for p in parts])
+    cells = ad.AnnData(X=X, obs=obs, var=var_frame(spec))[:, genes]
+    cells = cells[cells.X.getnnz(axis=1) > 0]  # an empty cell has no library size to match
+    out, start = {}, 0
+    for name, n in counts.items():
+        out[name] = cells[start : start + n].copy()
+        start += n
+    return out
+
+
+class Stages:
+    """Markers of finished stages: a stage is skipped when its marker holds the same inputs.
+
+    A marker also keeps the stage's wall time, so a rerun still reports what every part took.
+    """
+
+    def __init__(self, root: Path, timer: Timer) -> None:
+        self.root, self.timer = root, timer
+        self.parts: dict[str, dict] = {}  # stage -> {"wall_s": seconds, "reused": bool}
+
+    def run(self, name: str, key: dict, fn, *args) -> dict:
+        """Run fn(*args) unless `name` finished with `key`; return the key (the stage's identity).
+
+        A stage that ran with other inputs, or did not finish, is redone from scratch.
+        """
+        marker = self.root / f"{name.replace(' ', '_')}.done.json"
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        if done.get("key") == key:
+            print(f"== {name}: done before ({done['wall_s']:.0f} s), reused", flush=True)
+            self.parts[name] = {"wall_s": done["wall_s"], "reused": True}
+            return key
+        marker.unlink(missing_ok=True)
+        self.timer.run(name, fn, *args)
+        self.parts[name] = {"wall_s": self.timer.steps[name], "reused": False}
+        marker.write_text(json.dumps({"key": key, "wall_s": self.parts[name]["wall_s"]}, indent=1))
+        return key
+
+
+def _recipe_steps(stage: str) -> int:
+    recipe = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) or {}
+    return int(recipe["run"]["max_steps"])
+
+
+def stage_steps(args: argparse.Namespace) -> dict[str, int | None]:
+    """Steps of each stage, the same for every size: the override, else None (the recipe's)."""
+    steps = {stage: getattr(args, f"{stage}_steps") for stage in STAGES}
+    return {s: QUICK_STEPS if n is None and args.quick else n for s, n in steps.items()}
+
+
+def ingest(source: str, copy: Path, log: Path) -> None:
+    """Build the training copy of one corpus through the ingest launcher (from scratch)."""
+    if copy.exists():
+        shutil.rmtree(copy)
+    watch = StageWatch("ingest", log)
+    launch("ingest.py", ["--source", source, "--out", str(copy)], "python", watch)
+
+
+def train(stage: str, run_root: Path, args: list[str], steps: int) -> None:
+    """Train one stage through its launcher (from scratch) into `run_root/stage`."""
+    run_dir = run_root / stage
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    script = "train_vae.py" if stage == "vae" else "train_dit.py"
+    watch = StageWatch(f"train {stage}", run_root / f"{stage}.log", run_dir, steps)
+    launch(script, args, "python", watch)
+
+
+def train_args(stage: str, run_root: Path, copy: Path, steps: int | None) -> list[str]:
+    """The launcher arguments of one stage: its recipe, run folder and step override (if any)."""
+    args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={run_root}", f"run.name={stage}"]
+    if stage == "vae":
+        args.append(f"data.source={copy}")
+    if steps is not None:
+        n = steps
+        args += [f"run.max_steps={n}", f"run.eval_every={n}", f"checkpoint.every_steps={n}"]
+    return args
+
+
+def generate(run_root: Path, match: Path, out: Path, seeds: tuple[int, ...], quick: bool) -> None:
+    """Generate the cells of `match` (its labels and library sizes) with one size's scLDM."""
+    from atlasldm.generation import cli
+
+    vae, dit = (str(run_root / stage / "export") for stage in STAGES)
+    args = ["--vae", vae, "--denoiser", dit]
+    args += ["--match", str(match), "--match-keys", LABEL_KEY, "--out", str(out)]
+    args += ["--seeds", *map(str, seeds), "--sampler", "euler", "--steps", "5" if quick else "50"]
+    cli.run(args)
+
+
+def evaluate(truth: dict[str, Path], generated: dict[str, Path], out: Path, seeds, quick) -> None:
+    """Score every size in one report against fresh truth set A, floor and reference from B."""
+    from atlasldm.evaluation import cli
+
+    args = ["--real-test", str(truth["test"]), "--real-train", str(truth["train"])]
+    args += ["--label-key", LABEL_KEY, "--out", str(out), "--seeds", *map(str, seeds)]
+    args += ["--generated", *[f"{k}={v}" for k, v in generated.items()]]
+    cli.main([*args, "--rf-trees", "50" if quick else "200"])
+
+
+# Last logged training and validation losses of each stage, shown beside the scores: a train
+# loss far below the validation loss means the corpus is too small for the steps (overfitting),
+# both still falling means the steps are too few for the corpus.
+CURVES = {"vae": ("train/nll", "val/nll"), "dit": ("train/loss", "val/flow_loss_ema")}
+
+
+def last_losses(run_dir: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    """The last logged value of each key in `run_dir/metrics.jsonl` (absent keys left out)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.update({k: float(record[k]) for k in keys if k in record})
+    return out
+
+
+def losses_table(losses: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: per size, the last train and validation loss of each stage."""
+    cols = [(stage, key) for stage, keys in CURVES.items() for key in keys]
+    lines = ["| cells | " + " | ".join(f"{s} {k}" for s, k in cols) + " |"]
+    lines.append("|" + "---|" * (len(cols) + 1))
+    for n, by_stage in losses.items():
+        cells = [f"{by_stage[s][k]:.4g}" if k in by_stage[s] else "–" for s, k in cols]
+        lines.append(f"| {int(n):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _gap(value: float, floor: float, higher_better: bool) -> float:
+    """How far a value is from the floor, positive on the bad side."""
+    return floor - value if higher_better else value - floor
+
+
+def summarize(report: dict, sizes: tuple[int, ...]) -> dict:
+    """Return the floor and, per size, each metric's value, SEM and gap to the floor.
+
+    A gap shrinks when its size |gap| falls from each corpus size to the next: a model past
+    the floor (e.g. precision above the truth's, from too typical cells) is no closer to it.
+    """
+    sets = report["sets"]
+    floor = {key: sets["real_floor"]["summary"][key]["value"] for key, _, _ in METRICS}
+    rows = []
+    for n in sizes:
+        summary, metrics = sets[f"scldm_{n}"]["summary"], {}
+        for key, _, higher in METRICS:
+            value, sem = summary[key]["value"], summary[key].get("sem")
+            gap = _gap(value, floor[key], higher)
+            metrics[key] = {"value": value, "sem": sem, "gap": gap}
+        rows.append({"cells": n, "metrics": metrics})
+    pairs = list(zip(rows, rows[1:], strict=False))  # each size with the next larger one
+    shrinks = {
+        key: all(abs(a["metrics"][key]["gap"]) > abs(b["metrics"][key]["gap"]) for a, b in pairs)
+        for key, _, _ in METRICS
+    }
+    return {"floor": floor, "rows": rows, "gap_shrinks": shrinks}
+
+
+def _shown(entry: dict) -> str:
+    sem = entry.get("sem")
+    text = f"{entry['value']:.4g}"
+    if sem is not None and np.isfinite(sem):
+        text += f" ± {sem:.2g}"
+    return f"{text} ({entry['gap']:+.3g})"
+
+
+def table(summary: dict) -> str:
+    """Markdown table: the floor, then one row per size, each cell `value ± SEM (gap)`."""
+    head = "| set | " + " | ".join(label for _, label, _ in METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
+    floor = summary["floor"]
+    lines.append("| truth floor | " + " | ".join(f"{floor[k]:.4g}" for k, _, _ in METRICS) + " |")
+    for row in summary["rows"]:
+        cells = [_shown(row["metrics"][key]) for key, _, _ in METRICS]
+        lines.append(f"| scLDM, {row['cells']:,} cells | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(summary: dict) -> list[str]:
+    """One line per metric: its gap at each size and whether it shrinks as N grows."""
+    lines = []
+    for key, _, _ in METRICS:
+        gaps = " -> ".join(
+            f"{r['cells']:,}: {r['metrics'][key]['gap']:+.3g}" for r in summary["rows"]
+        )
+        word = "shrinks" if summary["gap_shrinks"][key] else "DOES NOT shrink"
+        lines.append(f"{key} gap to the floor {gaps}: {word} with N")
+    return lines
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one study runs: the truth, the corpus sizes, the fresh sets, seeds and steps."""
+
+    root: Path
+    quick: bool
+    truth: str
+    sizes: tuple[int, ...]
+    fresh: dict[str, int]
+    seeds: tuple[int, ...]
+    override: dict[str, int | None]  # steps given on the command line (None: the recipe's)
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, root: Path) -> Plan:
+        """The plan of a command line."""
+        quick = args.quick
+        return cls(
+            root=root,
+            quick=quick,
+            truth=QUICK_TRUTH if quick else TRUTH,
+            sizes=args.sizes or (QUICK_SIZES if quick else SIZES),
+            fresh=QUICK_FRESH if quick else FRESH,
+            seeds=(0,) if quick else SEEDS,
+            override=stage_steps(args),
+        )
+
+    def steps(self, stage: str) -> int:
+        """Steps the stage trains at every size."""
+        given = self.override[stage]
+        return _recipe_steps(stage) if given is None else given
+
+
+def _corpora(plan: Plan, stages: Stages) -> dict[int, Path]:
+    """Ingest (or reuse) one training copy per size; return size -> copy folder."""
+    copies = {}
+    for n in plan.sizes:
+        source = f"synthetic:{plan.truth},cells={n}"
+        copies[n] = plan.root / "data" / f"cells_{n}"
+        log = plan.root / f"ingest_{n}.log"
+        stages.run(f"ingest {n}", {"source": source}, ingest, source, copies[n], log)
+    return copies
+
+
+def _truth_sets(plan: Plan, stages: Stages, genes: list[str]) -> tuple[dict[str, Path], dict]:
+    """Draw (or reuse) the fresh truth sets; return name -> h5ad path, and the stage's key."""
+    paths = {name: plan.root / f"truth_{name}.h5ad" for name in plan.fresh}
+    key = {"truth": plan.truth, "sizes": list(plan.sizes), "counts": plan.fresh}
+
+    def write() -> None:
+        for name, cells in fresh_truth(plan.truth, plan.sizes, plan.fresh, genes).items():
+            cells.write_h5ad(paths[name])
+
+    return paths, stages.run("fresh truth", key, write)
+
+
+def _model(plan: Plan, stages: Stages, n: int, copy: Path, match: Path, truth_key: dict):
+    """Train (or reuse) one size's VAE and DiT and generate the match set's cells with them.
+
+    Returns the generated h5ad path and the key of the last stage (what the evaluation follows).
+    """
+    run_root = plan.root / f"cells_{n}"
+    run_root.mkdir(parents=True, exist_ok=True)
+    key = {"source": f"synthetic:{plan.truth},cells={n}"}  # the ingest stage's key
+    for stage in STAGES:
+        args = train_args(stage, run_root, copy, plan.override[stage])
+        recipe = (CONFIGS / f"{stage}.yaml").read_text()
+        key = {"args": args, "recipe": recipe, "after": key}
+        steps = plan.steps(stage)
+        key = stages.run(f"train {stage} {n}", key, train, stage, run_root, args, steps)
+    out = plan.root / "generated" / f"scldm_{n}.h5ad"
+    out.parent.mkdir(exist_ok=True)
+    key = {"seeds": list(plan.seeds), "truth": truth_key, "after": key}
+    key = stages.run(f"generate {n}", key, generate, run_root, match, out, plan.seeds, plan.quick)
+    return out, key
+
+
+def _study(plan: Plan, stages: Stages) -> dict:
+    """Run (or reuse) every stage; return the summary of the one report."""
+    check_same_truth([spec_of(plan.truth, n) for n in plan.sizes])
+    copies = _corpora(plan, stages)
+    genes = list(GeneVocab.read(copies[plan.sizes[0]] / "genes.tsv").feature_ids)
+    truth, truth_key = _truth_sets(plan, stages, genes)
+    generated, keys = {}, []
+    for n in plan.sizes:
+        generated[f"scldm_{n}"], key = _model(plan, stages, n, copies[n], truth["test"], truth_key)
+        keys.append(key)
+    report_dir = plan.root / "report"
+    eval_key = {"sets": {k: str(v) for k, v in generated.items()}, "after": keys}
+    args = (truth, generated, report_dir, plan.seeds, plan.quick)
+    stages.run("evaluate", eval_key, evaluate, *args)
+    summary = summarize(json.loads((report_dir / "report.json").read_text()), plan.sizes)
+    summary.update(
+        sizes=list(plan.sizes),
+        truth=plan.truth,
+        fresh_cells=plan.fresh,
+        first_fresh_block=first_fresh_block(plan.sizes),
+        seeds=list(plan.seeds),
+        steps={stage: plan.steps(stage) for stage in STAGES},
+        losses={
+            n: {s: last_losses(plan.root / f"cells_{n}" / s, CURVES[s]) for s in STAGES}
+            for n in plan.sizes
+        },
+    )
+    return summary
+
+
+def render(summary: dict, quick: bool) -> str:
+    """The study's markdown: the scores, the verdict per metric, the losses and the wall times."""
+    parts = summary["parts"]
+    steps = ", ".join(
+        f"{name} {p['wall_s']:.0f}{'*' if p['reused'] else ''}" for name, p in parts.items()
+    )
+    return "\n".join(
+        [
+            f"# Synthetic scale study ({'quick' if quick else 'full'}), "
+            f"{summary['parts_s'] / 60:.1f} min over all parts "
+            f"(this launch {summary['launch_s'] / 60:.1f} min)",
+            "",
+            f"Truth: `synthetic:{summary['truth']}`; every size trains {summary['steps']['vae']} "
+            f"VAE and {summary['steps']['dit']} DiT steps (compute-matched). Scored against "
+            f"{summary['fresh_cells']['test']:,} fresh truth cells; the floor is "
+            "truth against truth. Each cell: value ± SEM over seeds (gap to the floor, "
+            "positive = worse).",
+            "",
+            table(summary),
+            "",
+            *verdict(summary),
+            "",
+            "Last logged losses (validation: 5% of each corpus, so the sets differ by size):",
+            "",
+            losses_table(summary["losses"]),
+            "",
+            f"wall time per part (s; * = done by an earlier launch, reused): {steps}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the study; print and save the table (ROOT/scale_study.md, .json); return the summary."""
+    args = parse_args(argv)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    stages = Stages(root, timer)
+    summary = _study(Plan.of(args, root), stages)
+    summary.update(
+        parts=stages.parts,
+        parts_s=sum(p["wall_s"] for p in stages.parts.values()),
+        launch_s=timer.total,
+    )
+    text = render(summary, args.quick)
+    (root / "scale_study.md").write_text(text + "\n")
+    (root / "scale_study.json").write_text(json.dumps(summary, indent=2))
+    print(text, flush=True)
+    return summary
