@@ -38,12 +38,37 @@ SCHEMAS = {
     "e2e/classifier.yaml": [ClassifierTrainConfig],
     "bench_model_reference.yaml": [ModelBenchPreset],
     "bench_model_census70m.yaml": [ModelBenchPreset],
+    "scale_study/vae.yaml": [VAEStageConfig],
+    "scale_study/dit.yaml": [DiTStageConfig],
 }
+# Profiles: one section per e2e stage, each layered over that stage's recipe.
+E2E_STAGES = {
+    "vae": VAEStageConfig,
+    "dit": DiTStageConfig,
+    "skip_mlp": DiTStageConfig,
+    "classifier": ClassifierTrainConfig,
+}
+PROFILES = ("e2e/full.yaml",)
 
 
 def test_every_yaml_has_a_schema() -> None:
     found = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
-    assert found == sorted(SCHEMAS)
+    assert found == sorted([*SCHEMAS, *PROFILES])
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_sections_load_over_their_recipes(name: str, tmp_path) -> None:
+    tree = OmegaConf.to_container(OmegaConf.load(CONFIGS / name))
+    assert set(tree) <= {*E2E_STAGES, "generate"}, sorted(tree)
+    for stage, section in tree.items():
+        if stage == "generate":
+            continue
+        overlay = tmp_path / f"{stage}.yaml"
+        overlay.write_text(OmegaConf.to_yaml(OmegaConf.create(section)))
+        schema = E2E_STAGES[stage]
+        cfg = load_config(schema, [CONFIGS / "e2e" / f"{stage}.yaml", overlay])
+        for key, value in section.get("run", {}).items():
+            assert getattr(cfg.run, key) == value, (stage, key)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
