@@ -142,7 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train on the training cells less a 30%% hold-out of them, and score on that",
     )
     p.add_argument(
-        "--seeds", nargs="+", type=int, default=None, help="generation seeds (None: 0 1 2)"
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="generation seeds (None: 0 with --quick, else 0 1 2)",
     )
     p.add_argument(
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="generated sets"
