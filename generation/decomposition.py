@@ -88,12 +88,6 @@ def nb_resample(
     return _stack(cells, parts, seeds, cells.var)
 
 
-def _reorder(mu: np.ndarray, cells: ad.AnnData, gen: CellGenerator) -> np.ndarray:
-    """Columns of decoded (vocabulary-order) values in the order of `cells.var_names`."""
-    tokens = vocabulary_tokens(cells.var_names, gen.exports.genes)
-    return mu[:, tokens - 1]
-
-
 def reconstructions(
     gen: CellGenerator, cells: ad.AnnData, seeds: Sequence[int], batch_size: int = ENCODE_BATCH
 ) -> tuple[ad.AnnData, ad.AnnData]:
@@ -106,14 +100,16 @@ def reconstructions(
     if ex.vae.decoder_head.theta is None:
         raise ValueError("vae_recon needs an NB-likelihood VAE (this one is Gaussian)")
     z = encode_cells(ex.vae, cells, ex.genes, gen.device, batch_size)
-    lib = _dense_counts(cells).sum(1)
+    lib = np.asarray(cells.X.sum(axis=1), dtype=np.float64).ravel()
+    # Decoded values come in vocabulary order (token t in column t - 1); keep the cells' order.
+    columns = vocabulary_tokens(cells.var_names, ex.genes) - 1
     counts, means = [], []
     for s in seeds:
         drawn, mu = [], []
         for i, (lo, hi) in enumerate(row_blocks(cells.n_obs, batch_size)):
             c, m = decode(ex, z[lo:hi], lib[lo:hi], generator_of((s, i)), means=True)
-            drawn.append(_reorder(c.toarray(), cells, gen))
-            mu.append(_reorder(m, cells, gen))
+            drawn.append(c.toarray()[:, columns])
+            mu.append(m[:, columns])
         counts.append(np.concatenate(drawn))
         mu_all = np.concatenate(mu)
         means.append(np.log1p(mu_all / mu_all.sum(1, keepdims=True) * CP10K))
