@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from atlasldm.data.config import DataConfig
 from atlasldm.data.to_anndata import split_to_anndata
 from atlasldm.pipeline.e2e_options import (
@@ -33,7 +31,15 @@ from atlasldm.pipeline.e2e_options import (
     resolve,
 )
 from atlasldm.pipeline.e2e_tables import decomposition_table, stage_lines, table, verdict
-from atlasldm.pipeline.stages import StageWatch, Timer, launch
+from atlasldm.pipeline.stages import (
+    StageWatch,
+    Timer,
+    launch,
+    recipe_steps,
+    stage_args,
+    stage_script,
+    step_args,
+)
 
 __all__ = ["MODELS", "QUICK", "STAGES", "StageWatch", "main"]
 LABEL_KEY = "cell_type"
@@ -46,40 +52,36 @@ def _max_steps(stage: str, opts: Options) -> int | None:
     if opts.quick:
         return QUICK[stage]
     override = (opts.overrides.get(stage, {}).get("run") or {}).get("max_steps")
-    recipe = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) or {}
-    return override or (recipe.get("run") or {}).get("max_steps")
+    return override or recipe_steps(CONFIGS / f"{stage}.yaml")
 
 
 def train(stage: str, opts: Options, copy: Path) -> Path:
     """Train one stage from its configs/e2e recipe and overrides; return its export folder."""
-    script = {"vae": "train_vae.py", "classifier": "train_classifier.py"}.get(stage, "train_dit.py")
-    args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={opts.root}", f"run.name={stage}"]
-    if stage == "vae":
-        args.append(f"data.source={copy}")
+    args = stage_args(CONFIGS / f"{stage}.yaml", opts.root, stage, copy)
     if opts.launcher == "deepspeed":  # 2 ranks: same 64-cell global batch, 32 cells per rank
         args.append("batch.micro_cells=32")
     args += opts.recipe_args(stage)
     if opts.quick:
-        steps = QUICK[stage]
-        args += [
-            f"run.max_steps={steps}",
-            f"run.eval_every={steps}",
-            f"checkpoint.every_steps={steps}",
-        ]
+        args += step_args(QUICK[stage])
     root = opts.root
     watch = StageWatch(
         f"train {stage}", root / f"{stage}.log", root / stage, _max_steps(stage, opts)
     )
-    launch(script, args, opts.launcher, watch)
+    launch(stage_script(stage), args, opts.launcher, watch)
     return root / stage / "export"
+
+
+def write_split(copy: Path, split: str, path: Path) -> None:
+    """Write one side ("val" or "train") of the copy's e2e hash split, with labels, as h5ad."""
+    config = DataConfig(source=str(copy), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
+    split_to_anndata(config, split).write_h5ad(path)
 
 
 def split_cells(copy: Path, root: Path) -> tuple[Path, Path]:
     """Write the copy's held-out cells and its training cells as h5ad; return their paths."""
-    config = DataConfig(source=str(copy), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
     paths = root / "real_test.h5ad", root / "real_train.h5ad"
     for split, path in zip(("val", "train"), paths, strict=True):
-        split_to_anndata(config, split).write_h5ad(path)
+        write_split(copy, split, path)
     return paths
 
 
@@ -97,8 +99,7 @@ def corpus(opts: Options, timer: Timer) -> Path:
         return full
     cells = opts.root / "data" / "training_cells.h5ad"
     if not cells.is_file():
-        config = DataConfig(str(full), val_fraction=VAL_FRACTION, condition_columns=[LABEL_KEY])
-        split_to_anndata(config, "train").write_h5ad(cells)
+        write_split(full, "train", cells)
     copy = opts.root / "data" / "pbmc68k_training_cells"
     _ingest(str(cells), copy, opts.root / "ingest_validation.log", timer)
     return copy

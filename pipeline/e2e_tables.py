@@ -44,7 +44,8 @@ STAGE_STEPS = (
 )
 
 
-def _cell(entry: dict | None) -> str:
+def value_text(entry: dict | None) -> str:
+    """A report summary entry as `value ± SEM` (4 and 2 significant digits), "–" when absent."""
     if entry is None:
         return "–"
     sem = entry.get("sem")
@@ -57,7 +58,7 @@ def _rows(sets: dict, names, keys) -> list[str]:
     for name in names:
         if name in sets:
             summary = sets[name]["summary"]
-            cells = [_cell(summary.get(key)) for key, _ in keys]
+            cells = [value_text(summary.get(key)) for key, _ in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -34,7 +34,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import yaml
 
 from atlasldm.cli_parser import Parser
 from atlasldm.configs import CONFIGS_DIR
@@ -47,7 +46,16 @@ from atlasldm.data.synthetic import (
     var_frame,
 )
 from atlasldm.data.vocab import GeneVocab
-from atlasldm.pipeline.stages import StageWatch, Timer, launch
+from atlasldm.pipeline.e2e_tables import value_text
+from atlasldm.pipeline.stages import (
+    StageWatch,
+    Timer,
+    launch,
+    recipe_steps,
+    stage_args,
+    stage_script,
+    step_args,
+)
 
 CONFIGS = CONFIGS_DIR / "scale_study"
 LABEL_KEY = "cell_type"
@@ -189,11 +197,6 @@ class Stages:
         return key
 
 
-def _recipe_steps(stage: str) -> int:
-    recipe = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text()) or {}
-    return int(recipe["run"]["max_steps"])
-
-
 def stage_steps(args: argparse.Namespace) -> dict[str, int | None]:
     """Steps of each stage, the same for every size: the override, else None (the recipe's)."""
     steps = {stage: getattr(args, f"{stage}_steps") for stage in STAGES}
@@ -213,20 +216,14 @@ def train(stage: str, run_root: Path, args: list[str], steps: int) -> None:
     run_dir = run_root / stage
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    script = "train_vae.py" if stage == "vae" else "train_dit.py"
     watch = StageWatch(f"train {stage}", run_root / f"{stage}.log", run_dir, steps)
-    launch(script, args, "python", watch)
+    launch(stage_script(stage), args, "python", watch)
 
 
 def train_args(stage: str, run_root: Path, copy: Path, steps: int | None) -> list[str]:
     """The launcher arguments of one stage: its recipe, run folder and step override (if any)."""
-    args = [str(CONFIGS / f"{stage}.yaml"), f"run.root={run_root}", f"run.name={stage}"]
-    if stage == "vae":
-        args.append(f"data.source={copy}")
-    if steps is not None:
-        n = steps
-        args += [f"run.max_steps={n}", f"run.eval_every={n}", f"checkpoint.every_steps={n}"]
-    return args
+    args = stage_args(CONFIGS / f"{stage}.yaml", run_root, stage, copy)
+    return args + ([] if steps is None else step_args(steps))
 
 
 def generate(run_root: Path, match: Path, out: Path, seeds: tuple[int, ...], quick: bool) -> None:
@@ -306,11 +303,7 @@ def summarize(report: dict, sizes: tuple[int, ...]) -> dict:
 
 
 def _shown(entry: dict) -> str:
-    sem = entry.get("sem")
-    text = f"{entry['value']:.4g}"
-    if sem is not None and np.isfinite(sem):
-        text += f" ± {sem:.2g}"
-    return f"{text} ({entry['gap']:+.3g})"
+    return f"{value_text(entry)} ({entry['gap']:+.3g})"
 
 
 def table(summary: dict) -> str:
@@ -366,7 +359,7 @@ class Plan:
     def steps(self, stage: str) -> int:
         """Steps the stage trains at every size."""
         given = self.override[stage]
-        return _recipe_steps(stage) if given is None else given
+        return int(recipe_steps(CONFIGS / f"{stage}.yaml")) if given is None else given
 
 
 def _corpora(plan: Plan, stages: Stages) -> dict[int, Path]:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from atlasldm.launchers import LAUNCHERS_DIR
@@ -22,6 +23,32 @@ POLL_S = 2.0  # how often a running stage's log and metrics are read
 ECHO = re.compile(
     r"step \d+ \| val/|[\w .:/-]+: [\d,.]+(/[\d,.]+)? [^,]+( \(\d+%\))?, [\d,.]+ \S+/s"
 )
+
+
+SCRIPTS = {"vae": "train_vae.py", "classifier": "train_classifier.py"}  # the rest: train_dit.py
+
+
+def stage_script(stage: str) -> str:
+    """The launcher that trains `stage` (vae, dit, skip_mlp, classifier)."""
+    return SCRIPTS.get(stage, "train_dit.py")
+
+
+def stage_args(recipe: Path, root: Path, stage: str, copy: Path) -> list[str]:
+    """A training launcher's arguments: the recipe, run folder `root/stage` and, for the VAE,
+    the training copy it reads (later stages find their data through the VAE run)."""
+    args = [str(recipe), f"run.root={root}", f"run.name={stage}"]
+    return args + ([f"data.source={copy}"] if stage == "vae" else [])
+
+
+def step_args(steps: int) -> list[str]:
+    """Overrides that train `steps` steps, validating and checkpointing once, at the end."""
+    return [f"run.max_steps={steps}", f"run.eval_every={steps}", f"checkpoint.every_steps={steps}"]
+
+
+def recipe_steps(recipe: Path) -> int | None:
+    """`run.max_steps` of a recipe file (None when it leaves the stage default)."""
+    tree = yaml.safe_load(recipe.read_text()) or {}
+    return (tree.get("run") or {}).get("max_steps")
 
 
 class Timer:
