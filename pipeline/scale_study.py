@@ -14,8 +14,13 @@ same first floor(N / GEN_BLOCK) blocks as every larger corpus; a last, partial b
 draw from the same truth (its draws depend on its length). Blocks from ceil(max N / GEN_BLOCK) on
 are in no corpus: those are the fresh truth cells. `check_same_truth` verifies the parameters.
 
-Every size trains for the same number of steps (compute-matched): a larger corpus only means
-fewer repeats of each cell, so a shrinking gap is the effect of data, not of compute.
+Two budgets (`--budget`):
+- `steps` (default, compute-matched): every size trains the same steps, so a larger corpus only
+  means fewer repeats of each cell and a shrinking gap is the effect of data alone.
+- `epochs` (data-matched): steps grow in proportion to the corpus, so every size sees each of its
+  cells equally often, as when a lab trains the same number of epochs on a larger corpus. The
+  given (or recipe) steps are those of the largest size; a size of n cells trains
+  round(steps * n / max size). A shrinking gap is then the effect of data and the compute it buys.
 
 A rerun reuses what is done: a stage whose marker (`ROOT/<what>.done.json`) records the same
 inputs is skipped, and the wall time the marker keeps is still reported; a changed recipe, size
@@ -62,6 +67,7 @@ LABEL_KEY = "cell_type"
 TRUTH = "genes=1000,datasets=1,cell_types=6,seed=0"  # the generator; `cells` is set per corpus
 SIZES = (5000, 20000, 50000)
 STAGES = ("vae", "dit")
+BUDGETS = ("steps", "epochs")
 # One generation seed: at 2,000 cells the seed-to-seed SEM is small (C2ST kNN about 0.002 over
 # three seeds) against the differences between sizes, and each seed costs a minute per size.
 SEEDS = (0,)
@@ -105,13 +111,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--root", type=Path, default=Path("runs/scale_study"), help="folder of all")
     p.add_argument("--quick", action="store_true", help="test-sized run (seconds, not a result)")
+    p.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="steps",
+        help="steps: the same steps at every size (compute-matched); epochs: steps in "
+        "proportion to the corpus size, the given steps being the largest size's",
+    )
     for stage in STAGES:
         p.add_argument(
             f"--{stage}-steps",
             type=int,
             default=None,
-            help=f"{stage} steps of every size (None: configs/scale_study/{stage}.yaml; "
-            f"--quick: {QUICK_STEPS})",
+            help=f"{stage} steps of every size, or of the largest with --budget epochs (None: "
+            f"configs/scale_study/{stage}.yaml; --quick: {QUICK_STEPS})",
         )
     return p.parse_args(argv)
 
@@ -198,7 +211,7 @@ class Stages:
 
 
 def stage_steps(args: argparse.Namespace) -> dict[str, int | None]:
-    """Steps of each stage, the same for every size: the override, else None (the recipe's)."""
+    """Steps of each stage given on the command line (or by --quick), else None (the recipe's)."""
     steps = {stage: getattr(args, f"{stage}_steps") for stage in STAGES}
     return {s: QUICK_STEPS if n is None and args.quick else n for s, n in steps.items()}
 
@@ -341,6 +354,7 @@ class Plan:
     fresh: dict[str, int]
     seeds: tuple[int, ...]
     override: dict[str, int | None]  # steps given on the command line (None: the recipe's)
+    budget: str = "steps"  # "steps": the same at every size; "epochs": in proportion to size
 
     @classmethod
     def of(cls, args: argparse.Namespace, root: Path) -> Plan:
@@ -354,12 +368,26 @@ class Plan:
             fresh=QUICK_FRESH if quick else FRESH,
             seeds=(0,) if quick else SEEDS,
             override=stage_steps(args),
+            budget=args.budget,
         )
 
-    def steps(self, stage: str) -> int:
-        """Steps the stage trains at every size."""
+    def base_steps(self, stage: str) -> int:
+        """The stage's steps at every size (budget steps) or at the largest size (epochs)."""
         given = self.override[stage]
         return int(recipe_steps(CONFIGS / f"{stage}.yaml")) if given is None else given
+
+    def steps(self, stage: str, cells: int) -> int:
+        """Steps the stage trains on a corpus of `cells` cells."""
+        base = self.base_steps(stage)
+        if self.budget == "steps":
+            return base
+        return max(1, round(base * cells / max(self.sizes)))
+
+    def step_override(self, stage: str, cells: int) -> int | None:
+        """The launcher's step override for this size (None: the recipe's steps apply)."""
+        if self.budget == "steps" and self.override[stage] is None:
+            return None
+        return self.steps(stage, cells)
 
 
 def _corpora(plan: Plan, stages: Stages) -> dict[int, Path]:
@@ -394,10 +422,10 @@ def _model(plan: Plan, stages: Stages, n: int, copy: Path, match: Path, truth_ke
     run_root.mkdir(parents=True, exist_ok=True)
     key = {"source": f"synthetic:{plan.truth},cells={n}"}  # the ingest stage's key
     for stage in STAGES:
-        args = train_args(stage, run_root, copy, plan.override[stage])
+        args = train_args(stage, run_root, copy, plan.step_override(stage, n))
         recipe = (CONFIGS / f"{stage}.yaml").read_text()
         key = {"args": args, "recipe": recipe, "after": key}
-        steps = plan.steps(stage)
+        steps = plan.steps(stage, n)
         key = stages.run(f"train {stage} {n}", key, train, stage, run_root, args, steps)
     out = plan.root / "generated" / f"scldm_{n}.h5ad"
     out.parent.mkdir(exist_ok=True)
@@ -427,13 +455,24 @@ def _study(plan: Plan, stages: Stages) -> dict:
         fresh_cells=plan.fresh,
         first_fresh_block=first_fresh_block(plan.sizes),
         seeds=list(plan.seeds),
-        steps={stage: plan.steps(stage) for stage in STAGES},
+        budget=plan.budget,
+        steps={stage: {n: plan.steps(stage, n) for n in plan.sizes} for stage in STAGES},
         losses={
             n: {s: last_losses(plan.root / f"cells_{n}" / s, CURVES[s]) for s in STAGES}
             for n in plan.sizes
         },
     )
     return summary
+
+
+def budget_text(summary: dict) -> str:
+    """What each size trained: '600 VAE and 1000 DiT steps at every size', or per size."""
+    steps = summary["steps"]
+    if summary["budget"] == "steps":
+        vae, dit = (next(iter(steps[s].values())) for s in STAGES)
+        return f"every size trains {vae} VAE and {dit} DiT steps (compute-matched)"
+    per_size = ", ".join(f"{int(n):,}: {steps['vae'][n]}/{steps['dit'][n]}" for n in steps["vae"])
+    return f"VAE/DiT steps in proportion to the corpus (data-matched epochs): {per_size}"
 
 
 def render(summary: dict, quick: bool) -> str:
@@ -448,8 +487,7 @@ def render(summary: dict, quick: bool) -> str:
             f"{summary['parts_s'] / 60:.1f} min over all parts "
             f"(this launch {summary['launch_s'] / 60:.1f} min)",
             "",
-            f"Truth: `synthetic:{summary['truth']}`; every size trains {summary['steps']['vae']} "
-            f"VAE and {summary['steps']['dit']} DiT steps (compute-matched). Scored against "
+            f"Truth: `synthetic:{summary['truth']}`; {budget_text(summary)}. Scored against "
             f"{summary['fresh_cells']['test']:,} fresh truth cells; the floor is "
             "truth against truth. Each cell: value ± SEM over seeds (gap to the floor, "
             "positive = worse).",

@@ -21,6 +21,7 @@ import pytest
 
 from atlasldm.data.synthetic import GEN_BLOCK, _Model, generate_anndata, generate_block, var_frame
 from atlasldm.pipeline import scale_study as study
+from atlasldm.pipeline.stages import recipe_steps
 
 REPO = Path(__file__).resolve().parent.parent
 TRUTH = study.QUICK_TRUTH
@@ -103,6 +104,26 @@ def test_gap_is_signed_towards_worse_and_shrinks_only_when_its_size_falls() -> N
     assert "DOES NOT shrink" in "\n".join(study.verdict(summary))
 
 
+def test_epoch_budget_scales_steps_with_the_corpus_and_keeps_the_largest() -> None:
+    args = study.parse_args(["--sizes", "5000,20000,50000", "--budget", "epochs"])
+    args.vae_steps, args.dit_steps = 1500, 2500
+    plan = study.Plan.of(args, Path("/tmp/x"))
+    assert [plan.steps("vae", n) for n in plan.sizes] == [150, 600, 1500]
+    assert [plan.steps("dit", n) for n in plan.sizes] == [250, 1000, 2500]
+    # Each size's launcher gets its own override, so the epochs match across sizes.
+    for n in plan.sizes:
+        epochs = plan.steps("dit", n) / n
+        assert epochs == pytest.approx(2500 / 50000)
+        assert plan.step_override("dit", n) == plan.steps("dit", n)
+    # The recipe's steps are the largest size's when no steps are given.
+    plan = study.Plan.of(study.parse_args(["--sizes", "100,400", "--budget", "epochs"]), Path("."))
+    recipe = int(recipe_steps(study.CONFIGS / "vae.yaml"))
+    assert plan.steps("vae", 400) == recipe and plan.steps("vae", 100) == round(recipe / 4)
+    same = study.Plan.of(study.parse_args(["--sizes", "100,400"]), Path("."))
+    assert same.steps("vae", 100) == same.steps("vae", 400) == recipe
+    assert same.step_override("vae", 100) is None  # compute-matched: the recipe applies
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("scale") / "study"
@@ -141,7 +162,8 @@ def test_quick_study_scores_every_size_in_one_report(quick_study) -> None:
         assert not result["parts"][f"train vae {n}"]["reused"]
         assert result["parts"][f"train dit {n}"]["wall_s"] > 0
     steps = study.QUICK_STEPS
-    assert result["steps"] == {"vae": steps, "dit": steps}
+    per_size = {str(n): steps for n in sizes}
+    assert result["budget"] == "steps" and result["steps"] == {"vae": per_size, "dit": per_size}
     for n in sizes:  # the last losses of both stages, read back from their metrics
         losses = result["losses"][str(n)]
         assert set(losses["vae"]) == {"train/nll", "val/nll"}
