@@ -47,6 +47,7 @@ ML_RUNS = {  # printed name -> worker flags of each tiledbsoma-ml run
     f"tiledbsoma-ml sparse, I/O batch {ML_IO_SMALL:,}": {"--io-batch": ML_IO_SMALL},
 }
 OURS = {"a_census_layout": "atlasldm, direct mode", "b_training_copy": "atlasldm, row store"}
+OURS_H5AD = "atlasldm, direct mode on the h5ad"  # the same file scDataset reads
 # Resume / epoch order of the loaders that cannot be tested here (tiledbsoma-ml 0.1.0's API).
 ML_FEATURES = {
     "resume_mid_epoch": "no (API: no state to save or restore)",
@@ -113,6 +114,8 @@ def case_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path, peers: 
         for i, name in enumerate(SCD_SETTINGS):
             flags = {"--loader": "scdataset", "--uri": str(peers["h5ad"]), "--setting": i}
             runs.append((name, "scdataset", worker_cmd(opts, base | flags), i == 0))
+        h5ad = worker_cmd(opts, ours | {"--uri": str(peers["h5ad"])})
+        runs.append((OURS_H5AD, "ours", h5ad, True))
     else:
         tiledb = ours | {"--row-store": "off"}
         runs.append(("atlasldm, copy read through TileDB", "ours", worker_cmd(opts, tiledb), False))
@@ -199,12 +202,20 @@ def targets(cases: dict[str, dict]) -> dict:
         )
     a = cases.get("a_census_layout", {})
     scd = {n: r for n, r in a.items() if r["loader"] == "scdataset" and "2 processes" not in n}
-    if OURS["a_census_layout"] in a and scd:
+    if scd:
         best = max(scd, key=lambda n: scd[n]["cells_per_s"])
-        out["census_ratio_vs_scdataset"] = (
-            a[OURS["a_census_layout"]]["cells_per_s"] / scd[best]["cells_per_s"]
-        )
+        out["census_best_scdataset"] = best
+        for key, ours in (("census", OURS["a_census_layout"]), ("census_h5ad", OURS_H5AD)):
+            if ours in a:
+                out[f"{key}_ratio_vs_scdataset"] = a[ours]["cells_per_s"] / scd[best]["cells_per_s"]
+                out[f"{key}_diversity_minus_scdataset"] = _diversity_gap(a[ours], scd[best])
     return out
+
+
+def _diversity_gap(ours: dict, peer: dict) -> float | None:
+    """Our per-batch diversity minus the peer's (None when either is unknown)."""
+    a, b = ours["diversity_vs_random"], peer["diversity_vs_random"]
+    return None if a is None or b is None else a - b
 
 
 def versions(peer_rows: list[dict]) -> dict[str, str]:
@@ -287,6 +298,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--no-two-process", dest="two_process", action="store_false", help="skip the 2-rank runs"
     )
+    run.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="comma-separated corpus sizes (cells): run the size sweep instead (tiledbsoma-ml "
+        "and ours on each size, bench/loader_sweep.py); --cells is then unused",
+    )
 
 
 def _add_worker(worker: argparse.ArgumentParser) -> None:
@@ -329,6 +347,12 @@ def check_run(opts: argparse.Namespace) -> str:
         return f"--datasets ({opts.datasets}) must not exceed --cells ({opts.cells})"
     if opts.cells < 2 * BATCH:
         return f"--cells must be >= {2 * BATCH} (two batches of {BATCH}), got {opts.cells}"
+    if opts.sizes:
+        from atlasldm.bench.loader_sweep import check_sizes
+
+        problem = check_sizes(opts)
+        if problem:
+            return problem
     cache = Path(opts.cache)
     if cache.exists() and not cache.is_dir():
         return f"--cache {cache} is a file; give a folder"
@@ -349,8 +373,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         parser.exit(2, f"error: {problem}\n")
     opts.command_line = "python launchers/bench_loader.py " + " ".join(argv[1:])
+    if opts.sizes:
+        from atlasldm.bench.loader_sweep import run_sweep
+
+        print(json.dumps(run_sweep(opts)), flush=True)
+        return 0
     print(json.dumps(run_benchmark(opts)), flush=True)
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    """argparse type of --sizes: '100000,500000' -> [100000, 500000]."""
+    from atlasldm.bench.loader_sweep import parse_sizes
+
+    try:
+        return parse_sizes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give cell counts like 100000,500000: {text!r}") from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from typing import Literal
 # few rows), and the stratified chunk order (sampler.py) keeps batches diverse by spreading each
 # round over the whole selection.
 DEFAULT_CHUNK_CELLS = {"copy": 256, "direct": 512}
+# An uncompressed h5ad has no tiles: a short chunk costs two positional reads, not a tile decode,
+# so direct mode over an h5ad file reads 64-row chunks, which mix datasets like random cells.
+H5AD_CHUNK_CELLS = 64
 
 
 @dataclass
@@ -97,4 +100,8 @@ class DataConfig:
     @property
     def effective_chunk_cells(self) -> int:
         """C: `chunk_cells`, or the mode's default when it is 0."""
-        return self.chunk_cells or DEFAULT_CHUNK_CELLS[self.mode]
+        if self.chunk_cells:
+            return self.chunk_cells
+        if self.mode == "direct" and self.source.endswith(".h5ad"):
+            return H5AD_CHUNK_CELLS
+        return DEFAULT_CHUNK_CELLS[self.mode]

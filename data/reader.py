@@ -1,5 +1,7 @@
 """Cell sources of the stream: a training copy (contracts.md §1) or a direct SOMA query.
 
+(Direct mode over an h5ad file is data/h5ad_source.py.)
+
 A training copy is a folder on a POSIX filesystem; direct mode reads any SOMA experiment, on a
 path, at a URI (`s3://`) or in the CELLxGENE Census (`census[:VERSION]`, resolved to its URI
 with cellxgene_census). Its vocabulary (`vocab_path`) is a genes.tsv or a plain gene list.
@@ -331,10 +333,13 @@ class DirectSource(_Source):
         return None, self._cond[positions].astype(np.int64)
 
 
-def open_source(
-    cfg: DataConfig, context: tiledbsoma.SOMATileDBContext
-) -> CopySource | DirectSource:
-    """Return the source for `cfg.mode`."""
+def open_source(cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
+    """Return the source for `cfg.mode`: a copy, an h5ad file or a SOMA experiment."""
+    # Imported here: the h5ad source builds on this module's Piece and selection_mask.
+    from atlasldm.data.h5ad_source import H5adSource, is_h5ad
+
     if not cfg.source:
         raise ValueError("DataConfig.source is empty; pass a training-copy folder or SOMA URI")
-    return CopySource(cfg, context) if cfg.mode == "copy" else DirectSource(cfg, context)
+    if cfg.mode == "copy":
+        return CopySource(cfg, context)
+    return H5adSource(cfg) if is_h5ad(cfg.source) else DirectSource(cfg, context)

@@ -67,10 +67,13 @@ def check_source(source: str, mode: str, vocab_path: str = "") -> None:
             f"data.source={source} does not exist; give a training copy ({INGEST} FOLDER) "
             "or a SOMA experiment with data.mode=direct"
         )
+    if mode == "direct" and path.is_file() and source.endswith(".h5ad"):
+        _check_vocab(vocab_path)  # the file itself is checked when it opens (one line)
+        return
     if not path.is_dir():
         raise DataSourceError(
             f"data.source={source} is a file, not a folder; give a training-copy folder "
-            f"({INGEST} FOLDER) or a SOMA experiment with data.mode=direct"
+            f"({INGEST} FOLDER), or a SOMA experiment or .h5ad file with data.mode=direct"
         )
     if mode == "direct":
         _check_direct(source, vocab_path)

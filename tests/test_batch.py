@@ -167,3 +167,18 @@ def test_row_sums_and_drop_zero_tokens_keep_library_exact():
         row = m.indices[m.indptr[i] : m.indptr[i + 1]]
         np.testing.assert_array_equal(kept.indices[a:b], row[row != 0])
     assert drop_zero_tokens(kept) == (kept, 0)
+
+
+def test_row_sums_are_the_float64_sums_rounded_once_even_past_2_to_24():
+    """float32 summation is exact below 2^24; larger rows must not pick up its rounding."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(1, 50, 3000).astype(np.float32)  # a UMI-like row, exact in float32
+    big = np.full(4000, 16385.0, np.float32)  # sums to ~6.6e7 > 2^24, where float32 rounds
+    big[::7] += 1.0  # odd values: a float32 running sum drops the ones
+    data = np.concatenate([small, big, small[:10]])
+    indptr = np.array([0, 3000, 3000, 7000, 7010], dtype=np.int64)
+    csr = Csr(indptr, np.ones(len(data), np.int32), data)
+    want = np.array([data[a:b].astype(np.float64).sum() for a, b in zip(indptr, indptr[1:])])
+    np.testing.assert_array_equal(row_sums(csr), want.astype(np.float32))
+    naive = np.add.reduceat(big, [0])[0]  # what plain float32 accumulation gives for that row
+    assert naive != np.float32(want[2])

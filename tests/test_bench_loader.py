@@ -141,7 +141,7 @@ def test_harness_on_a_tiny_corpus(tmp_path, capsys) -> None:
     summary = _run(tmp_path, capsys, extra)
     assert summary["skipped"]["annbatch"].startswith("no annbatch venv")
     a, b = summary["cases"]["a_census_layout"], summary["cases"]["b_training_copy"]
-    assert set(a) == {loader.OURS["a_census_layout"], *loader.SCD_SETTINGS}
+    assert set(a) == {loader.OURS["a_census_layout"], loader.OURS_H5AD, *loader.SCD_SETTINGS}
     assert set(b) == {loader.OURS["b_training_copy"], "atlasldm, copy read through TileDB"}
     for row in [*a.values(), *b.values()]:
         assert row["cells"] > 0 and row["cells_per_s"] > 0 and row["peak_rss_gb"] > 0
@@ -149,7 +149,13 @@ def test_harness_on_a_tiny_corpus(tmp_path, capsys) -> None:
     ours = b[loader.OURS["b_training_copy"]]
     assert ours["resume_exact_tested"] is True and len(ours["resume_first_batch_s"]) == 4
     assert all(r["resume_api"] is False for r in (a[n] for n in loader.SCD_SETTINGS))
-    assert {"census_ratio_vs_scdataset"} <= set(summary["targets"])
+    t = summary["targets"]
+    assert {"census_ratio_vs_scdataset", "census_h5ad_ratio_vs_scdataset"} <= set(t)
+    best = a[t["census_best_scdataset"]]  # the ratios are of rows of this very run
+    assert t["census_h5ad_ratio_vs_scdataset"] == pytest.approx(
+        a[loader.OURS_H5AD]["cells_per_s"] / best["cells_per_s"]
+    )
+    assert a[loader.OURS_H5AD]["resume_exact_tested"] is True  # resume on the h5ad too
     assert all(f["disk_gb"] > 0 for f in summary["formats"].values())
     assert summary["features"]["atlasldm, row store"]["resume_mid_epoch"].startswith("yes")
 

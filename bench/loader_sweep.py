@@ -1,0 +1,152 @@
+"""Size sweep of the loader benchmark: our TileDB reads against tiledbsoma-ml at several sizes.
+
+`python launchers/bench_loader.py --sizes 100000,500000,2000000` runs, per corpus size (each
+built once and cached like the single-size run's, :func:`.loader.build_datasets`), the two
+tiledbsoma-ml outputs (default dense and sparse) and ours on both cases: direct mode on the
+Census layout, and the training copy read through TileDB and from its row store. Each of our
+rows is divided by the tiledbsoma-ml runs of the same case, size and invocation. No peer formats
+(h5ad, annbatch), no probes and no 2-process runs: only what the comparison needs. Prints a
+markdown table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy as copy_mod
+import datetime
+from pathlib import Path
+
+import numpy as np
+
+from atlasldm.bench import loader
+from atlasldm.bench import loader_peers as peers_mod
+from atlasldm.bench.diversity import RandomEntropy
+from atlasldm.bench.loader_peers_measure import BATCH
+
+ML_DEFAULT, ML_SPARSE = list(loader.ML_RUNS)[:2]  # the two tiledbsoma-ml outputs compared
+SWEEP_LOADERS = ("ml", "ours")  # the loaders a sweep can run (--loaders is intersected)
+CASE_LABEL = {"a_census_layout": "Census layout", "b_training_copy": "training copy"}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """`--sizes 100000,500000` as a list of ints (argparse type; ValueError on a bad item)."""
+    sizes = [int(s.replace("_", "")) for s in text.split(",") if s.strip()]
+    if not sizes:
+        raise ValueError("no size given")
+    return sizes
+
+
+def sweep_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path) -> list:
+    """The runs of one case in a sweep: tiledbsoma-ml's default and sparse, then ours."""
+    peers = {"h5ad": None, "annbatch": None, "skipped": {}}  # no peer formats in a sweep
+    runs = loader.case_runs(opts, case, uri, copy, peers)
+    return [r for r in runs if r[1] == "ours" or r[0] in (ML_DEFAULT, ML_SPARSE)]
+
+
+def measure_runs(runs: list, rand: RandomEntropy, case: str) -> dict[str, dict]:
+    """Each run once, in a fresh process, by printed name (dense ml nnz from its sparse run)."""
+    rows: dict[str, dict] = {}
+    for name, kind, cmd, _ranks in runs:
+        rows[name] = peers_mod.run_one(cmd, rand) | {"loader": kind}
+        loader.print_row(case, name, rows[name])
+    loader.fill_dense_nnz(rows)
+    return rows
+
+
+def ns_per_nnz(row: dict) -> float | None:
+    """Process CPU nanoseconds per nonzero delivered (None when no nonzero was counted)."""
+    rate = row.get("nnz_per_cpu_s") or 0.0
+    return 1e9 / rate if rate > 0 else None
+
+
+def table_rows(cells: int, cases: dict[str, dict[str, dict]]) -> list[dict]:
+    """One record per run of one size; ours carry their ratios to the same case's ml runs."""
+    out = []
+    for case, rows in cases.items():
+        ml = {k: rows[k]["cells_per_s"] for k in (ML_DEFAULT, ML_SPARSE) if k in rows}
+        for name, r in rows.items():
+            rec = {
+                "cells": cells,
+                "case": case,
+                "loader": name,
+                "cells_per_s": r["cells_per_s"],
+                "cpu_ns_per_nnz": ns_per_nnz(r),
+                "cpu_seconds": r["cpu_seconds"],
+                "wall_seconds": r["seconds"],
+                "peak_rss_gb": r["peak_rss_gb"],
+                "diversity": r["diversity_vs_random"],
+                "first_batch_s": r["first_batch_s"],
+            }
+            if r["loader"] == "ours":
+                for key, ml_name in (("vs_ml_default", ML_DEFAULT), ("vs_ml_sparse", ML_SPARSE)):
+                    base = ml.get(ml_name)
+                    rec[key] = r["cells_per_s"] / base if base else None
+            out.append(rec)
+    return out
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _ratio(r: dict, key: str) -> str:
+    """A ratio cell: '' for a peer's own row, n/a when its base did not run."""
+    if key not in r:
+        return ""
+    return "n/a" if r[key] is None else f"{r[key]:.2f}x"
+
+
+def markdown(records: list[dict]) -> str:
+    """The sweep as one markdown table (ratios in x; CPU ns per nonzero; RSS in GiB)."""
+    head = (
+        "| cells | case | loader | cells/s | x ml default | x ml sparse | CPU ns/nnz "
+        "| CPU s / wall s | peak RSS GiB | diversity |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    prev: tuple = (None, None)
+    for r in records:
+        cells = f"{r['cells']:,}" if r["cells"] != prev[0] else ""
+        case = CASE_LABEL.get(r["case"], r["case"]) if (r["cells"], r["case"]) != prev else ""
+        prev = (r["cells"], r["case"])
+        ratios = [_ratio(r, k) for k in ("vs_ml_default", "vs_ml_sparse")]
+        lines.append(
+            f"| {cells} | {case} | {r['loader']} | {r['cells_per_s']:,.0f} | {ratios[0]} "
+            f"| {ratios[1]} | {_num(r['cpu_ns_per_nnz'], '.0f')} "
+            f"| {r['cpu_seconds']:.1f} / {r['wall_seconds']:.1f} | {r['peak_rss_gb']:.2f} "
+            f"| {_num(r['diversity'], '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def run_sweep(opts: argparse.Namespace) -> dict:
+    """Build (or reuse) each size's corpus and copy, run every case; print and return it."""
+    opts = copy_mod.copy(opts)
+    opts.loaders = [x for x in opts.loaders if x in SWEEP_LOADERS]
+    opts.two_process = False
+    cache = Path(opts.cache)
+    summary: dict = {"sizes": opts.sizes, "genes": opts.genes, "datasets": opts.datasets}
+    summary |= {"batch": BATCH, "seconds": opts.seconds, "max_cells": opts.max_cells}
+    summary |= {"date": datetime.date.today().isoformat(), "command": opts.command_line}
+    records: list[dict] = []
+    for cells in opts.sizes:
+        census_uri, copy = loader.build_datasets(cache, cells, opts.genes, opts.datasets)
+        rand = RandomEntropy(np.bincount(loader._dataset_codes(census_uri)))
+        cases = {"a_census_layout": census_uri, "b_training_copy": str(copy / "experiment")}
+        measured = {
+            case: measure_runs(sweep_runs(opts, case, uri, copy), rand, case)
+            for case, uri in cases.items()
+        }
+        records += table_rows(cells, measured)
+    summary["rows"] = records
+    print(markdown(records), flush=True)
+    return summary
+
+
+def check_sizes(opts: argparse.Namespace) -> str:
+    """The first problem with --sizes, as one line ('' when none)."""
+    for cells in opts.sizes or []:
+        if cells < 2 * BATCH:
+            return f"--sizes: every size must be >= {2 * BATCH} (two batches), got {cells}"
+        if opts.datasets > cells:
+            return f"--sizes: --datasets ({opts.datasets}) exceeds the size {cells}"
+    return ""
