@@ -9,6 +9,7 @@ its own venv (:mod:`.loader_peers_annbatch`). Every loader goes through the same
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,8 @@ def _ml_batches(args: argparse.Namespace) -> Iterator[tuple[int, int, np.ndarray
     from tiledbsoma_ml import ExperimentDataset
 
     sparse = not args.dense
+    # tiledbsoma-ml 0.1.0 shards by these variables (torch.distributed is not initialised here).
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(args.rank), str(args.world)
     exp = tiledbsoma.Experiment.open(args.uri)
     ds = ExperimentDataset(
         exp.axis_query("RNA"),

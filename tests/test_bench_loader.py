@@ -5,6 +5,8 @@ corpus (annbatch skipped with its reason: CI creates no venv)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from atlasldm.bench import loader, loader_peers, loader_peers_env
 from atlasldm.bench.diversity import RandomEntropy, batch_entropy
-from atlasldm.bench.loader_peers_measure import order_differs, time_batches
+from atlasldm.bench.loader_peers_measure import BATCH, order_differs, time_batches
 
 TINY = ["--cells", "1500", "--genes", "300", "--datasets", "4", "--seconds", "1"]
 
@@ -197,3 +199,21 @@ def test_harness_with_every_loader_and_two_processes(tmp_path, capsys) -> None:
     assert two["cells_per_s"] == pytest.approx(sum(two["cells_per_s_per_process"]))
     assert "annbatch" in summary["skipped"] or any(r["loader"] == "annbatch" for r in b.values())
     assert summary["features"]["tiledbsoma-ml"] == loader.ML_FEATURES
+
+
+def test_tiledbsoma_ml_ranks_split_the_cells(tmp_path) -> None:
+    """The 2-process tiledbsoma-ml row is two halves of one pass, not two whole passes."""
+    census_uri, _ = loader.build_datasets(tmp_path, 1500, 300, 4)
+
+    def cells(rank: int, world: int) -> int:
+        argv = ["worker", "--loader", "ml", "--uri", census_uri, "--mode", "direct"]
+        argv += ["--rank", str(rank), "--world", str(world), "--seconds", "60"]
+        argv += ["--io-batch", "512", "--max-cells", "100000"]
+        cmd = [sys.executable, "-m", "atlasldm.bench.loader", *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        return out["cells"] + BATCH  # the first batch is not timed
+
+    whole = cells(0, 1)
+    halves = [cells(r, 2) for r in range(2)]
+    assert whole > 1000 and all(abs(h - whole / 2) <= 256 for h in halves)
