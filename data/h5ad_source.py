@@ -27,7 +27,7 @@ from atlasldm.data.config import DataConfig
 from atlasldm.data.csr import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
 from atlasldm.data.h5ad_x import H5adCsr
 from atlasldm.data.obs_select import ObsFold, fold_obs
-from atlasldm.data.reader import Piece, selection_mask
+from atlasldm.data.piece import Piece, selection_mask
 from atlasldm.data.split import hash_int_keys
 from atlasldm.data.validate import IngestError
 from atlasldm.data.vocab import GeneVocab, load_labels

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,13 @@ import pyarrow as pa
 import tiledbsoma
 
 from atlasldm.data.config import DataConfig
-from atlasldm.data.csr import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
+from atlasldm.data.csr import csr_from_sorted_coo, drop_zero_tokens, row_sums
+from atlasldm.data.h5ad_source import H5adSource, is_h5ad
 from atlasldm.data.materialize import open_copy_manifest
 from atlasldm.data.npy_reads import NpyFile
 from atlasldm.data.obs_codes import ObsColumns, hashes_of, read_obs
 from atlasldm.data.obs_select import ObsFold, fold_obs, joinid_dtype
+from atlasldm.data.piece import Piece, selection_mask
 from atlasldm.data.rowstore import RowStore, has_row_store
 from atlasldm.data.soma import (
     is_census,
@@ -41,42 +42,11 @@ from atlasldm.data.soma import (
     stream_context,
 )
 from atlasldm.data.source_check import census_uri, check_copy_location
-from atlasldm.data.split import hash_coded_strings, hash_int_keys, split_mask
+from atlasldm.data.split import hash_coded_strings, hash_int_keys
 from atlasldm.data.verify import check_at_open, rows_in_use
 from atlasldm.data.vocab import GeneVocab, load_labels
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Piece:
-    """CSR rows of the sorted joinids `joinids`, tokens already mapped."""
-
-    joinids: np.ndarray  # int64 (n,), sorted
-    csr: Csr  # n rows
-    library_size: np.ndarray | None  # float32 (n,), all source genes (direct mode), else None
-    dropped_nnz: int  # entries of genes outside the vocabulary (direct mode, unknown=drop)
-
-
-def selection_mask(
-    n: int,
-    nnz: np.ndarray | None,
-    key_hashes: np.ndarray | None,
-    min_genes: int,
-    split: str,
-    seed: int,
-    fraction: float,
-) -> np.ndarray:
-    """Which of `n` candidates have >= `min_genes` genes (when nnz is known) and are in `split`.
-
-    `key_hashes` (uint64 split-key hashes) is needed unless `split` is "all".
-    """
-    mask = np.ones(n, dtype=bool)
-    if nnz is not None and min_genes > 0:
-        mask &= nnz >= min_genes
-    if split != "all":
-        mask &= split_mask(key_hashes, seed, fraction, split)
-    return mask
 
 
 SELECT_BLOCK = 1 << 20  # candidates per block of the selection
@@ -335,9 +305,6 @@ class DirectSource(_Source):
 
 def open_source(cfg: DataConfig, context: tiledbsoma.SOMATileDBContext):
     """Return the source for `cfg.mode`: a copy, an h5ad file or a SOMA experiment."""
-    # Imported here: the h5ad source builds on this module's Piece and selection_mask.
-    from atlasldm.data.h5ad_source import H5adSource, is_h5ad
-
     if not cfg.source:
         raise ValueError("DataConfig.source is empty; pass a training-copy folder or SOMA URI")
     if cfg.mode == "copy":

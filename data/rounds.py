@@ -18,7 +18,8 @@ import numpy as np
 
 from atlasldm.data.batch import CsrBatch
 from atlasldm.data.csr import Csr, truncate_rows
-from atlasldm.data.reader import CopySource, DirectSource, Piece
+from atlasldm.data.piece import Piece
+from atlasldm.data.reader import CopySource, DirectSource
 from atlasldm.data.sampler import RoundPlan
 
 ROWS_PER_JOB = 4096  # at most about this many rows per read job

@@ -29,8 +29,9 @@ import torch
 from atlasldm.data.batch import CsrBatch
 from atlasldm.data.config import DataConfig
 from atlasldm.data.heap import release_freed_heap
+from atlasldm.data.piece import Piece
 from atlasldm.data.prefetch import Metrics, RoundPrefetcher
-from atlasldm.data.reader import Piece, open_source
+from atlasldm.data.reader import open_source
 from atlasldm.data.rounds import PreparedRound, gather_batch, prepare_round, read_jobs
 from atlasldm.data.sampler import LockstepSampler, RoundPlan, elastic_restart, eval_rounds
 from atlasldm.data.soma import stream_context

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from atlasldm.data.synthetic import GEN_BLOCK, _Model, generate_anndata, generate_block, var_frame
+from atlasldm.pipeline import scale_report
 from atlasldm.pipeline import scale_study as study
 from atlasldm.pipeline.stages import recipe_steps
 
@@ -87,11 +88,11 @@ def _report(values: dict[str, dict[str, float]]) -> dict:
 
 
 def test_gap_is_signed_towards_worse_and_shrinks_only_when_its_size_falls() -> None:
-    keys = [k for k, _, _ in study.METRICS]
+    keys = [k for k, _, _ in scale_report.METRICS]
     floor = dict.fromkeys(keys, 0.5)
     small = {**floor, "c2st_knn_auc": 0.9, "recall": 0.2, "precision": 0.7}
     large = {**floor, "c2st_knn_auc": 0.6, "recall": 0.4, "precision": 0.2}
-    summary = study.summarize(
+    summary = scale_report.summarize(
         _report({"real_floor": floor, "scldm_10": small, "scldm_20": large}), (10, 20)
     )
     gaps = [{k: r["metrics"][k]["gap"] for k in keys} for r in summary["rows"]]
@@ -101,7 +102,7 @@ def test_gap_is_signed_towards_worse_and_shrinks_only_when_its_size_falls() -> N
     shrinks = summary["gap_shrinks"]
     assert shrinks["c2st_knn_auc"] and shrinks["recall"]
     assert not shrinks["precision"] and not shrinks["w2"]  # |gap| grew; no gap at all
-    assert "DOES NOT shrink" in "\n".join(study.verdict(summary))
+    assert "DOES NOT shrink" in "\n".join(scale_report.verdict(summary))
 
 
 def test_epoch_budget_scales_steps_with_the_corpus_and_keeps_the_largest() -> None:
@@ -140,7 +141,7 @@ def test_quick_study_scores_every_size_in_one_report(quick_study) -> None:
     result = json.loads((root / "scale_study.json").read_text())
     sizes = list(study.QUICK_SIZES)
     assert result["sizes"] == sizes and [r["cells"] for r in result["rows"]] == sizes
-    keys = [k for k, _, _ in study.METRICS]
+    keys = [k for k, _, _ in scale_report.METRICS]
     assert sorted(result["floor"]) == sorted(keys)
     assert 0.3 < result["floor"]["c2st_knn_auc"] < 0.7  # truth against truth
     for row in result["rows"]:
