@@ -161,15 +161,7 @@ class H5adSource:
 
     def read_piece(self, joinids: np.ndarray) -> Piece:
         """Read sorted row positions over all genes; library size before vocabulary mapping."""
-        breaks = np.flatnonzero(np.diff(joinids) != 1) + 1
-        spans = [self.x.read_span(int(s[0]), int(s[-1]) + 1) for s in np.split(joinids, breaks)]
-        indptr = np.zeros(len(joinids) + 1, dtype=np.int64)
-        at, start = 0, 0
-        for span_ptr, _, _ in spans:
-            indptr[at : at + len(span_ptr)] = span_ptr + start
-            at, start = at + len(span_ptr) - 1, start + int(span_ptr[-1])
-        cols = spans[0][1] if len(spans) == 1 else np.concatenate([s[1] for s in spans])
-        vals = spans[0][2] if len(spans) == 1 else np.concatenate([s[2] for s in spans])
+        indptr, cols, vals = self.x.read_rows(joinids)
         if self._identity:
             cols += 1  # cols is this read's own array
         else:

@@ -82,9 +82,8 @@ class _Positional:
         self.path, self.fd, self.map = path, fd, _ByteMap(ds)
         self.dtype = self.map.dtype
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Elements [lo, hi) as a new array."""
-        out = np.empty(max(hi - lo, 0), dtype=self.dtype)
+    def read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
+        """Elements [lo, hi) into `out` (their dtype, hi - lo long), straight from the file."""
         view, done = memoryview(out).cast("B"), 0
         for start, size in self.map.ranges(lo, hi):
             got_all = 0
@@ -93,7 +92,6 @@ class _Positional:
                 if got == 0:
                     raise IngestError(f"{self.path} ends inside its X: the file is truncated")
                 got_all, done = got_all + got, done + got
-        return out
 
 
 class _Locked:
@@ -102,10 +100,12 @@ class _Locked:
     def __init__(self, ds: h5py.Dataset, lock: threading.Lock) -> None:
         self.ds, self.lock, self.dtype = ds, lock, ds.dtype
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Elements [lo, hi) as a new array."""
+    def read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
+        """Elements [lo, hi) into `out` (their dtype, hi - lo long)."""
+        if hi <= lo:  # h5py refuses an empty selection
+            return
         with self.lock:
-            return self.ds[lo:hi]
+            self.ds.read_direct(out, np.s_[lo:hi])
 
 
 def positional(ds: h5py.Dataset) -> bool:
@@ -134,12 +134,26 @@ class H5adCsr:
             for k in ("data", "indices")
         )
 
-    def read_span(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(indptr rebased to 0, int32 column ids, float32 values) of rows [lo, hi)."""
-        a, b = int(self.indptr[lo]), int(self.indptr[hi])
-        cols = self.indices.read(a, b).astype(np.int32, copy=False)
-        vals = self.data.read(a, b).astype(np.float32, copy=False)
-        return self.indptr[lo : hi + 1] - a, cols, vals
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr from 0, int32 column ids, float32 values) of the sorted row positions `rows`.
+
+        Each run of consecutive rows is one span of the file's arrays, read straight into its
+        place in the output: no per-span array and no concatenation.
+        """
+        lengths = self.indptr[rows + 1] - self.indptr[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # first row of each run
+        ends = np.append(starts[1:], len(rows))
+        outputs = []
+        for source, dtype in ((self.indices, np.int32), (self.data, np.float32)):
+            out = np.empty(int(indptr[-1]), dtype=source.dtype)
+            for i, j in zip(starts.tolist(), ends.tolist(), strict=True):
+                lo, hi = int(rows[i]), int(rows[j - 1]) + 1
+                span = out[indptr[i] : indptr[j]]
+                source.read_into(int(self.indptr[lo]), int(self.indptr[hi]), span)
+            outputs.append(out.astype(dtype, copy=False))
+        return indptr, outputs[0], outputs[1]
 
     def close(self) -> None:
         """Release the file handle and descriptor."""
