@@ -351,8 +351,6 @@ def check_run(opts: argparse.Namespace) -> str:
     if opts.cells < 2 * BATCH:
         return f"--cells must be >= {2 * BATCH} (two batches of {BATCH}), got {opts.cells}"
     if opts.sizes:
-        from atlasldm.bench.loader_sweep import check_sizes
-
         problem = check_sizes(opts)
         if problem:
             return problem
@@ -362,8 +360,12 @@ def check_run(opts: argparse.Namespace) -> str:
     return ""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `bench_loader.py [run options]` or the internal `worker` subcommand."""
+def main(argv: Sequence[str] | None = None, sweep=None) -> int:
+    """Entry point: `bench_loader.py [run options]` or the internal `worker` subcommand.
+
+    `sweep(opts) -> summary` runs `--sizes` (bench/loader_sweep.py, which imports this module
+    and passes its `run_sweep`; `loader_sweep.main` is the launcher's entry).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "worker"):
         argv = ["run", *argv]
@@ -377,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {problem}\n")
     opts.command_line = "python launchers/bench_loader.py " + " ".join(argv[1:])
     if opts.sizes:
-        from atlasldm.bench.loader_sweep import run_sweep
-
-        print(json.dumps(run_sweep(opts)), flush=True)
+        if sweep is None:
+            parser.exit(2, "error: --sizes runs through atlasldm.bench.loader_sweep.main\n")
+        print(json.dumps(sweep(opts)), flush=True)
         return 0
     print(json.dumps(run_benchmark(opts)), flush=True)
     return 0
@@ -387,12 +389,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _sizes(text: str) -> list[int]:
     """argparse type of --sizes: '100000,500000' -> [100000, 500000]."""
-    from atlasldm.bench.loader_sweep import parse_sizes
-
     try:
         return parse_sizes(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"give cell counts like 100000,500000: {text!r}") from None
+
+
+def parse_sizes(text: str) -> list[int]:
+    """`--sizes 100000,500000` as a list of ints (argparse type; ValueError on a bad item)."""
+    sizes = [int(s.replace("_", "")) for s in text.split(",") if s.strip()]
+    if not sizes:
+        raise ValueError("no size given")
+    return sizes
+
+
+def check_sizes(opts: argparse.Namespace) -> str:
+    """The first problem with --sizes, as one line ('' when none)."""
+    for cells in opts.sizes or []:
+        if cells < 2 * BATCH:
+            return f"--sizes: every size must be >= {2 * BATCH} (two batches), got {cells}"
+        if opts.datasets > cells:
+            return f"--sizes: --datasets ({opts.datasets}) exceeds the size {cells}"
+    return ""
 
 
 if __name__ == "__main__":

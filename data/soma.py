@@ -33,10 +33,17 @@ INGEST_TILEDB_CONFIG: dict[str, Any] = {
     "soma.init_buffer_bytes": 128 * 1024**2,
     "sm.mem.total_budget": 2 * 1024**3,
 }
-# Per-query result buffers of the stream: tiledbsoma's 1 GiB default is allocated per read and
-# per thread, which costs more than a small read itself; larger results arrive in several
-# tables anyway.
-STREAM_TILEDB_CONFIG = {"soma.init_buffer_bytes": str(64 * 1024**2)}
+# TileDB settings of the stream (docs/loader_profile.md). Result buffers: tiledbsoma's 1 GiB
+# default is allocated per read and per thread, which costs more than a small read itself; 16 MiB
+# per column stays under glibc's largest mmap threshold (32 MiB), so freed buffers are reused
+# from the heap instead of being mapped and page-faulted afresh by every read (larger results
+# arrive in several tables). No malloc_trim per query: TileDB's default hands the freed tile
+# and result buffers back to the OS after every query, and the next query faults them in again;
+# at 100,000 cells that zeroing and faulting was a third of direct mode's CPU.
+STREAM_TILEDB_CONFIG = {
+    "soma.init_buffer_bytes": str(16 * 1024**2),
+    "sm.mem.malloc_trim": "false",
+}
 OBS_RANGE = 1 << 19  # obs joinids per read of `obs_ranges`
 # Where the public Census lives; named in the hint for a local copy (`aws s3 sync` of it).
 CENSUS_BUCKET = "s3://cellxgene-census-public-us-west-2/cell-census"

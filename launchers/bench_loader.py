@@ -3,12 +3,12 @@
 import sys
 from collections.abc import Sequence
 
-from atlasldm.bench import loader
+from atlasldm.bench import loader_sweep
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the loader benchmark with `argv` (default: the command line)."""
-    return loader.main(sys.argv[1:] if argv is None else list(argv))
+    return loader_sweep.main(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from atlasldm.bench import loader, loader_sweep
+from atlasldm.bench import loader_sweep
 
 TINY = ["--genes", "300", "--datasets", "4", "--seconds", "1", "--max-cells", "2000"]
 HAVE_ML = importlib.util.find_spec("tiledbsoma_ml") is not None
@@ -58,7 +58,7 @@ def test_bad_sizes_are_one_line_and_write_nothing(tmp_path, capsys, sizes, words
     cache = tmp_path / "cache"
     argv = ["--sizes", sizes, "--datasets", "700", "--cells", "1000", "--cache", str(cache)]
     with pytest.raises(SystemExit) as exc:
-        loader.main(argv)
+        loader_sweep.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and words in err and len(err.strip().splitlines()) == 1
     assert not cache.exists()
@@ -69,10 +69,10 @@ def test_sweep_on_two_tiny_corpora(tmp_path, capsys) -> None:
     loaders = ["ml", "ours"] if HAVE_ML else ["ours"]
     argv = ["--sizes", "1500,2500", *TINY, "--cache", str(tmp_path), "--loaders", *loaders]
     argv += ["scdataset"]  # not a sweep loader: ignored
-    assert loader.main(argv) == 0
+    assert loader_sweep.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
-    ours = ["atlasldm, direct mode", "atlasldm, copy read through TileDB", "atlasldm, row store"]
+    ours = list(loader_sweep.OURS_RUNS)
     ml = [loader_sweep.ML_DEFAULT, loader_sweep.ML_SPARSE] if HAVE_ML else []
     rows = {(r["cells"], r["loader"], r["case"]): r for r in summary["rows"]}
     for cells in (1500, 2500):
