@@ -178,7 +178,9 @@ def test_row_sums_are_the_float64_sums_rounded_once_even_past_2_to_24():
     data = np.concatenate([small, big, small[:10]])
     indptr = np.array([0, 3000, 3000, 7000, 7010], dtype=np.int64)
     csr = Csr(indptr, np.ones(len(data), np.int32), data)
-    want = np.array([data[a:b].astype(np.float64).sum() for a, b in zip(indptr, indptr[1:])])
+    want = np.array(
+        [data[a:b].astype(np.float64).sum() for a, b in zip(indptr[:-1], indptr[1:], strict=True)]
+    )
     np.testing.assert_array_equal(row_sums(csr), want.astype(np.float32))
     naive = np.add.reduceat(big, [0])[0]  # what plain float32 accumulation gives for that row
     assert naive != np.float32(want[2])
