@@ -41,14 +41,17 @@ from atlasldm.cli_parser import Parser
 ML_IO_SMALL = 16384  # a tiledbsoma-ml I/O batch whose peak RSS is near our 4 GB budget
 DEFAULT_CACHE = Path(os.environ.get("ATLASLDM_CACHE", Path.home() / ".cache" / "atlasldm"))
 LOADERS = ("ml", "scdataset", "annbatch", "ours")
+# The tiledbsoma-ml run that also runs as 2 ranks: two at its default I/O batch would need
+# ~20 GB here, the smaller I/O batch ~5 GB per rank.
+ML_TWO_PROCESS = f"tiledbsoma-ml sparse, I/O batch {ML_IO_SMALL:,}"
 ML_RUNS = {  # printed name -> worker flags of each tiledbsoma-ml run
     "tiledbsoma-ml default (dense)": {"--dense": True},
     "tiledbsoma-ml sparse": {},
-    f"tiledbsoma-ml sparse, I/O batch {ML_IO_SMALL:,}": {"--io-batch": ML_IO_SMALL},
+    ML_TWO_PROCESS: {"--io-batch": ML_IO_SMALL},
 }
-ML_TWO_PROCESS = f"tiledbsoma-ml sparse, I/O batch {ML_IO_SMALL:,}"
 OURS = {"a_census_layout": "atlasldm, direct mode", "b_training_copy": "atlasldm, row store"}
 OURS_H5AD = "atlasldm, direct mode on the h5ad"  # the same file scDataset reads
+OURS_COPY_TILEDB = "atlasldm, copy read through TileDB"
 # Resume / epoch order of the loaders that cannot be tested here (tiledbsoma-ml 0.1.0's API).
 ML_FEATURES = {
     "resume_mid_epoch": "no (API: no state to save or restore)",
@@ -106,8 +109,6 @@ def case_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path, peers: 
     """(printed name, loader, command, runs as 2 ranks too) of each run of one case."""
     mode = "direct" if case == "a_census_layout" else "copy"
     base = {"--uri": uri, "--mode": mode, "--vocab": str(copy / "genes.tsv")}
-    # Two tiledbsoma-ml ranks at its default I/O batch would need ~20 GB here: the 2-process
-    # run uses the smaller I/O batch (~5 GB per rank).
     runs = [
         (n, "ml", worker_cmd(opts, base | {"--loader": "ml"} | f), n == ML_TWO_PROCESS)
         for n, f in ML_RUNS.items()
@@ -121,7 +122,7 @@ def case_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path, peers: 
         runs.append((OURS_H5AD, "ours", h5ad, True))
     else:
         tiledb = ours | {"--row-store": "off"}
-        runs.append(("atlasldm, copy read through TileDB", "ours", worker_cmd(opts, tiledb), False))
+        runs.append((OURS_COPY_TILEDB, "ours", worker_cmd(opts, tiledb), False))
         if peers["annbatch"] is not None:
             timing = ["--seconds", str(opts.seconds), "--max-cells", str(opts.max_cells)]
             cmd = peers_mod.annbatch_cmd(*peers["annbatch"], timing)
@@ -138,11 +139,17 @@ def two_rank_cmd(loader: str, cmd: list[str]) -> list[str]:
     return [*cmd[: i + 1], "1", *cmd[i + 2 :]]
 
 
-def measure_case(opts, case: str, runs: list, rand: RandomEntropy) -> dict[str, dict]:
-    """Every run of one case, by printed name; 2-rank runs under '<name>, 2 processes'."""
+def measure_case(
+    opts, case: str, runs: list, rand: RandomEntropy, probe: bool = True
+) -> dict[str, dict]:
+    """Every run of one case, by printed name; 2-rank runs under '<name>, 2 processes'.
+
+    `probe` also tests each run's resume and epoch order (the size sweep skips it).
+    """
     rows: dict[str, dict] = {}
     for name, loader, cmd, ranks in runs:
-        rows[name] = peers_mod.run_one([*cmd, "--probe"], rand) | {"loader": loader}
+        rows[name] = peers_mod.run_one([*cmd, *(["--probe"] if probe else [])], rand)
+        rows[name] |= {"loader": loader}
         print_row(case, name, rows[name])
         if ranks and opts.two_process:
             two = f"{name}, 2 processes"

@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from atlasldm.bench import loader
-from atlasldm.bench import loader_peers as peers_mod
 from atlasldm.bench.diversity import RandomEntropy
 from atlasldm.bench.loader_peers_measure import BATCH
 
 ML_DEFAULT, ML_SPARSE = list(loader.ML_RUNS)[:2]  # the two tiledbsoma-ml outputs compared
-COPY_TILEDB = "atlasldm, copy read through TileDB"
 # Our runs in a sweep: the TileDB reads and the row store (not the runs on a peer's format).
-OURS_RUNS = (loader.OURS["a_census_layout"], COPY_TILEDB, loader.OURS["b_training_copy"])
+OURS_RUNS = (
+    loader.OURS["a_census_layout"],
+    loader.OURS_COPY_TILEDB,
+    loader.OURS["b_training_copy"],
+)
 SWEEP_LOADERS = ("ml", "ours")  # the loaders a sweep can run (--loaders is intersected)
 CASE_LABEL = {"a_census_layout": "Census layout", "b_training_copy": "training copy"}
 
@@ -37,16 +39,6 @@ def sweep_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path) -> lis
     peers = {"h5ad": None, "annbatch": None, "skipped": {}}  # no peer formats in a sweep
     runs = loader.case_runs(opts, case, uri, copy, peers)
     return [r for r in runs if r[0] in (ML_DEFAULT, ML_SPARSE, *OURS_RUNS)]
-
-
-def measure_runs(runs: list, rand: RandomEntropy, case: str) -> dict[str, dict]:
-    """Each run once, in a fresh process, by printed name (dense ml nnz from its sparse run)."""
-    rows: dict[str, dict] = {}
-    for name, kind, cmd, _ranks in runs:
-        rows[name] = peers_mod.run_one(cmd, rand) | {"loader": kind}
-        loader.print_row(case, name, rows[name])
-    loader.fill_dense_nnz(rows)
-    return rows
 
 
 def ns_per_nnz(row: dict) -> float | None:
@@ -133,7 +125,9 @@ def run_sweep(opts: argparse.Namespace) -> dict:
         rand = RandomEntropy(np.bincount(loader._dataset_codes(census_uri)))
         cases = {"a_census_layout": census_uri, "b_training_copy": str(copy / "experiment")}
         measured = {
-            case: measure_runs(sweep_runs(opts, case, uri, copy), rand, case)
+            case: loader.measure_case(
+                opts, case, sweep_runs(opts, case, uri, copy), rand, probe=False
+            )
             for case, uri in cases.items()
         }
         records += table_rows(cells, measured)

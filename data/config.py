@@ -16,6 +16,11 @@ DEFAULT_CHUNK_CELLS = {"copy": 256, "direct": 512}
 H5AD_CHUNK_CELLS = 64
 
 
+def is_h5ad(source: str) -> bool:
+    """True when a direct-mode source names an h5ad file (read by data/h5ad_source.py)."""
+    return source.endswith(".h5ad")
+
+
 @dataclass
 class DataConfig:
     """Streaming loader settings; every field is documented inline with its meaning and unit."""
@@ -102,6 +107,6 @@ class DataConfig:
         """C: `chunk_cells`, or the mode's default when it is 0."""
         if self.chunk_cells:
             return self.chunk_cells
-        if self.mode == "direct" and self.source.endswith(".h5ad"):
+        if self.mode == "direct" and is_h5ad(self.source):
             return H5AD_CHUNK_CELLS
         return DEFAULT_CHUNK_CELLS[self.mode]

@@ -24,22 +24,16 @@ import pandas as pd
 import pyarrow as pa
 
 from atlasldm.data.config import DataConfig
-from atlasldm.data.csr import Csr, csr_from_sorted_coo, drop_zero_tokens, row_sums
+from atlasldm.data.csr import Csr, csr_from_sorted_coo
 from atlasldm.data.h5ad_x import H5adCsr
 from atlasldm.data.obs_select import ObsFold, fold_obs
-from atlasldm.data.piece import Piece, selection_mask
-from atlasldm.data.split import hash_int_keys
+from atlasldm.data.piece import Piece, direct_keep, direct_piece, source_tokens
 from atlasldm.data.validate import IngestError
 from atlasldm.data.vocab import GeneVocab, load_labels
 
 log = logging.getLogger(__name__)
 
 OBS_BLOCK = 1 << 20  # cells per obs table handed to the selection
-
-
-def is_h5ad(source: str) -> bool:
-    """True when a direct-mode source names an h5ad file."""
-    return source.endswith(".h5ad")
 
 
 class H5adSource:
@@ -65,10 +59,9 @@ class H5adSource:
             )
         vocab = GeneVocab.read(cfg.vocab_path)
         self.vocab_size, self.vocab_fingerprint = len(vocab), vocab.fingerprint()
-        try:
-            tokens, self.dropped_genes = vocab.token_lookup(self._feature_ids(), cfg.unknown_genes)
-        except ValueError as err:
-            raise ValueError(f"{cfg.source}: {err} (config key unknown_genes=drop)") from err
+        tokens, self.dropped_genes = source_tokens(
+            vocab, self._feature_ids(), cfg.unknown_genes, cfg.source
+        )
         self.var_tokens = np.asarray(tokens, dtype=np.int32)
         # The vocabulary is often the file's genes in order: then a token is the column + 1.
         self._identity = np.array_equal(self.var_tokens, np.arange(1, len(tokens) + 1))
@@ -110,12 +103,7 @@ class H5adSource:
         Labels come from every cell of the query (before min_genes and the split), as in a
         SOMA direct source, so the train and validation streams of one query share them.
         """
-
-        def keep(ids: np.ndarray, nnz: np.ndarray | None, hashes: np.ndarray | None):
-            if split != "all" and hashes is None:  # split by joinid
-                hashes = hash_int_keys(ids)
-            return selection_mask(len(ids), nnz, hashes, min_genes, split, seed, fraction)
-
+        keep = direct_keep(min_genes, split, seed, fraction)
         split_column = None if key == "soma_joinid" or split == "all" else key
         n = self.x.shape[0]
         fold = ObsFold(n, n, list(self.condition_names), split_column)
@@ -166,10 +154,9 @@ class H5adSource:
             cols += 1  # cols is this read's own array
         else:
             cols = self.var_tokens[cols]
-        csr = Csr(indptr, cols, vals)
-        library = row_sums(csr)  # genes outside the vocabulary count here, then go
-        csr, dropped = drop_zero_tokens(csr)
-        return Piece(joinids, _genes_ascending(csr), library, dropped)
+        piece = direct_piece(joinids, Csr(indptr, cols, vals))
+        piece.csr = _genes_ascending(piece.csr)
+        return piece
 
     def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Return (None: library size comes from the read, conditions int64 (n, A))."""

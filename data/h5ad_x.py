@@ -15,7 +15,6 @@ Shape legend: N rows (cells), G columns (genes), nnz stored entries.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from pathlib import Path
@@ -23,11 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from atlasldm.data.npy_reads import pread_full
 from atlasldm.data.validate import IngestError
-
-log = logging.getLogger(__name__)
-
-SPARSE_ENCODINGS = ("csr_matrix", "csc_matrix")
 
 
 class _ByteMap:
@@ -86,12 +82,9 @@ class _Positional:
         """Elements [lo, hi) into `out` (their dtype, hi - lo long), straight from the file."""
         view, done = memoryview(out).cast("B"), 0
         for start, size in self.map.ranges(lo, hi):
-            got_all = 0
-            while got_all < size:  # pread may return short counts
-                got = os.preadv(self.fd, [view[done : done + size - got_all]], start + got_all)
-                if got == 0:
-                    raise IngestError(f"{self.path} ends inside its X: the file is truncated")
-                got_all, done = got_all + got, done + got
+            if pread_full(self.fd, view[done : done + size], start) < size:
+                raise IngestError(f"{self.path} ends inside its X: the file is truncated")
+            done += size
 
 
 class _Locked:

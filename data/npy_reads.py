@@ -17,6 +17,20 @@ from atlasldm.data.validate import IngestError
 TAKE_GAP = 4096  # ids this close are read in one call (a few KB extra beats another syscall)
 
 
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from file offset `offset`; return the bytes read (fewer only at end of file).
+
+    pread may return short counts, so it is repeated until the view is full or the file ends.
+    """
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
 def npy_header(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:
     """(data offset in bytes, dtype, shape) of a .npy file; IngestError names a garbage one."""
     with open(path, "rb") as fh:
@@ -46,12 +60,9 @@ class NpyFile:
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Elements [lo, hi) as a new array."""
         out = np.empty(max(hi - lo, 0), dtype=self.dtype)
-        view, done = memoryview(out).cast("B"), 0
-        while done < out.nbytes:  # pread may return short counts
-            got = os.preadv(self.fd, [view[done:]], self.offset + lo * self.dtype.itemsize + done)
-            if got == 0:
-                raise IngestError(f"{self.path} ends before element {hi}: the file is damaged")
-            done += got
+        start = self.offset + lo * self.dtype.itemsize
+        if pread_full(self.fd, memoryview(out).cast("B"), start) < out.nbytes:
+            raise IngestError(f"{self.path} ends before element {hi}: the file is damaged")
         return out
 
     def take(self, ids: np.ndarray) -> np.ndarray:

@@ -23,14 +23,14 @@ import numpy as np
 import pyarrow as pa
 import tiledbsoma
 
-from atlasldm.data.config import DataConfig
-from atlasldm.data.csr import csr_from_sorted_coo, drop_zero_tokens, row_sums
-from atlasldm.data.h5ad_source import H5adSource, is_h5ad
+from atlasldm.data.config import DataConfig, is_h5ad
+from atlasldm.data.csr import csr_from_sorted_coo
+from atlasldm.data.h5ad_source import H5adSource
 from atlasldm.data.materialize import open_copy_manifest
 from atlasldm.data.npy_reads import NpyFile
 from atlasldm.data.obs_codes import ObsColumns, hashes_of, read_obs
 from atlasldm.data.obs_select import ObsFold, fold_obs, joinid_dtype
-from atlasldm.data.piece import Piece, selection_mask
+from atlasldm.data.piece import Piece, direct_keep, direct_piece, selection_mask, source_tokens
 from atlasldm.data.rowstore import RowStore, has_row_store
 from atlasldm.data.soma import (
     is_census,
@@ -237,12 +237,9 @@ class DirectSource(_Source):
             var = exp.ms[cfg.measurement].var.read(column_names=["soma_joinid", "feature_id"])
             var = var.concat()
             has_nnz = "nnz" in exp.obs.schema.names
-        try:
-            tokens, self.dropped_genes = vocab.token_lookup(
-                var["feature_id"].to_pylist(), cfg.unknown_genes
-            )
-        except ValueError as err:
-            raise ValueError(f"{self.uri}: {err} (config key unknown_genes=drop)") from err
+        tokens, self.dropped_genes = source_tokens(
+            vocab, var["feature_id"].to_pylist(), cfg.unknown_genes, self.uri
+        )
         var_ids = var["soma_joinid"].to_numpy()
         self.var_tokens = np.zeros(int(var_ids.max()) + 1 if len(var_ids) else 0, dtype=np.int32)
         self.var_tokens[var_ids] = tokens
@@ -269,12 +266,7 @@ class DirectSource(_Source):
         Labels come from every cell of the query (before min_genes and the split), so the train
         and validation streams of one query share them.
         """
-
-        def keep(ids: np.ndarray, nnz: np.ndarray | None, hashes: np.ndarray | None):
-            if split != "all" and hashes is None:  # split by joinid
-                hashes = hash_int_keys(ids)
-            return selection_mask(len(ids), nnz, hashes, min_genes, split, seed, fraction)
-
+        keep = direct_keep(min_genes, split, seed, fraction)
         split_column = None if key == "soma_joinid" or split == "all" else key
         with tiledbsoma.Experiment.open(self.uri, context=self.context) as exp:
             columns = [*self.condition_names, *([split_column] if split_column else [])]
@@ -293,10 +285,9 @@ class DirectSource(_Source):
         dim0, dim1, data = read_rows(self._x(), joinids)
         # Genes outside the vocabulary get token 0: they count in the library size, then go.
         tokens = self.var_tokens[dim1]
-        csr = csr_from_sorted_coo(local_rows(dim0, joinids), len(joinids), tokens, data)
-        library = row_sums(csr)
-        csr, dropped = drop_zero_tokens(csr)
-        return Piece(joinids, csr, library, dropped)
+        return direct_piece(
+            joinids, csr_from_sorted_coo(local_rows(dim0, joinids), len(joinids), tokens, data)
+        )
 
     def cell_meta(self, positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Return (None: library size comes from the read, conditions int64 (n, A))."""

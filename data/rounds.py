@@ -18,6 +18,7 @@ import numpy as np
 
 from atlasldm.data.batch import CsrBatch
 from atlasldm.data.csr import Csr, truncate_rows
+from atlasldm.data.h5ad_source import H5adSource
 from atlasldm.data.piece import Piece
 from atlasldm.data.reader import CopySource, DirectSource
 from atlasldm.data.sampler import RoundPlan
@@ -76,7 +77,7 @@ def read_jobs(
 
 
 def prepare_round(
-    plan: RoundPlan, pieces: list[Piece], source: CopySource | DirectSource
+    plan: RoundPlan, pieces: list[Piece], source: CopySource | DirectSource | H5adSource
 ) -> PreparedRound:
     """Locate each emitted row (plan order) in the round's pieces; no entry is copied."""
     sizes = [len(p.joinids) for p in pieces]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tiledbsoma
 
+from atlasldm.data.config import is_h5ad
 from atlasldm.data.materialize import open_copy_manifest
 from atlasldm.data.soma import is_census, resolve_census
 from atlasldm.data.validate import IngestError
@@ -67,7 +68,7 @@ def check_source(source: str, mode: str, vocab_path: str = "") -> None:
             f"data.source={source} does not exist; give a training copy ({INGEST} FOLDER) "
             "or a SOMA experiment with data.mode=direct"
         )
-    if mode == "direct" and path.is_file() and source.endswith(".h5ad"):
+    if mode == "direct" and path.is_file() and is_h5ad(source):
         _check_vocab(vocab_path)  # the file itself is checked when it opens (one line)
         return
     if not path.is_dir():

@@ -144,7 +144,7 @@ def test_harness_on_a_tiny_corpus(tmp_path, capsys) -> None:
     assert summary["skipped"]["annbatch"].startswith("no annbatch venv")
     a, b = summary["cases"]["a_census_layout"], summary["cases"]["b_training_copy"]
     assert set(a) == {loader.OURS["a_census_layout"], loader.OURS_H5AD, *loader.SCD_SETTINGS}
-    assert set(b) == {loader.OURS["b_training_copy"], "atlasldm, copy read through TileDB"}
+    assert set(b) == {loader.OURS["b_training_copy"], loader.OURS_COPY_TILEDB}
     for row in [*a.values(), *b.values()]:
         assert row["cells"] > 0 and row["cells_per_s"] > 0 and row["peak_rss_gb"] > 0
         assert 0.5 < row["diversity_vs_random"] < 1.2 and row["order_differs_tested"] is True
