@@ -99,6 +99,7 @@ def _dataset_codes(uri: str) -> np.ndarray:
 def worker_cmd(opts: argparse.Namespace, flags: dict) -> list[str]:
     """The command of one of our workers (`flags`: its options; True = a bare flag)."""
     shared = {"--seconds": opts.seconds, "--max-cells": opts.max_cells, "--threads": opts.threads}
+    shared["--epoch-seconds"] = opts.epoch_seconds
     argv = []
     for key, value in (shared | flags).items():
         argv += [key] if value is True else [key, str(value)]
@@ -125,6 +126,7 @@ def case_runs(opts: argparse.Namespace, case: str, uri: str, copy: Path, peers: 
         runs.append((OURS_COPY_TILEDB, "ours", worker_cmd(opts, tiledb), False))
         if peers["annbatch"] is not None:
             timing = ["--seconds", str(opts.seconds), "--max-cells", str(opts.max_cells)]
+            timing += ["--epoch-seconds", str(opts.epoch_seconds)]
             cmd = peers_mod.annbatch_cmd(*peers["annbatch"], timing)
             runs.append(("annbatch (shuffled zarr, chunk 32 x 256)", "annbatch", cmd, True))
     runs.append((OURS[case], "ours", worker_cmd(opts, ours), True))
@@ -279,6 +281,13 @@ def _add_timing(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seconds", type=float, default=60.0, help="max timed seconds per run")
     q.add_argument("--max-cells", type=int, default=200_000, help="max timed cells per run")
     q.add_argument("--threads", type=int, default=2, help="our reader threads per rank")
+    q.add_argument(
+        "--epoch-seconds",
+        type=float,
+        default=0.0,
+        help="also time each run's whole first epoch, start-up included, when it ends within "
+        "this many seconds of the loader's start (0: off)",
+    )
 
 
 def _add_run(run: argparse.ArgumentParser) -> None:
@@ -353,6 +362,8 @@ def check_run(opts: argparse.Namespace) -> str:
             return f"--{flag.replace('_', '-')} must be >= 1, got {getattr(opts, flag)}"
     if not opts.seconds > 0:
         return f"--seconds must be > 0, got {opts.seconds}"
+    if not opts.epoch_seconds >= 0:
+        return f"--epoch-seconds must be >= 0 (0: off), got {opts.epoch_seconds}"
     if opts.datasets > opts.cells:
         return f"--datasets ({opts.datasets}) must not exceed --cells ({opts.cells})"
     if opts.cells < 2 * BATCH:

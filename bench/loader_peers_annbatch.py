@@ -90,11 +90,15 @@ def make_loader(args: argparse.Namespace):
         return loader.use_collection(DatasetCollection(args.store, mode="r"), load_adata=load)
 
 
-def _batches(args: argparse.Namespace) -> Iterator[tuple[int, int, np.ndarray]]:
+def _batches(args: argparse.Namespace, measure) -> Iterator[tuple[int, int, np.ndarray]]:
     loader = make_loader(args)  # built on the first next(): part of the time to first batch
-    for batch in loader:
-        X = batch["X"]
-        yield X.shape[0], X.nnz, batch["obs"]["dataset_id"].cat.codes.to_numpy()
+
+    def epoch(_e: int) -> Iterator[tuple[int, int, np.ndarray]]:  # a new pass of the Loader
+        for batch in loader:
+            X = batch["X"]
+            yield X.shape[0], X.nnz, batch["obs"]["dataset_id"].cat.codes.to_numpy()
+
+    yield from measure.over_epochs(epoch)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -103,7 +107,9 @@ def run(args: argparse.Namespace) -> dict:
     _use_zarrs()
     import annbatch  # noqa: F401  (imports are not the loader's start-up, as for every loader)
 
-    out = measure.time_batches(_batches(args), args.max_cells, args.seconds, args.codes_out)
+    out = measure.time_batches(
+        _batches(args, measure), args.max_cells, args.seconds, args.codes_out, args.epoch_seconds
+    )
     if args.probe:
         loader = make_loader(args)
 
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     timed.add_argument("--store", required=True)
     timed.add_argument("--seconds", type=float, default=60.0)
     timed.add_argument("--max-cells", type=int, default=200_000)
+    timed.add_argument("--epoch-seconds", type=float, default=0.0)
     timed.add_argument("--seed", type=int, default=0)
     timed.add_argument("--rank", type=int, default=0)
     timed.add_argument("--world", type=int, default=1)

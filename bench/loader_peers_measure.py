@@ -9,9 +9,10 @@ and the parent scores their diversity (:func:`atlasldm.bench.diversity.batch_ent
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,29 +53,82 @@ class Codes:
         np.savez(path, labels=labels, sizes=sizes)
 
 
-def time_batches(
-    batches: Iterator, max_cells: int, seconds: float, codes_out: str = ""
-) -> dict[str, Any]:
-    """Iterate until `max_cells` timed cells or `seconds`; the first batch is not timed.
+# Yielded by a loader's batch stream after each epoch (see `over_epochs`).
+EPOCH_END = None
 
-    `first_batch_s` runs from the first `next()` (which constructs the loader: every loader's
-    generator builds it lazily) to the first batch.
+
+def over_epochs(start_epoch: Callable[[int], Iterable]) -> Iterator:
+    """The batches of epochs 0, 1, 2, ... of one loader object, EPOCH_END after each.
+
+    `start_epoch(e)` begins epoch e the way the loader's API does it (set_epoch, or a new pass of
+    the same object), so a later epoch pays only what a training run pays at each epoch: not
+    the process's one-off costs (imports, JIT compilation, opening the store). Ends after an
+    epoch without batches (an empty shard).
     """
+    for epoch in itertools.count():
+        empty = True
+        for batch in start_epoch(epoch):
+            empty = False
+            yield batch
+        yield EPOCH_END
+        if empty:
+            return
+
+
+class _Clock:
+    """Wall and process CPU time at a moment; `since()` is what has passed from it."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def since(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_batches(
+    batches: Iterator,
+    max_cells: int,
+    seconds: float,
+    codes_out: str = "",
+    epoch_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Time a loader's batches until `max_cells` timed cells or `seconds`, across epochs.
+
+    The first batch is not timed: `first_batch_s` runs from the first `next()` (which constructs
+    the loader: every loader's generator builds it lazily) to the first batch. The window then
+    runs on across epoch ends (EPOCH_END items), as a training run's stream does.
+
+    `epoch_*` time the second epoch whole, from the end of the first to its own end: it holds
+    every read of an epoch, start included, and none of the process's one-off costs. Loaders
+    that read in large I/O batches deliver much of an epoch from memory after a long first
+    read, so a window after the first batch of a corpus not much larger than one I/O batch
+    holds few of their reads; a whole epoch holds them all. With `epoch_seconds` > 0 the loader
+    runs on after the window until that epoch has ended or `epoch_seconds` from its start have
+    passed (then the `epoch_*` figures are None, as when the window closed first).
+    """
+    start, warm, window = _Clock(), None, None
     cells = nnz = n_batches = 0
     codes = Codes()
-    t_start = time.perf_counter()
-    t_warm = cpu_warm = None
-    for n_cells, n_nnz, batch_codes in batches:
-        if t_warm is None:  # the first batch pays start-up; time the steady state after it
-            t_warm, cpu_warm = time.perf_counter(), time.process_time()
+    ends: list[_Clock] = []  # the clock at each epoch's end
+    epoch_cells = [0]
+    for item in batches:
+        if item is EPOCH_END:
+            ends.append(_Clock())
+            epoch_cells.append(0)
         else:
-            cells, nnz, n_batches = cells + n_cells, nnz + n_nnz, n_batches + 1
-            codes.add(batch_codes)
-        if cells >= max_cells or time.perf_counter() - t_warm > seconds:
+            n_cells, n_nnz, batch_codes = item
+            epoch_cells[-1] += n_cells
+            if warm is None:  # the first batch pays start-up; time the steady state after it
+                warm = _Clock()
+            elif window is None:
+                cells, nnz, n_batches = cells + n_cells, nnz + n_nnz, n_batches + 1
+                codes.add(batch_codes)
+            if window is None and (cells >= max_cells or warm.since()[0] > seconds):
+                window = warm.since()
+        if window is not None and (len(ends) >= 2 or start.since()[0] > epoch_seconds):
             break
-    if t_warm is None:  # no batch at all (a rank whose shard is empty): a row of zeros
-        t_warm, cpu_warm = time.perf_counter(), time.process_time()
-    wall, cpu = time.perf_counter() - t_warm, time.process_time() - cpu_warm
+    warm = warm or _Clock()  # no batch at all (a rank whose shard is empty): a row of zeros
+    wall, cpu = window or warm.since()
     close = getattr(batches, "close", None)
     if close is not None:
         close()
@@ -89,9 +143,20 @@ def time_batches(
         "cells_per_s": cells / wall if wall > 0 else 0.0,
         "nnz_per_cpu_s": nnz / cpu if cpu > 0 else 0.0,
         "cpu_seconds": cpu,
-        "first_batch_s": t_warm - t_start,
+        "first_batch_s": warm.wall - start.wall,
         "peak_rss_gb": peak_rss_gb(),
+        **second_epoch(ends, epoch_cells),
     }
+
+
+def second_epoch(ends: list[_Clock], epoch_cells: list[int]) -> dict[str, float | None]:
+    """`epoch_*` figures of the second epoch (None unless both of its ends were seen)."""
+    keys = ("epoch_cells", "epoch_seconds", "epoch_cpu_seconds", "epoch_cells_per_s")
+    if len(ends) < 2 or not epoch_cells[1]:
+        return dict.fromkeys(keys)
+    wall, cpu = ends[1].wall - ends[0].wall, ends[1].cpu - ends[0].cpu
+    rate = epoch_cells[1] / wall if wall > 0 else 0.0
+    return dict(zip(keys, (epoch_cells[1], wall, cpu, rate), strict=True))
 
 
 def first_ids(make_epoch: Callable[[int], Iterator[np.ndarray]], epoch: int) -> np.ndarray:

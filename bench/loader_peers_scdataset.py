@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlasldm.bench.loader_peers_measure import BATCH
+from atlasldm.bench.loader_peers_measure import BATCH, over_epochs
 
 # Printed name -> (block_size, fetch_factor at batch 256)
 SETTINGS = {
@@ -103,9 +103,15 @@ def scdataset(h5ad: str, setting: tuple[int, int], seed: int, shard: tuple[int, 
 def scdataset_batches(
     h5ad: str, setting: tuple[int, int], seed: int, shard: tuple[int, int]
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(cells, nonzeros, dataset codes) per batch; the dataset is built on the first next()."""
-    for X, codes, _ids in scdataset(h5ad, setting, seed, shard):
-        yield X.shape[0], X.nnz, codes
+    """(cells, nonzeros, dataset codes) per batch, epoch after epoch (EPOCH_END between); the
+    dataset is built on the first next(), and each epoch is a new pass of it."""
+    ds = scdataset(h5ad, setting, seed, shard)
+
+    def epoch(_e: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        for X, codes, _ids in ds:
+            yield X.shape[0], X.nnz, codes
+
+    yield from over_epochs(epoch)
 
 
 def scdataset_probes(

@@ -31,6 +31,8 @@ OURS_RUNS = (
     loader.OURS["b_training_copy"],
 )
 SWEEP_LOADERS = ("ml", "ours")  # the loaders a sweep can run (--loaders is intersected)
+# A run's whole second epoch (--epoch-seconds; None where it did not end in time).
+EPOCH_KEYS = ("epoch_cells", "epoch_seconds", "epoch_cpu_seconds", "epoch_cells_per_s")
 CASE_LABEL = {"a_census_layout": "Census layout", "b_training_copy": "training copy"}
 
 
@@ -51,7 +53,6 @@ def table_rows(cells: int, cases: dict[str, dict[str, dict]]) -> list[dict]:
     """One record per run of one size; ours carry their ratios to the same case's ml runs."""
     out = []
     for case, rows in cases.items():
-        ml = {k: rows[k]["cells_per_s"] for k in (ML_DEFAULT, ML_SPARSE) if k in rows}
         for name, r in rows.items():
             rec = {
                 "cells": cells,
@@ -65,11 +66,22 @@ def table_rows(cells: int, cases: dict[str, dict[str, dict]]) -> list[dict]:
                 "diversity": r["diversity_vs_random"],
                 "first_batch_s": r["first_batch_s"],
             }
+            rec |= {key: r.get(key) for key in EPOCH_KEYS}
             if r["loader"] == "ours":
-                for key, ml_name in (("vs_ml_default", ML_DEFAULT), ("vs_ml_sparse", ML_SPARSE)):
-                    base = ml.get(ml_name)
-                    rec[key] = r["cells_per_s"] / base if base else None
+                rec |= ratios(r, rows, "cells_per_s", "vs_ml")
+                rec |= ratios(r, rows, "epoch_cells_per_s", "epoch_vs_ml")
             out.append(rec)
+    return out
+
+
+def ratios(ours: dict, rows: dict[str, dict], rate: str, prefix: str) -> dict:
+    """`{prefix}_default`, `{prefix}_sparse`: our `rate` over each tiledbsoma-ml run's (None
+    where that run is missing or has no such figure)."""
+    out = {}
+    for suffix, ml_name in (("default", ML_DEFAULT), ("sparse", ML_SPARSE)):
+        base = rows.get(ml_name, {}).get(rate)
+        mine = ours.get(rate)
+        out[f"{prefix}_{suffix}"] = mine / base if base and mine is not None else None
     return out
 
 
@@ -106,6 +118,35 @@ def markdown(records: list[dict]) -> str:
             f"| {ratios[1]} | {_num(r['cpu_ns_per_nnz'], '.0f')} "
             f"| {r['cpu_seconds']:.1f} / {r['wall_seconds']:.1f} | {r['peak_rss_gb']:.2f} "
             f"| {_num(r['diversity'], '.3f')} | {r['first_batch_s']:.1f} |"
+        )
+    epochs = epoch_markdown(records)
+    return "\n".join(lines) + (f"\n\n{epochs}" if epochs else "")
+
+
+def epoch_markdown(records: list[dict]) -> str:
+    """Each run's whole second epoch as a markdown table ('' when none was timed).
+
+    The second epoch holds every read of an epoch, its first read included, and none of the
+    process's one-off costs. Runs whose second epoch did not end within --epoch-seconds of their
+    start show n/a.
+    """
+    if not any(r.get("epoch_seconds") for r in records):
+        return ""
+    head = (
+        "| cells | case | loader | second epoch s | cells/s | x ml default | x ml sparse "
+        "| CPU s |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    prev: tuple = (None, None)
+    for r in records:
+        cells = f"{r['cells']:,}" if r["cells"] != prev[0] else ""
+        case = CASE_LABEL.get(r["case"], r["case"]) if (r["cells"], r["case"]) != prev else ""
+        prev = (r["cells"], r["case"])
+        ratios = [_ratio(r, k) for k in ("epoch_vs_ml_default", "epoch_vs_ml_sparse")]
+        lines.append(
+            f"| {cells} | {case} | {r['loader']} | {_num(r['epoch_seconds'], '.1f')} "
+            f"| {_num(r['epoch_cells_per_s'], ',.0f')} | {ratios[0]} | {ratios[1]} "
+            f"| {_num(r['epoch_cpu_seconds'], '.1f')} |"
         )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from atlasldm.bench.loader_peers_measure import BATCH, order_differs, time_batches
+from atlasldm.bench.loader_peers_measure import BATCH, order_differs, over_epochs, time_batches
 
 ML_IO = 65536  # tiledbsoma-ml's default io_batch_size
 RESUME_AT = (0.05, 0.37, 0.71, 0.98)  # epoch fractions of the resume latencies
@@ -43,10 +43,15 @@ def _ml_batches(args: argparse.Namespace) -> Iterator[tuple[int, int, np.ndarray
         return_sparse_X=sparse,
     )
     vocab: dict[str, int] = {}
-    for X, obs in ds:
-        codes = np.array([vocab.setdefault(v, len(vocab)) for v in obs["dataset_id"]])
-        # Counting a dense batch's nonzeros would be timed work tiledbsoma-ml never does.
-        yield X.shape[0], (X.nnz if sparse else -1), codes
+
+    def epoch(e: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        ds.set_epoch(e)  # its documented way to reshuffle
+        for X, obs in ds:
+            codes = np.array([vocab.setdefault(v, len(vocab)) for v in obs["dataset_id"]])
+            # Counting a dense batch's nonzeros would be timed work tiledbsoma-ml never does.
+            yield X.shape[0], (X.nnz if sparse else -1), codes
+
+    yield from over_epochs(epoch)
 
 
 def our_stream(args: argparse.Namespace) -> Any:
@@ -70,9 +75,14 @@ def our_stream(args: argparse.Namespace) -> Any:
 
 def _our_batches(args: argparse.Namespace) -> Iterator[tuple[int, int, np.ndarray]]:
     stream = our_stream(args)
-    try:
+
+    def epoch(e: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        stream.set_epoch(e)
         for b in stream:
             yield b.num_cells, b.num_tokens, b.conditions[:, 0].numpy()
+
+    try:
+        yield from over_epochs(epoch)
     finally:  # stop prefetching before the resume timings
         stream.close()
 
@@ -146,7 +156,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         import anndata  # noqa: F401
         import scdataset  # noqa: F401
 
-    out = time_batches(_batches(args), args.max_cells, args.seconds, args.codes_out)
+    out = time_batches(
+        _batches(args), args.max_cells, args.seconds, args.codes_out, args.epoch_seconds
+    )
     if args.probe and args.loader == "ours":
         out |= our_probes(args)
     elif args.probe and args.loader == "scdataset":

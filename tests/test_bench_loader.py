@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,12 @@ from hypothesis import strategies as st
 
 from atlasldm.bench import loader, loader_peers, loader_peers_env
 from atlasldm.bench.diversity import RandomEntropy, batch_entropy
-from atlasldm.bench.loader_peers_measure import BATCH, order_differs, time_batches
+from atlasldm.bench.loader_peers_measure import (
+    BATCH,
+    order_differs,
+    over_epochs,
+    time_batches,
+)
 
 TINY = ["--cells", "1500", "--genes", "300", "--datasets", "4", "--seconds", "1"]
 
@@ -51,6 +57,47 @@ def test_time_batches_stops_at_max_cells_and_closes_the_loader() -> None:
 
     out = time_batches(batches(), max_cells=1000, seconds=1e9)
     assert out["cells"] == 1024 and closed == [True]
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=20), st.integers(1, 3000))
+@settings(max_examples=30, deadline=None)
+def test_the_window_runs_across_epochs_and_the_second_epoch_is_timed_whole(
+    sizes, max_cells
+) -> None:
+    epochs = []
+
+    def start_epoch(e: int):
+        epochs.append(e)
+        return fake_loader(sizes)
+
+    out = time_batches(over_epochs(start_epoch), max_cells, seconds=1e9, epoch_seconds=1e9)
+    assert max_cells <= out["cells"] < max_cells + max(sizes)  # not cut at an epoch's end
+    assert out["epoch_cells"] == sum(sizes)  # epoch 1, every batch of it
+    assert out["epoch_seconds"] > 0 and out["epoch_cpu_seconds"] >= 0
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 2
+
+
+def test_no_epoch_figures_unless_the_second_epoch_ends_in_time() -> None:
+    closed = []
+
+    def endless(_e: int):
+        try:
+            while True:
+                time.sleep(0.001)
+                yield 256, 1, np.zeros(256, dtype=int)
+        finally:
+            closed.append(True)
+
+    out = time_batches(over_epochs(endless), 1000, seconds=1e9, epoch_seconds=0.05)
+    assert out["cells"] == 1024 and out["epoch_seconds"] is None and closed == [True]
+    short = over_epochs(lambda _e: fake_loader([256] * 8))
+    off = time_batches(short, max_cells=1000, seconds=1e9)  # epoch_seconds = 0: stop at once
+    assert off["epoch_cells"] is None and off["cells"] == 1024
+
+
+def test_an_empty_shard_ends_after_one_empty_epoch() -> None:
+    out = time_batches(over_epochs(lambda _e: iter([])), 10, seconds=1.0, epoch_seconds=1e9)
+    assert out["cells"] == 0 and out["epoch_cells"] is None
 
 
 def test_time_batches_of_an_empty_shard_is_a_row_of_zeros() -> None:
@@ -208,11 +255,10 @@ def test_tiledbsoma_ml_ranks_split_the_cells(tmp_path) -> None:
     def cells(rank: int, world: int) -> int:
         argv = ["worker", "--loader", "ml", "--uri", census_uri, "--mode", "direct"]
         argv += ["--rank", str(rank), "--world", str(world), "--seconds", "60"]
-        argv += ["--io-batch", "512", "--max-cells", "100000"]
+        argv += ["--io-batch", "512", "--max-cells", "256", "--epoch-seconds", "240"]
         cmd = [sys.executable, "-m", "atlasldm.bench.loader", *argv]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
-        out = json.loads(done.stdout.strip().splitlines()[-1])
-        return out["cells"] + BATCH  # the first batch is not timed
+        return json.loads(done.stdout.strip().splitlines()[-1])["epoch_cells"]  # a whole pass
 
     whole = cells(0, 1)
     halves = [cells(r, 2) for r in range(2)]

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from atlasldm.bench import loader_sweep
+from atlasldm.bench.loader_peers_measure import BATCH
 
 TINY = ["--genes", "300", "--datasets", "4", "--seconds", "1", "--max-cells", "2000"]
 HAVE_ML = importlib.util.find_spec("tiledbsoma_ml") is not None
@@ -67,7 +68,8 @@ def test_bad_sizes_are_one_line_and_write_nothing(tmp_path, capsys, sizes, words
 def test_sweep_on_two_tiny_corpora(tmp_path, capsys) -> None:
     """Every size and loader in one table; our ratios from the ml runs of the same invocation."""
     loaders = ["ml", "ours"] if HAVE_ML else ["ours"]
-    argv = ["--sizes", "1500,2500", *TINY, "--cache", str(tmp_path), "--loaders", *loaders]
+    argv = ["--sizes", "1500,2500", *TINY, "--cache", str(tmp_path), "--epoch-seconds", "300"]
+    argv += ["--loaders", *loaders]
     argv += ["scdataset"]  # not a sweep loader: ignored
     assert loader_sweep.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -85,11 +87,18 @@ def test_sweep_on_two_tiny_corpora(tmp_path, capsys) -> None:
                 continue
             assert r["cells_per_s"] > 0 and r["peak_rss_gb"] > 0 and r["cpu_seconds"] > 0
             assert r["cpu_ns_per_nnz"] > 0 and 0.5 < r["diversity"] < 1.2
+            assert cells - BATCH < r["epoch_cells"] <= cells  # one whole epoch, timed
+            assert r["epoch_seconds"] > 0 and r["epoch_cells_per_s"] > 0
             if name in ours and HAVE_ML:
-                for key, base in (("vs_ml_default", ml[0]), ("vs_ml_sparse", ml[1])):
-                    expect = r["cells_per_s"] / rows[(cells, base, case)]["cells_per_s"]
-                    assert r[key] == pytest.approx(expect)
+                for rate, prefix in (
+                    ("cells_per_s", "vs_ml"),
+                    ("epoch_cells_per_s", "epoch_vs_ml"),
+                ):
+                    for suffix, base in (("default", ml[0]), ("sparse", ml[1])):
+                        expect = r[rate] / rows[(cells, base, case)][rate]
+                        assert r[f"{prefix}_{suffix}"] == pytest.approx(expect)
     table = "\n".join(out[:-1])
-    assert "| 1,500 |" in table and "| 2,500 |" in table
+    assert table.count("| 1,500 |") == 2 and table.count("| 2,500 |") == 2  # both tables
+    assert "| second epoch s |" in table
     assert all(f"| {name} |" in table for name in ours + ml)
     assert not (tmp_path / "synthetic_1500x300_d4" / "census_layout.h5ad").exists()
