@@ -63,7 +63,7 @@ def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[
     """Return (Census-layout experiment URI, training copy folder), building what is missing."""
     from atlasldm.data import ingest
     from atlasldm.data.rowstore import build_row_store, has_row_store
-    from atlasldm.data.synthetic import write_synthetic_experiment
+    from atlasldm.data.synthetic import default_workers, write_synthetic_experiment
 
     folder = cache / f"synthetic_{cells}x{genes}_d{datasets}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,6 +72,7 @@ def build_datasets(cache: Path, cells: int, genes: int, datasets: int) -> tuple[
     census_uri = write_synthetic_experiment(
         folder / "census_layout",
         f"cells={cells},genes={genes},datasets={datasets},cell_types=12,seed=0",
+        workers=default_workers(),  # the launchers guard their main module, as spawn needs
     )
     if fresh:
         peers_mod.record_time(folder, "synthetic", time.perf_counter() - t0)

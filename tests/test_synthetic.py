@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import scipy.stats
 import tiledbsoma
 
-from atlasldm.data import soma
+from atlasldm.data import soma, synthetic
 from atlasldm.data.synthetic import (
     GEN_BLOCK,
     _sample_nb,
@@ -73,9 +73,14 @@ def test_realistic_library_and_sparsity_at_20k_genes():
     assert 0.05 <= X.nnz / (X.shape[0] * X.shape[1]) <= 0.15
 
 
-def test_written_experiment_equals_generator_and_is_reused(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_written_experiment_equals_generator_and_is_reused(tmp_path, monkeypatch, workers):
+    """The same array whether chunks are generated here or by worker processes (spawned)."""
+    monkeypatch.setattr(synthetic, "PARALLEL_MIN_BLOCKS", 1)  # 3 blocks: the pool path too
     spec = parse_spec(SPEC)
-    uri = write_synthetic_experiment(tmp_path / "exp", spec, block_cells=GEN_BLOCK, zstd_level=1)
+    uri = write_synthetic_experiment(
+        tmp_path / "exp", spec, block_cells=GEN_BLOCK, zstd_level=1, workers=workers
+    )
     ref = generate_anndata(spec)
     with tiledbsoma.Experiment.open(uri) as exp:
         n, g = spec.cells, spec.genes
