@@ -103,8 +103,8 @@ def time_batches(
     that read in large I/O batches deliver much of an epoch from memory after a long first
     read, so a window after the first batch of a corpus not much larger than one I/O batch
     holds few of their reads; a whole epoch holds them all. With `epoch_seconds` > 0 the loader
-    runs on after the window until that epoch has ended or `epoch_seconds` from its start have
-    passed (then the `epoch_*` figures are None, as when the window closed first).
+    runs on after the window until that epoch has ended, or until it cannot end within
+    `epoch_seconds` of the start (`may_end`; then the `epoch_*` figures are None).
     """
     start, warm, window = _Clock(), None, None
     cells = nnz = n_batches = 0
@@ -125,7 +125,7 @@ def time_batches(
                 codes.add(batch_codes)
             if window is None and (cells >= max_cells or warm.since()[0] > seconds):
                 window = warm.since()
-        if window is not None and (len(ends) >= 2 or start.since()[0] > epoch_seconds):
+        if window is not None and (len(ends) >= 2 or not may_end(start, ends, epoch_seconds)):
             break
     warm = warm or _Clock()  # no batch at all (a rank whose shard is empty): a row of zeros
     wall, cpu = window or warm.since()
@@ -147,6 +147,16 @@ def time_batches(
         "peak_rss_gb": peak_rss_gb(),
         **second_epoch(ends, epoch_cells),
     }
+
+
+def may_end(start: _Clock, ends: list[_Clock], epoch_seconds: float) -> bool:
+    """Whether the second epoch may still end within `epoch_seconds` of the start.
+
+    It lasts about as long as the first, less one-off costs: so not if the first has not ended
+    by half the time (a large corpus then stops soon after its window instead of waiting).
+    """
+    elapsed = start.since()[0]
+    return elapsed <= epoch_seconds and (bool(ends) or elapsed <= epoch_seconds / 2)
 
 
 def second_epoch(ends: list[_Clock], epoch_cells: list[int]) -> dict[str, float | None]:

@@ -95,6 +95,20 @@ def test_no_epoch_figures_unless_the_second_epoch_ends_in_time() -> None:
     assert off["epoch_cells"] is None and off["cells"] == 1024
 
 
+def test_a_first_epoch_past_half_the_epoch_time_stops_the_run() -> None:
+    """The second epoch lasts about as long as the first: past half the time, give up."""
+    pulled = []
+
+    def slow(_e: int):
+        for _ in range(3):
+            time.sleep(0.2)
+            pulled.append(1)
+            yield 256, 1, np.zeros(256, dtype=int)
+
+    out = time_batches(over_epochs(slow), max_cells=256, seconds=1e9, epoch_seconds=1.0)
+    assert out["epoch_seconds"] is None and len(pulled) == 3  # stopped before epoch 1's end
+
+
 def test_an_empty_shard_ends_after_one_empty_epoch() -> None:
     out = time_batches(over_epochs(lambda _e: iter([])), 10, seconds=1.0, epoch_seconds=1e9)
     assert out["cells"] == 0 and out["epoch_cells"] is None
