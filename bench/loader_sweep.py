@@ -133,8 +133,7 @@ def epoch_markdown(records: list[dict]) -> str:
     if not any(r.get("epoch_seconds") for r in records):
         return ""
     head = (
-        "| cells | case | loader | second epoch s | cells/s | x ml default | x ml sparse "
-        "| CPU s |"
+        "| cells | case | loader | second epoch s | cells/s | x ml default | x ml sparse | CPU s |"
     )
     lines = [head, "|" + "---|" * 8]
     prev: tuple = (None, None)
