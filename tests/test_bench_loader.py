@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from atlasldm.bench import loader, loader_peers, loader_peers_env
 from atlasldm.bench.diversity import RandomEntropy, batch_entropy
 from atlasldm.bench.loader_peers_measure import (
-    BATCH,
     order_differs,
     over_epochs,
     time_batches,
