@@ -88,31 +88,45 @@ class RoundPrefetcher:
             for future in pending:  # abandoned iteration
                 future.cancel()
 
+    def launch(
+        self,
+        plan: P,
+        jobs: Callable[[P], list[Callable[[], Any]]],
+        assemble: Callable[[P, list[Any]], R],
+    ) -> Future:
+        """Submit a plan's read jobs and its assembly; the future of `assemble(plan, results)`."""
+        io, asm, _ = self._pools()
+        futures = [io.submit(job) for job in jobs(plan)]
+        # The assembler only waits on reader futures already queued: no pool deadlock.
+        return asm.submit(lambda: assemble(plan, [f.result() for f in futures]))
+
     def map_rounds(
         self,
         plans: Iterable[P],
         jobs: Callable[[P], list[Callable[[], Any]]],
         assemble: Callable[[P, list[Any]], R],
+        first: Future | None = None,
+        then: Callable[[], None] | None = None,
     ) -> Iterator[R]:
-        """Yield `assemble(plan, [job() for job in jobs(plan)])` for each plan, in order."""
+        """Yield `assemble(plan, [job() for job in jobs(plan)])` for each plan, in order.
+
+        `first`: a round launched earlier (`launch`), yielded before `plans`. `then()` runs once
+        every plan has been launched, while the last rounds are still being read (the stream
+        launches the next epoch's first round there).
+        """
         if self.reader_threads == 0:
             for plan in plans:
                 yield assemble(plan, [job() for job in jobs(plan)])
             return
-        io, asm, _ = self._pools()
-
-        def launch(plan: P) -> Future:
-            futures = [io.submit(job) for job in jobs(plan)]
-            # The assembler only waits on reader futures already queued: no pool deadlock.
-            return asm.submit(lambda: assemble(plan, [f.result() for f in futures]))
-
-        pending: deque[Future] = deque()
+        pending: deque[Future] = deque([first] if first is not None else [])
         source = iter(plans)
         try:
             for plan in source:
-                pending.append(launch(plan))
+                pending.append(self.launch(plan, jobs, assemble))
                 if len(pending) > self.prefetch_rounds:
                     yield pending.popleft().result()
+            if then is not None:
+                then()
             while pending:
                 yield pending.popleft().result()
         finally:

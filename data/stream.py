@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
@@ -101,6 +102,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.fingerprint = self._fingerprint()
         self._metrics = self._start_metrics()
         self._prefetch = RoundPrefetcher(config.reader_threads, config.prefetch_rounds)
+        self._ahead: tuple[tuple, Future] | None = None  # (position, round) read ahead
         self._log_start()
 
     def _start_metrics(self) -> Metrics:
@@ -115,6 +117,7 @@ class CellStream(torch.utils.data.IterableDataset):
             dropped_unknown_genes=self.source.dropped_genes,
             replayed_cells=0,
             skipped_cells=0,
+            rounds_read_ahead=0,
         )
 
     def _log_start(self) -> None:
@@ -219,8 +222,13 @@ class CellStream(torch.utils.data.IterableDataset):
             for p in self.sampler.rounds(epoch, restarts, first)
             if p.first_batch + len(p.batch_sizes) > first
         )
-        for prepared in self._prefetch.map_rounds(plans, self._jobs, self._prepare):
-            self._clear_tiledb_stats()
+        launched = self._claim_read_ahead()
+        if launched is not None:
+            next(plans)  # its round is the one read ahead
+        then = partial(self._read_ahead, epoch + 1)
+        rounds = self._prefetch.map_rounds(plans, self._jobs, self._prepare, launched, then)
+        for prepared in rounds:
+            self._start_round(prepared)
             batches = self._prefetch.lookahead(partial(self._gather_batch, prepared), len(prepared))
             for i, batch in enumerate(batches):
                 self._batch = prepared.plan.first_batch + i + 1
@@ -229,6 +237,40 @@ class CellStream(torch.utils.data.IterableDataset):
         if (self._epoch, self._restarts) == (epoch, restarts):
             self._move_to_epoch(epoch + 1)
 
+    def _read_ahead(self, epoch: int) -> None:
+        """Launch the first round of `epoch` while the last rounds of this one are read.
+
+        The next `__iter__` claims it if it starts exactly there (the usual loop: the epoch
+        ran to its end, then set_epoch(epoch) or nothing); any other position discards it. A
+        loop over epochs thus never waits for a fresh epoch's first read, which at small N
+        is a large share of an epoch. Only with reader threads and the layout's own C (a
+        resumed epoch under an old C ends without it).
+        """
+        self._discard_read_ahead()
+        C = self._natural_chunk_cells
+        if self.config.reader_threads == 0 or self._chunk_cells != C:
+            return
+        plan = next(iter(self._sampler_for(C).rounds(epoch)), None)
+        if plan is not None:
+            future = self._prefetch.launch(plan, self._jobs, self._prepare)
+            self._ahead = ((epoch, (), 0, C), future)
+
+    def _claim_read_ahead(self) -> Future | None:
+        """The round read ahead for the current position, if any (else it is discarded)."""
+        ahead, self._ahead = self._ahead, None
+        position = (self._epoch, self._restarts, self._batch, self._chunk_cells)
+        if ahead is None or ahead[0] != position:
+            if ahead is not None:
+                ahead[1].cancel()
+            return None
+        self._metrics.add(rounds_read_ahead=1)
+        return ahead[1]
+
+    def _discard_read_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+
     def iter_eval(self) -> Iterator[CsrBatch]:
         """Yield every selected cell once, unshuffled; ranks disjoint with equal batch counts."""
         rows_per_round = self.sampler.chunks_per_rank * self.sampler.chunk_cells
@@ -236,9 +278,14 @@ class CellStream(torch.utils.data.IterableDataset):
             self.num_cells, self.world_size, self.rank, self.config.micro_batch, rows_per_round
         )
         for prepared in self._prefetch.map_rounds(plans, self._jobs, self._prepare):
-            self._clear_tiledb_stats()
+            self._start_round(prepared)
             gather = partial(self._gather_batch, prepared)
             yield from self._prefetch.lookahead(gather, len(prepared))
+
+    def _start_round(self, prepared: PreparedRound) -> None:
+        """Count a round as it starts to be emitted (a round read ahead may never be)."""
+        self._clear_tiledb_stats()
+        self._metrics.add(dropped_unknown_nnz=sum(p.dropped_nnz for p in prepared.pieces))
 
     def _clear_tiledb_stats(self) -> None:
         """Drop TileDB's per-query statistics, which it keeps even with statistics disabled.
@@ -267,10 +314,7 @@ class CellStream(torch.utils.data.IterableDataset):
         t0 = time.perf_counter()
         pieces = [p for group in groups for p in group]
         prepared = prepare_round(plan, pieces, self.source)
-        self._metrics.add(
-            assemble_s=time.perf_counter() - t0,
-            dropped_unknown_nnz=sum(p.dropped_nnz for p in pieces),
-        )
+        self._metrics.add(assemble_s=time.perf_counter() - t0)
         return prepared
 
     def _gather_batch(self, prepared: PreparedRound, index: int) -> CsrBatch:
@@ -341,9 +385,11 @@ class CellStream(torch.utils.data.IterableDataset):
             )
 
     def metrics(self) -> dict[str, Any]:
-        """Return counters: cells, nnz, batches, read_s, assemble_s, truncated/dropped/replayed."""
+        """Return counters: cells, nnz, batches, read_s, assemble_s, truncated/dropped/replayed,
+        rounds_read_ahead (epochs whose first round was read during the previous epoch)."""
         return self._metrics.snapshot()
 
     def close(self) -> None:
         """Stop reader threads."""
+        self._discard_read_ahead()
         self._prefetch.close()

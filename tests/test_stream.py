@@ -340,6 +340,35 @@ def test_direct_resume_is_exact(census_like, chunk):
         same_batches(rest, full[pos + 1 :])
 
 
+def test_each_epoch_after_the_first_starts_with_a_round_read_ahead(small_synthetic_copy):
+    """The next epoch's first round is read during the last rounds; the batches are the same."""
+    ahead = make(small_synthetic_copy, 2, 1, reader_threads=2)
+    got, _ = run_epochs(ahead, 2)
+    want, _ = run_epochs(make(small_synthetic_copy, 2, 1, reader_threads=0), 2)
+    same_batches(got, want)
+    assert ahead.metrics()["rounds_read_ahead"] == 2  # epochs 1 and 2
+    ahead.close()
+
+
+@pytest.mark.parametrize("move", ["set_epoch", "load_state_dict"])
+def test_a_round_read_ahead_for_another_position_is_not_used(small_synthetic_copy, move):
+    stream = make(small_synthetic_copy, reader_threads=2)
+    reference = make(small_synthetic_copy, reader_threads=0)
+    list(stream)  # epoch 0 ends; epoch 1's first round is read ahead
+    if move == "set_epoch":
+        stream.set_epoch(5)
+        reference.set_epoch(5)
+    else:
+        list(reference)
+        it = iter(reference)
+        for _ in range(3):
+            next(it)
+        stream.load_state_dict(reference.state_dict())  # epoch 1, batch 3
+    same_batches(list(stream), list(reference))
+    assert stream.metrics()["rounds_read_ahead"] == 0
+    stream.close()
+
+
 def test_close_stops_reader_threads(small_synthetic_copy):
     """close() returns after the running reads: nothing keeps using the CPU behind it."""
     stream = make(small_synthetic_copy, reader_threads=2, prefetch_rounds=2)
