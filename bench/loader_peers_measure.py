@@ -98,11 +98,7 @@ def time_batches(
     the loader: every loader's generator builds it lazily) to the first batch. The window then
     runs on across epoch ends (EPOCH_END items), as a training run's stream does.
 
-    `epoch_*` time the second epoch whole, from the end of the first to its own end: it holds
-    every read of an epoch, start included, and none of the process's one-off costs. Loaders
-    that read in large I/O batches deliver much of an epoch from memory after a long first
-    read, so a window after the first batch of a corpus not much larger than one I/O batch
-    holds few of their reads; a whole epoch holds them all. With `epoch_seconds` > 0 the loader
+    `epoch_*` time the second epoch whole (`second_epoch`). With `epoch_seconds` > 0 the loader
     runs on after the window until that epoch has ended, or until it cannot end within
     `epoch_seconds` of the start (`may_end`; then the `epoch_*` figures are None).
     """
@@ -160,7 +156,14 @@ def may_end(start: _Clock, ends: list[_Clock], epoch_seconds: float) -> bool:
 
 
 def second_epoch(ends: list[_Clock], epoch_cells: list[int]) -> dict[str, float | None]:
-    """`epoch_*` figures of the second epoch (None unless both of its ends were seen)."""
+    """`epoch_*` figures of the second epoch (None unless both of its ends were seen).
+
+    It runs from the end of the first epoch to its own: every read of an epoch, its first read
+    included, and none of the process's one-off costs. Loaders that read in large I/O batches
+    deliver much of an epoch from memory after a long first read, so on a corpus not much
+    larger than one I/O batch a window after the first batch holds few of their reads; a whole
+    epoch holds them all.
+    """
     keys = ("epoch_cells", "epoch_seconds", "epoch_cpu_seconds", "epoch_cells_per_s")
     if len(ends) < 2 or not epoch_cells[1]:
         return dict.fromkeys(keys)
