@@ -96,31 +96,43 @@ def _ratio(r: dict, key: str) -> str:
     return "n/a" if r[key] is None else f"{r[key]:.2f}x"
 
 
-def markdown(records: list[dict]) -> str:
-    """The sweep as one markdown table (ratios in x; CPU ns per nonzero; RSS in GiB).
-
-    Throughput is timed after the first batch, which waits for a loader's first read:
-    tiledbsoma-ml's first 65,536-cell I/O batch, our first round (hence the last column).
-    """
-    head = (
-        "| cells | case | loader | cells/s | x ml default | x ml sparse | CPU ns/nnz "
-        "| CPU s / wall s | peak RSS GiB | diversity | first batch s |"
-    )
-    lines = [head, "|" + "---|" * 11]
+def _table(records: list[dict], columns: list[str], cells_of) -> str:
+    """A markdown table: cells, case and loader (each size and case named once), then
+    `columns` filled by `cells_of(record)`."""
+    lines = ["| " + " | ".join(["cells", "case", "loader", *columns]) + " |"]
+    lines.append("|" + "---|" * (3 + len(columns)))
     prev: tuple = (None, None)
     for r in records:
         cells = f"{r['cells']:,}" if r["cells"] != prev[0] else ""
         case = CASE_LABEL.get(r["case"], r["case"]) if (r["cells"], r["case"]) != prev else ""
         prev = (r["cells"], r["case"])
-        ratios = [_ratio(r, k) for k in ("vs_ml_default", "vs_ml_sparse")]
-        lines.append(
-            f"| {cells} | {case} | {r['loader']} | {r['cells_per_s']:,.0f} | {ratios[0]} "
-            f"| {ratios[1]} | {_num(r['cpu_ns_per_nnz'], '.0f')} "
-            f"| {r['cpu_seconds']:.1f} / {r['wall_seconds']:.1f} | {r['peak_rss_gb']:.2f} "
-            f"| {_num(r['diversity'], '.3f')} | {r['first_batch_s']:.1f} |"
-        )
+        lines.append("| " + " | ".join([cells, case, r["loader"], *cells_of(r)]) + " |")
+    return "\n".join(lines)
+
+
+def markdown(records: list[dict]) -> str:
+    """The sweep as markdown: the window's table, then the second epochs' (`epoch_markdown`).
+
+    Ratios in x, CPU ns per nonzero, RSS in GiB. Throughput is timed after the first batch,
+    which waits for a loader's first read: tiledbsoma-ml's first 65,536-cell I/O batch, our
+    first round (hence the last column).
+    """
+    columns = ["cells/s", "x ml default", "x ml sparse", "CPU ns/nnz", "CPU s / wall s"]
+    columns += ["peak RSS GiB", "diversity", "first batch s"]
+
+    def cells_of(r: dict) -> list[str]:
+        return [
+            f"{r['cells_per_s']:,.0f}",
+            *(_ratio(r, k) for k in ("vs_ml_default", "vs_ml_sparse")),
+            _num(r["cpu_ns_per_nnz"], ".0f"),
+            f"{r['cpu_seconds']:.1f} / {r['wall_seconds']:.1f}",
+            f"{r['peak_rss_gb']:.2f}",
+            _num(r["diversity"], ".3f"),
+            f"{r['first_batch_s']:.1f}",
+        ]
+
     epochs = epoch_markdown(records)
-    return "\n".join(lines) + (f"\n\n{epochs}" if epochs else "")
+    return _table(records, columns, cells_of) + (f"\n\n{epochs}" if epochs else "")
 
 
 def epoch_markdown(records: list[dict]) -> str:
@@ -132,22 +144,17 @@ def epoch_markdown(records: list[dict]) -> str:
     """
     if not any(r.get("epoch_seconds") for r in records):
         return ""
-    head = (
-        "| cells | case | loader | second epoch s | cells/s | x ml default | x ml sparse | CPU s |"
-    )
-    lines = [head, "|" + "---|" * 8]
-    prev: tuple = (None, None)
-    for r in records:
-        cells = f"{r['cells']:,}" if r["cells"] != prev[0] else ""
-        case = CASE_LABEL.get(r["case"], r["case"]) if (r["cells"], r["case"]) != prev else ""
-        prev = (r["cells"], r["case"])
-        ratios = [_ratio(r, k) for k in ("epoch_vs_ml_default", "epoch_vs_ml_sparse")]
-        lines.append(
-            f"| {cells} | {case} | {r['loader']} | {_num(r['epoch_seconds'], '.1f')} "
-            f"| {_num(r['epoch_cells_per_s'], ',.0f')} | {ratios[0]} | {ratios[1]} "
-            f"| {_num(r['epoch_cpu_seconds'], '.1f')} |"
-        )
-    return "\n".join(lines)
+    columns = ["second epoch s", "cells/s", "x ml default", "x ml sparse", "CPU s"]
+
+    def cells_of(r: dict) -> list[str]:
+        return [
+            _num(r["epoch_seconds"], ".1f"),
+            _num(r["epoch_cells_per_s"], ",.0f"),
+            *(_ratio(r, k) for k in ("epoch_vs_ml_default", "epoch_vs_ml_sparse")),
+            _num(r["epoch_cpu_seconds"], ".1f"),
+        ]
+
+    return _table(records, columns, cells_of)
 
 
 def run_sweep(opts: argparse.Namespace) -> dict:
