@@ -257,14 +257,13 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def _claim_read_ahead(self) -> Future | None:
         """The round read ahead for the current position, if any (else it is discarded)."""
-        ahead, self._ahead = self._ahead, None
         position = (self._epoch, self._restarts, self._batch, self._chunk_cells)
-        if ahead is None or ahead[0] != position:
-            if ahead is not None:
-                ahead[1].cancel()
+        if self._ahead is None or self._ahead[0] != position:
+            self._discard_read_ahead()
             return None
+        future, self._ahead = self._ahead[1], None
         self._metrics.add(rounds_read_ahead=1)
-        return ahead[1]
+        return future
 
     def _discard_read_ahead(self) -> None:
         if self._ahead is not None:
